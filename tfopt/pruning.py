@@ -1,0 +1,168 @@
+"""The pruning engine shared by `tfopt.layers`, `tfopt.callbacks.Pruning` and `tfopt.prune`.
+
+How a weight is pruned: its mask is a non-trainable Keras variable, and the
+weight's `constraint` (which Keras optimizers apply in-graph after every
+update) is wrapped so that, after the user's own constraint, it
+
+1. asks the schedule whether this step updates the mask, and to what sparsity;
+2. if so (and the weights are finite), recomputes the mask from the magnitudes
+   of the *already masked* weights, so pruned weights stay pruned;
+3. returns `weight * mask`, so the stored weights are sparse at every step
+   (checkpoints written during training are already sparse).
+
+The forward pass is untouched: it costs nothing between mask updates, and a
+layer at zero sparsity computes exactly what Keras computes.
+"""
+
+import keras
+from keras import ops
+
+from tfopt import schedules as schedules_lib
+from tfopt import sparsity as sparsity_lib
+
+__all__ = ["PrunableWeight", "prunable_weights", "make_constraint", "check_keras3"]
+
+
+class PrunableWeight:
+    """A weight to prune, with its input (reduction) and output-channel axes."""
+
+    def __init__(self, variable, in_axis, out_axis):
+        self.variable = variable
+        self.in_axis = in_axis
+        self.out_axis = out_axis
+
+    def __repr__(self):
+        return f"PrunableWeight({self.variable.path}, in_axis={self.in_axis}, out_axis={self.out_axis})"
+
+
+# (layer type, weight attribute, input axis, output axis); first isinstance match wins.
+_REGISTRY = [
+    (keras.layers.SeparableConv1D, "pointwise_kernel", -2, -1),
+    (keras.layers.SeparableConv2D, "pointwise_kernel", -2, -1),
+    (keras.layers.DepthwiseConv1D, "depthwise_kernel", -2, -2),
+    (keras.layers.DepthwiseConv2D, "depthwise_kernel", -2, -2),
+    (keras.layers.Conv1DTranspose, "kernel", -1, -2),
+    (keras.layers.Conv2DTranspose, "kernel", -1, -2),
+    (keras.layers.Conv3DTranspose, "kernel", -1, -2),
+    (keras.layers.Embedding, "embeddings", -1, -1),
+    (keras.layers.EinsumDense, "kernel", 0, -1),
+    (keras.layers.Dense, "kernel", 0, -1),
+    (keras.layers.Conv1D, "kernel", -2, -1),
+    (keras.layers.Conv2D, "kernel", -2, -1),
+    (keras.layers.Conv3D, "kernel", -2, -1),
+]
+
+
+def weight_spec(layer):
+    """Returns `(attribute, in_axis, out_axis)` for a known Keras layer type, else None."""
+    for cls, attr, in_axis, out_axis in _REGISTRY:
+        if isinstance(layer, cls):
+            return attr, in_axis, out_axis
+    return None
+
+
+def prunable_weights(layer):
+    """Returns the `PrunableWeight`s of a built layer (empty if there are none).
+
+    Order of lookup: the layer's own `prunable_weights()` method (for custom
+    layers; it returns variables, whose input axis is taken as 0 for matrices
+    and -2 otherwise), the registry of Keras layer types (subclasses included),
+    then any trainable float variable attribute named `kernel`.
+    """
+    custom = getattr(layer, "prunable_weights", None)
+    if callable(custom):
+        return [
+            w if isinstance(w, PrunableWeight) else PrunableWeight(w, 0 if len(w.shape) == 2 else -2, -1)
+            for w in custom()
+        ]
+    if not layer.built:
+        return []
+    spec = weight_spec(layer)
+    if spec is not None:
+        attr, in_axis, out_axis = spec
+        return [PrunableWeight(getattr(layer, attr), in_axis, out_axis)]
+    kernel = getattr(layer, "kernel", None)
+    if isinstance(kernel, keras.Variable) and kernel.trainable and len(kernel.shape) >= 2:
+        return [PrunableWeight(kernel, 0 if len(kernel.shape) == 2 else -2, -1)]
+    return []
+
+
+def make_constraint(mask, step_fn, schedule_fn, structure, in_axis, out_axis, inner=None, after=None):
+    """Returns a weight constraint that updates `mask` on schedule and applies it.
+
+    Args:
+        mask: the mask variable (same shape and dtype as the weight).
+        step_fn: returns the current step (a tensor) when called in the train step.
+        schedule_fn: returns the schedule to use; called at trace time, so a
+            schedule resolved from `fit`'s length is picked up.
+        structure: a `tfopt.sparsity.Structure`.
+        inner: the user's constraint, applied first.
+        after: called after the mask is assigned (for example to count steps).
+    """
+
+    def constraint(weight):
+        if inner is not None:
+            weight = inner(weight)
+        should_prune, sparsity = schedule_fn()(step_fn())
+        current = ops.convert_to_tensor(mask)
+        masked = ops.multiply(weight, current)
+        update = ops.logical_and(should_prune, ops.all(ops.isfinite(weight)))
+        new_mask = ops.cond(
+            update,
+            lambda: structure.mask(masked, sparsity, in_axis, out_axis),
+            lambda: current,
+        )
+        mask.assign(new_mask)
+        if after is not None:
+            after()
+        return ops.multiply(weight, new_mask)
+
+    constraint._tfopt_inner = inner
+    return constraint
+
+
+def inner_constraint(variable):
+    """The user's constraint under a tfopt pruning constraint (or the constraint itself)."""
+    c = variable.constraint
+    return getattr(c, "_tfopt_inner", c)
+
+
+def is_pruning_constraint(constraint):
+    return constraint is not None and hasattr(constraint, "_tfopt_inner")
+
+
+def check_keras3(obj, arg="model"):
+    """Raises a clear error when `obj` comes from tf_keras (Keras 2) or tfmot."""
+    module = type(obj).__module__ or ""
+    if module.startswith(("tf_keras", "tensorflow_model_optimization", "tensorflow.python.keras")) or (
+        module.startswith("keras.src.engine") or module.startswith("keras.engine")
+    ):
+        raise TypeError(
+            f"`{arg}` is a {module}.{type(obj).__name__}, a Keras 2 (tf_keras) object. "
+            f"tfopt needs Keras 3 (keras>=3.11, `import keras`; installed: {keras.__version__}). "
+            "Rebuild the model with `keras` instead of `tf_keras`/`tf.keras` under "
+            "TF_USE_LEGACY_KERAS=1, or convert a tfmot model with the `tfmot` extra."
+        )
+    if not isinstance(obj, (keras.layers.Layer, keras.Model)) and arg == "model":
+        raise TypeError(
+            f"`{arg}` must be a Keras 3 `keras.Model`. Received: {arg}={obj!r} of type "
+            f"{type(obj).__name__}"
+        )
+
+
+def resolve_schedule(schedule, total_steps):
+    return schedule.resolve(total_steps) if schedule.is_relative else schedule
+
+
+def get_schedule(identifier):
+    if identifier is not None and not isinstance(identifier, (str, dict, schedules_lib.SparsitySchedule)):
+        schedules_lib._reject_foreign(identifier, "pruning_schedule")
+    return schedules_lib.get(identifier)
+
+
+def get_structure(identifier):
+    if identifier is not None and not isinstance(
+        identifier, (str, dict, tuple, list, sparsity_lib.Structure)
+    ):
+        schedules_lib._reject_foreign(identifier, "structure")
+    return sparsity_lib.get(identifier)

@@ -1,0 +1,335 @@
+"""Mask computation for magnitude pruning: unstructured, N:M, block, channel.
+
+Every structure turns a weight tensor and a target sparsity into a 0/1 mask of
+the weight's shape, with `keras.ops` only, static shapes and no host round
+trip, so it runs inside a compiled train step (`jit_compile=True`, TPU).
+
+Rounding rule (all structures but N:M): the number of pruned units (weights,
+blocks or channels) is `round(sparsity * units)`, rounding half to even. A
+tensor of 10 weights at 0.75 target therefore gets 8 zeros (0.8 achieved);
+`tfopt.summary` reports the achieved sparsity. N:M fixes the sparsity at
+`1 - N/M`; the schedule only decides when masks are updated (as in tfmot).
+
+Ties: among units of equal magnitude (all-zero or constant weights), the ones
+with the lowest flat index are pruned first, so masks are deterministic.
+
+Non-finite weights: a mask is never computed from NaN/Inf magnitudes. Inside the
+train step the previous mask is kept (the loss shows the NaN); on attach,
+`validate_finite` raises.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+__all__ = [
+    "Structure",
+    "Unstructured",
+    "NM",
+    "Block",
+    "Channel",
+    "get",
+    "prune_lowest",
+]
+
+
+def prune_lowest(scores, num_pruned):
+    """Returns a bool keep-mask (same shape as the 1-D `scores`) that drops the
+    `num_pruned` lowest scores, ties broken by lowest index first.
+
+    Example:
+    >>> import numpy as np
+    >>> np.asarray(prune_lowest(np.array([3.0, 1.0, 1.0, 2.0]), 2)).tolist()
+    [True, False, False, True]
+    """
+    scores = ops.convert_to_tensor(scores)
+    n = scores.shape[0]
+    num_pruned = ops.cast(num_pruned, "int32")
+    threshold = ops.take(ops.sort(scores), ops.clip(num_pruned - 1, 0, n - 1))
+    below = ops.less(scores, threshold)
+    tie = ops.equal(scores, threshold)
+    remaining = num_pruned - ops.sum(ops.cast(below, "int32"))
+    tie_rank = ops.cumsum(ops.cast(tie, "int32"))
+    pruned = ops.logical_or(below, ops.logical_and(tie, ops.less_equal(tie_rank, remaining)))
+    pruned = ops.logical_and(pruned, ops.greater(num_pruned, 0))
+    return ops.logical_not(pruned)
+
+
+def _num_pruned(sparsity, units):
+    return ops.cast(ops.round(ops.cast(sparsity, "float32") * float(units)), "int32")
+
+
+def _axis(axis, ndim):
+    return axis % ndim
+
+
+class Structure:
+    """Base class. `mask(weight, sparsity, in_axis, out_axis)` -> 0/1 tensor.
+
+    `in_axis` is the weight's input (reduction) dimension and `out_axis` its
+    output-channel dimension; `tfopt.layers` and the `Pruning` callback know
+    them for each Keras layer type.
+    """
+
+    name = None
+
+    def validate(self, shape, in_axis, out_axis, where):
+        """Raises ValueError if the structure cannot apply to a weight of `shape`."""
+
+    def achievable_sparsity(self, sparsity, shape, in_axis, out_axis):
+        """The sparsity the mask will really have for a target `sparsity`."""
+        units = int(np.prod(shape))
+        return round(sparsity * units) / units
+
+    def mask(self, weight, sparsity, in_axis, out_axis):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class Unstructured(Structure):
+    """Prunes individual weights of lowest magnitude (tfmot's default).
+
+    Example:
+    >>> import numpy as np
+    >>> w = np.array([[0.1, -2.0], [0.5, 0.05]], "float32")
+    >>> np.asarray(Unstructured().mask(w, 0.5, 0, -1)).tolist()
+    [[0.0, 1.0], [1.0, 0.0]]
+    """
+
+    name = "unstructured"
+
+    def mask(self, weight, sparsity, in_axis, out_axis):
+        flat = ops.reshape(ops.abs(weight), (-1,))
+        keep = prune_lowest(flat, _num_pruned(sparsity, flat.shape[0]))
+        return ops.reshape(ops.cast(keep, weight.dtype), weight.shape)
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class NM(Structure):
+    """N:M sparsity: in every group of `m` consecutive weights along the input
+    dimension, keep the `n` of largest magnitude (2:4 is the pattern that
+    NVIDIA sparse tensor cores accelerate).
+
+    Args:
+        n: weights kept per group.
+        m: group size; must divide the input dimension of every pruned weight.
+
+    Example:
+    >>> import numpy as np
+    >>> w = np.array([[4.0], [1.0], [3.0], [2.0]], "float32")   # (in=4, out=1)
+    >>> np.asarray(NM(2, 4).mask(w, 0.5, 0, -1)).ravel().tolist()
+    [1.0, 0.0, 1.0, 0.0]
+    """
+
+    name = "n:m"
+
+    def __init__(self, n, m):
+        if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n < m:
+            raise ValueError(
+                f"N:M structure needs integers 0 < N < M, such as '2:4'. Received: n={n!r}, m={m!r}"
+            )
+        self.n, self.m = n, m
+
+    def validate(self, shape, in_axis, out_axis, where):
+        dim = shape[_axis(in_axis, len(shape))]
+        if dim % self.m:
+            raise ValueError(
+                f"{where}: N:M structure '{self.n}:{self.m}' needs the input dimension "
+                f"(axis {in_axis} of the weight, shape {tuple(shape)}) to be a multiple of "
+                f"M={self.m}. Received: dimension {dim}. Fix: leave this layer out of "
+                "pruning (`layers=`), or use another structure for it."
+            )
+
+    def achievable_sparsity(self, sparsity, shape, in_axis, out_axis):
+        return 1.0 - self.n / self.m
+
+    def mask(self, weight, sparsity, in_axis, out_axis):
+        ndim = len(weight.shape)
+        in_axis = _axis(in_axis, ndim)
+        moved = ops.moveaxis(ops.abs(weight), in_axis, -1)
+        moved_shape = moved.shape
+        groups = ops.reshape(moved, (-1, self.m))
+        # Rank of each element inside its group: how many beat it (ties: lower index wins).
+        a = ops.expand_dims(groups, 2)  # (g, m, 1): element i
+        b = ops.expand_dims(groups, 1)  # (g, 1, m): element j
+        idx = ops.arange(self.m)
+        earlier = ops.less(ops.expand_dims(idx, 1), ops.expand_dims(idx, 0))  # i < j
+        # j beats i if |w_j| > |w_i|, or equal and j comes first (j < i).
+        beats = ops.logical_or(ops.greater(b, a), ops.logical_and(ops.equal(b, a), ops.transpose(earlier)))
+        rank = ops.sum(ops.cast(beats, "int32"), axis=2)
+        keep = ops.cast(ops.less(rank, self.n), weight.dtype)
+        return ops.moveaxis(ops.reshape(keep, moved_shape), -1, in_axis)
+
+    def get_config(self):
+        return {"n": self.n, "m": self.m}
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class Block(Structure):
+    """Prunes whole blocks of weights by mean magnitude (tfmot's `block_size`).
+
+    The weight is seen as a matrix (all axes but the output axis, output axis);
+    blocks of `block_shape` tile it, and edge blocks that do not fill up are
+    scored on their real weights only.
+
+    Args:
+        block_shape: `(rows, cols)`; `(1, 4)` zeroes 4 consecutive outputs.
+
+    Example:
+    >>> import numpy as np
+    >>> w = np.array([[1.0, 1.0, 0.1, 0.1]], "float32")
+    >>> np.asarray(Block((1, 2)).mask(w, 0.5, 0, -1)).tolist()
+    [[1.0, 1.0, 0.0, 0.0]]
+    """
+
+    name = "block"
+
+    def __init__(self, block_shape):
+        block_shape = tuple(block_shape) if isinstance(block_shape, (list, tuple)) else block_shape
+        if (
+            not isinstance(block_shape, tuple)
+            or len(block_shape) != 2
+            or not all(isinstance(b, int) and b > 0 for b in block_shape)
+        ):
+            raise ValueError(
+                "Block structure needs two positive ints (rows, cols), such as (1, 4). "
+                f"Received: block_shape={block_shape!r}"
+            )
+        self.block_shape = block_shape
+
+    def _matrix_shape(self, shape, out_axis):
+        out_axis = _axis(out_axis, len(shape))
+        cols = shape[out_axis]
+        return int(np.prod(shape)) // cols, cols
+
+    def achievable_sparsity(self, sparsity, shape, in_axis, out_axis):
+        rows, cols = self._matrix_shape(shape, out_axis)
+        br, bc = self.block_shape
+        nb = math.ceil(rows / br) * math.ceil(cols / bc)
+        return round(sparsity * nb) / nb  # exact when blocks tile the matrix
+
+    def mask(self, weight, sparsity, in_axis, out_axis):
+        ndim = len(weight.shape)
+        out_axis = _axis(out_axis, ndim)
+        moved = ops.moveaxis(ops.abs(weight), out_axis, -1)
+        moved_shape = moved.shape
+        rows, cols = self._matrix_shape(weight.shape, out_axis)
+        br, bc = self.block_shape
+        gr, gc = math.ceil(rows / br), math.ceil(cols / bc)
+        mat = ops.reshape(moved, (rows, cols))
+        pad = ((0, gr * br - rows), (0, gc * bc - cols))
+        padded = ops.pad(mat, pad)
+        ones = ops.pad(ops.ones((rows, cols), weight.dtype), pad)
+        blocks = ops.sum(ops.reshape(padded, (gr, br, gc, bc)), axis=(1, 3))
+        counts = ops.sum(ops.reshape(ones, (gr, br, gc, bc)), axis=(1, 3))
+        scores = ops.reshape(blocks / counts, (-1,))
+        keep = prune_lowest(scores, _num_pruned(sparsity, gr * gc))
+        keep = ops.reshape(ops.cast(keep, weight.dtype), (gr, 1, gc, 1))
+        keep = ops.reshape(ops.tile(keep, (1, br, 1, bc)), (gr * br, gc * bc))[:rows, :cols]
+        return ops.moveaxis(ops.reshape(keep, moved_shape), -1, out_axis)
+
+    def get_config(self):
+        return {"block_shape": list(self.block_shape)}
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class Channel(Structure):
+    """Prunes whole output channels (filters, units) of lowest L2 norm.
+
+    Only the kernel is masked; the bias of a pruned channel is kept, so the
+    channel outputs `activation(bias)`. Physically removing channels needs the
+    next layer to shrink too, which this structure leaves to the user.
+
+    Example:
+    >>> import numpy as np
+    >>> w = np.array([[1.0, 0.1, 2.0], [1.0, 0.1, 2.0]], "float32")
+    >>> np.asarray(Channel().mask(w, 0.34, 0, -1)).tolist()
+    [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+    """
+
+    name = "channel"
+
+    def achievable_sparsity(self, sparsity, shape, in_axis, out_axis):
+        units = shape[_axis(out_axis, len(shape))]
+        return round(sparsity * units) / units
+
+    def mask(self, weight, sparsity, in_axis, out_axis):
+        ndim = len(weight.shape)
+        out_axis = _axis(out_axis, ndim)
+        moved = ops.moveaxis(weight, out_axis, -1)
+        channels = moved.shape[-1]
+        norms = ops.sqrt(ops.sum(ops.square(ops.reshape(moved, (-1, channels))), axis=0))
+        keep = ops.cast(prune_lowest(norms, _num_pruned(sparsity, channels)), weight.dtype)
+        keep = ops.broadcast_to(keep, moved.shape)
+        return ops.moveaxis(keep, -1, out_axis)
+
+
+_NAMES = {"unstructured": Unstructured, "channel": Channel, "filter": Channel}
+
+
+def get(identifier):
+    """Returns a `Structure` from None, a name, an "N:M" string, a block tuple or a config.
+
+    Accepted: None or "unstructured"; "channel" / "filter"; "2:4" (any "N:M");
+    a tuple `(rows, cols)` for blocks; a `Structure`.
+
+    Example:
+    >>> get("2:4")
+    NM(n=2, m=4)
+    >>> get((1, 4))
+    Block(block_shape=[1, 4])
+    """
+    if identifier is None:
+        return Unstructured()
+    if isinstance(identifier, Structure):
+        return identifier
+    if isinstance(identifier, str):
+        key = identifier.strip().lower()
+        if key in _NAMES:
+            return _NAMES[key]()
+        if ":" in key:
+            parts = key.split(":")
+            if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+                return NM(int(parts[0]), int(parts[1]))
+    if isinstance(identifier, (tuple, list)):
+        return Block(identifier)
+    if isinstance(identifier, dict):
+        obj = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(obj, Structure):
+            return obj
+    raise ValueError(
+        f"Unknown pruning structure: structure={identifier!r}. Expected None or "
+        "'unstructured', 'channel' (alias 'filter'), an 'N:M' string such as '2:4', "
+        "a block shape such as (1, 4), or a `tfopt.sparsity.Structure`."
+    )
+
+
+def serialize(structure):
+    return keras.saving.serialize_keras_object(structure)
+
+
+def validate_finite(value, where):
+    """Raises if `value` (a concrete array) holds NaN or Inf."""
+    arr = np.asarray(keras.ops.convert_to_numpy(value))
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.sum(np.isfinite(arr)))
+        raise ValueError(
+            f"{where} holds {bad} NaN/Inf value(s); a magnitude mask computed from them "
+            "would be meaningless. Fix the weights first (re-initialize, or restore a "
+            "checkpoint from before training diverged)."
+        )
