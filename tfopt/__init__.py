@@ -1,5 +1,31 @@
-"""tfopt: pruning, quantization-aware training and distillation for Keras 3."""
+"""tfopt: pruning, quantization-aware training and distillation for Keras 3.
+
+Public API:
+
+- `tfopt.layers`: drop-in Keras layers that prune during `fit`.
+- `tfopt.schedules`, `tfopt.sparsity`: when to prune, and what shape the zeros take.
+- `tfopt.callbacks.Pruning`: prune any model, subclassed included, during `fit`.
+- `tfopt.prune(model, schedule)`: a pruning copy of a Sequential/Functional model.
+- `tfopt.strip(model)`: a plain Keras model with the masks baked in.
+- `tfopt.summary(model)`: per-layer sparsity table, printed and returned.
+- `tfopt.export(model, path)`: LiteRT file, checked in the interpreter, with sizes.
+"""
 
 __version__ = "0.1.0"
 
 from tfopt import callbacks, layers, schedules, sparsity  # noqa: E402
+from tfopt.export import ExportReport, export  # noqa: E402
+from tfopt.reporting import summary  # noqa: E402
+from tfopt.transforms import prune, strip  # noqa: E402
+
+__all__ = [
+    "callbacks",
+    "layers",
+    "schedules",
+    "sparsity",
+    "prune",
+    "strip",
+    "summary",
+    "export",
+    "ExportReport",
+]

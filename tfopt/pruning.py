@@ -166,3 +166,69 @@ def get_structure(identifier):
     ):
         schedules_lib._reject_foreign(identifier, "structure")
     return sparsity_lib.get(identifier)
+
+
+def _matches(selector, layer):
+    if isinstance(selector, str):
+        return layer.name == selector
+    if isinstance(selector, type):
+        return isinstance(layer, selector)
+    return bool(selector(layer))
+
+
+def _check_selector(item):
+    if not (isinstance(item, (str, type)) or callable(item)):
+        raise TypeError(
+            "`layers` selects layers by name (str), by type (a Keras layer class) or by "
+            f"predicate (callable taking a layer). Received an item {item!r} of type "
+            f"{type(item).__name__}"
+        )
+
+
+def check_layers_arg(selector):
+    """Validates a `layers=` argument (None, name, type, predicate, or a list of them)."""
+    if selector is None:
+        return
+    items = list(selector) if isinstance(selector, (list, tuple, set)) else [selector]
+    for item in items:
+        _check_selector(item)
+
+
+def select_layers(candidates, selector):
+    """Returns the layers of `candidates` that `selector` picks, and whether it named them.
+
+    `selector` is None (every candidate), a name, a type, a predicate, or a
+    list of those. Names that match no layer raise, listing the names there are.
+    """
+    if selector is None:
+        return list(candidates), False
+    check_layers_arg(selector)
+    items = list(selector) if isinstance(selector, (list, tuple, set)) else [selector]
+    names = {layer.name for layer in candidates}
+    missing = [item for item in items if isinstance(item, str) and item not in names]
+    if missing:
+        raise ValueError(
+            f"`layers` names {missing}, which are not layers of this model. "
+            f"Layer names are: {sorted(names)}"
+        )
+    return [layer for layer in candidates if any(_matches(i, layer) for i in items)], True
+
+
+def no_prunable_weights_error(layer):
+    return ValueError(
+        f"Layer '{layer.name}' ({type(layer).__name__}) has no prunable weights, but it was "
+        "selected explicitly with `layers=`. tfopt prunes layers with a `kernel` "
+        "(Dense, Conv*, EinsumDense, ...) or `embeddings`. To prune a custom layer, give "
+        "it a `prunable_weights()` method returning its variables to prune, or leave it "
+        f"out of `layers`. Received: layer={layer.name!r}"
+    )
+
+
+def all_layers(model):
+    """Every layer inside `model`, nested models' layers included, each once."""
+    seen, out = set(), []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            out.append(layer)
+    return out

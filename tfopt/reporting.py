@@ -1,0 +1,118 @@
+"""`summary`: what was pruned, layer by layer, as a table and as data."""
+
+import numpy as np
+from keras import ops
+
+from tfopt import pruning
+
+__all__ = ["summary", "overall_sparsity"]
+
+
+def _pruned_weights(model):
+    for layer in pruning.all_layers(model):
+        for pw in pruning.prunable_weights(layer):
+            yield layer, pw
+
+
+def overall_sparsity(model):
+    """Fraction of zeros across every weight being pruned, or None if none is.
+
+    Example:
+    >>> import keras, tfopt
+    >>> model = keras.Sequential([keras.Input((4,)), tfopt.layers.Dense(2, pruning_schedule="baseline")])
+    >>> overall_sparsity(model)
+    0.0
+    """
+    zeros = total = 0
+    for _, pw in _pruned_weights(model):
+        if getattr(pw.variable, "_tfopt_prune_info", None) is None:
+            continue
+        value = ops.convert_to_numpy(pw.variable)
+        zeros += int(np.sum(value == 0))
+        total += value.size
+    return None if total == 0 else zeros / total
+
+
+def summary(model, print_fn=print):
+    """Prints and returns a per-layer pruning table.
+
+    One row per prunable weight: layer name and type, the layer's parameter
+    count, the weight's size, its nonzeros and sparsity (measured on the
+    weights themselves), and the structure and schedule pruning it ("-" when
+    nothing prunes it). A last row totals the whole model: its `size` is
+    every parameter, `nonzeros` what is left after pruning.
+
+    Args:
+        model: a built Keras model.
+        print_fn: called with the rendered table; None to only return the rows.
+
+    Returns:
+        A list of dicts with keys `layer`, `type`, `weight`, `params`, `size`,
+        `nonzeros`, `sparsity`, `structure`, `schedule`; the last is the total
+        (`layer == "total"`, `params` counting every model parameter).
+
+    Example:
+    >>> import keras, tfopt
+    >>> model = keras.Sequential([keras.Input((4,)), tfopt.layers.Dense(2, pruning_schedule="baseline")])
+    >>> rows = summary(model, print_fn=None)
+    >>> rows[0]["layer"], rows[0]["size"], rows[0]["structure"]
+    ('dense', 8, 'unstructured')
+    """
+    rows = []
+    for layer, pw in _pruned_weights(model):
+        value = ops.convert_to_numpy(pw.variable)
+        info = getattr(pw.variable, "_tfopt_prune_info", None)
+        nonzeros = int(np.count_nonzero(value))
+        rows.append(
+            {
+                "layer": layer.name,
+                "type": type(layer).__name__,
+                "weight": pw.variable.name,
+                "params": int(layer.count_params()),
+                "size": int(value.size),
+                "nonzeros": nonzeros,
+                "sparsity": 1.0 - nonzeros / value.size,
+                "structure": "-" if info is None else _describe(info["structure"]),
+                "schedule": "-" if info is None or info["schedule"] is None else repr(info["schedule"]),
+            }
+        )
+    params = int(model.count_params()) if model.built else sum(r["params"] for r in rows)
+    pruned_away = sum(r["size"] - r["nonzeros"] for r in rows)
+    rows.append(
+        {
+            "layer": "total",
+            "type": "",
+            "weight": "",
+            "params": params,
+            "size": params,
+            "nonzeros": params - pruned_away,
+            "sparsity": pruned_away / params if params else 0.0,
+            "structure": "",
+            "schedule": "",
+        }
+    )
+    if print_fn is not None:
+        print_fn(render(rows))
+    return rows
+
+
+def _describe(structure):
+    cfg = structure.get_config()
+    if structure.name == "n:m":
+        return f"{cfg['n']}:{cfg['m']}"
+    if structure.name == "block":
+        return "block {}x{}".format(*cfg["block_shape"])
+    return structure.name
+
+
+def render(rows, columns=("layer", "type", "weight", "size", "nonzeros", "sparsity", "structure")):
+    """Renders rows of dicts as a plain-text table."""
+
+    def cell(value):
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    table = [list(columns)] + [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Distribution-strategy wrappers (filled by the strategies issue)."""
