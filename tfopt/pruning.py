@@ -39,8 +39,8 @@ class PrunableWeight:
 _REGISTRY = [
     (keras.layers.SeparableConv1D, "pointwise_kernel", -2, -1),
     (keras.layers.SeparableConv2D, "pointwise_kernel", -2, -1),
-    (keras.layers.DepthwiseConv1D, "depthwise_kernel", -2, -2),
-    (keras.layers.DepthwiseConv2D, "depthwise_kernel", -2, -2),
+    (keras.layers.DepthwiseConv1D, "kernel", -2, -2),
+    (keras.layers.DepthwiseConv2D, "kernel", -2, -2),
     (keras.layers.Conv1DTranspose, "kernel", -1, -2),
     (keras.layers.Conv2DTranspose, "kernel", -1, -2),
     (keras.layers.Conv3DTranspose, "kernel", -1, -2),
