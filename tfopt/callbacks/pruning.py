@@ -94,13 +94,7 @@ class Pruning(keras.callbacks.Callback):
         if self.params and self.params.get("steps") and self.params.get("epochs"):
             total = int(self.params["epochs"]) * int(self.params["steps"])
         self._resolve_all(total)
-        if self.pruning_schedule is not None:
-            if getattr(self.model, "optimizer", None) is None:
-                raise ValueError(
-                    "tfopt.callbacks.Pruning needs a compiled model (it prunes after each "
-                    "optimizer update). Call `model.compile(optimizer=...)` before `fit`."
-                )
-            self._attach_pending = True
+        self._attach_pending = self.pruning_schedule is not None
 
     def on_train_batch_begin(self, batch, logs=None):
         if not self._attach_pending:
