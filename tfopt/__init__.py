@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 from tfopt import callbacks, layers, schedules, sparsity  # noqa: E402
 from tfopt.export import ExportReport, export  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
-from tfopt.transforms import prune, strip  # noqa: E402
+from tfopt.transforms import load_model, prune, strip  # noqa: E402
 
 __all__ = [
     "callbacks",
@@ -25,6 +25,7 @@ __all__ = [
     "sparsity",
     "prune",
     "strip",
+    "load_model",
     "summary",
     "export",
     "ExportReport",

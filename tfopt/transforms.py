@@ -8,7 +8,7 @@ from keras import ops
 from tfopt import layers as tfopt_layers
 from tfopt import pruning
 
-__all__ = ["prune", "strip"]
+__all__ = ["prune", "strip", "load_model"]
 
 log = logging.getLogger("tfopt")
 
@@ -49,7 +49,17 @@ def _clone(model, make_layer):
             pairs[id(layer)] = (layer, make_layer(layer))
         return pairs[id(layer)][1]
 
-    clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    kwargs = {}
+    if not isinstance(model, keras.Sequential):
+        # Keep the input layers' names (clone_model would call them "keras_tensor").
+        kwargs["input_tensors"] = [
+            keras.Input(batch_shape=t.shape, dtype=t.dtype, sparse=t.sparse,
+                        name=t._keras_history.operation.name)
+            for t in model.inputs
+        ]
+        if len(kwargs["input_tensors"]) == 1:
+            kwargs["input_tensors"] = kwargs["input_tensors"][0]
+    clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True, **kwargs)
     return clone, list(pairs.values())
 
 
@@ -201,3 +211,16 @@ def _bake(variable):
     if pruning.is_pruning_constraint(variable.constraint):
         variable.constraint = pruning.inner_constraint(variable)
     variable._tfopt_prune_info = None
+
+
+def load_model(path, **kwargs):
+    """`keras.models.load_model` with tfopt's classes registered.
+
+    A `.keras` file that holds tfopt layers needs tfopt imported before Keras
+    reads it (Keras imports only its own packages while loading, and a `.keras`
+    file runs no code). Calling this, or `import tfopt` before
+    `keras.models.load_model`, does that. Files written from `tfopt.strip(model)`
+    need neither. `kwargs` go to Keras unchanged; `safe_mode` stays on unless
+    you turn it off.
+    """
+    return keras.models.load_model(path, **kwargs)

@@ -1,0 +1,155 @@
+"""prune() and strip() on Sequential, Functional, nested and shared-layer models."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import keras
+import numpy as np
+
+import tfopt
+from tfopt import testing
+
+
+def _functional():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, name="dw")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    inner = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu", name="inner_dense")], name="block")
+    x = inner(x)
+    shared = keras.layers.Dense(16, name="shared")
+    a = shared(x)
+    b = shared(keras.layers.Dense(16, name="side")(x))
+    x = keras.layers.Add()([a, b])
+    outputs = keras.layers.Dense(10, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+class PruneTest(testing.TestCase):
+    def test_swaps_layers_keeps_names_weights_topology_and_outputs(self):
+        model = _functional()
+        pruned = tfopt.prune(model, "baseline")
+        x = self.make_input((4, 8, 8, 3))
+        self.assertAllEqual(pruned(x), model(x))
+        names = [layer.name for layer in tfopt.pruning.all_layers(pruned)]
+        self.assertEqual(names, [layer.name for layer in tfopt.pruning.all_layers(model)])
+        self.assertEqual(pruned.name, model.name)
+        by_name = {layer.name: layer for layer in tfopt.pruning.all_layers(pruned)}
+        for name in ("conv", "dw", "inner_dense", "shared", "side", "head"):
+            self.assertIsInstance(by_name[name], tfopt.layers.Prunable, name)
+        # The shared layer is still one layer, called twice.
+        self.assertEqual(len(by_name["shared"]._inbound_nodes), 2)
+        self.assertFalse(pruned.compiled)
+
+    def test_layers_selects_by_name_type_and_predicate(self):
+        model = _functional()
+        by_name = tfopt.prune(model, "baseline", layers=["head", "conv"])
+        by_type = tfopt.prune(model, "baseline", layers=keras.layers.Dense)
+        by_pred = tfopt.prune(model, "baseline", layers=lambda layer: layer.name.startswith("s"))
+
+        def pruned_names(m):
+            return sorted(layer.name for layer in tfopt.pruning.all_layers(m) if isinstance(layer, tfopt.layers.Prunable))
+
+        self.assertEqual(pruned_names(by_name), ["conv", "head"])
+        self.assertEqual(pruned_names(by_type), ["head", "inner_dense", "shared", "side"])
+        self.assertEqual(pruned_names(by_pred), ["shared", "side"])
+
+    def test_fit_prunes_shared_and_nested_layers(self):
+        pruned = tfopt.prune(_functional(), tfopt.schedules.ConstantSparsity(0.5, frequency=1))
+        pruned.compile("adam", "mse")
+        pruned.fit(self.make_input((8, 8, 8, 3)), np.ones((8, 10)), batch_size=4, verbose=0)
+        for row in tfopt.summary(pruned, print_fn=None)[:-1]:
+            self.assertAlmostEqual(row["sparsity"], 0.5, places=2, msg=row["layer"])
+
+    def test_errors(self):
+        model = _functional()
+        with self.assertRaisesRegex(ValueError, r"Layer 'add'.*no prunable weights"):
+            tfopt.prune(model, "baseline", layers="add")
+        with self.assertRaisesRegex(ValueError, r"\['missing'\].*Layer names are"):
+            tfopt.prune(model, "baseline", layers="missing")
+        with self.assertRaisesRegex(ValueError, r"needs a `pruning_schedule`"):
+            tfopt.prune(model, None)
+
+        class Sub(keras.Model):
+            def call(self, x):
+                return x
+
+        with self.assertRaisesRegex(TypeError, r"subclassed model.*tfopt.callbacks.Pruning"):
+            tfopt.prune(Sub(), "baseline")
+
+        class MyDense(keras.layers.Dense):
+            pass
+
+        custom = keras.Sequential([keras.Input((4,)), MyDense(4, name="mine")])
+        with self.assertRaisesRegex(TypeError, r"Layer 'mine' \(MyDense\) has a kernel but no tfopt twin.*callbacks.Pruning"):
+            tfopt.prune(custom, "baseline", layers="mine")
+
+    def test_applications_mobilenet_v2_prunes_strips_and_exports(self):
+        model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
+        pruned = tfopt.prune(model, tfopt.schedules.ConstantSparsity(0.5, frequency=1))
+        pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy())
+        x = self.make_input((4, 32, 32, 3))
+        pruned.fit(x, np.arange(4), verbose=0)
+        total = tfopt.summary(pruned, print_fn=None)
+        for row in total[:-1]:
+            self.assertAlmostEqual(row["sparsity"], 0.5, delta=0.01, msg=row["layer"])
+        report = tfopt.export(pruned, os.path.join(tempfile.mkdtemp(), "mnv2.tflite"), inputs=x[:2])
+        self.assertLess(report.max_abs_diff, 1e-4)
+
+
+class StripTest(testing.TestCase):
+    def test_strip_gives_plain_keras_model_loadable_without_tfopt(self):
+        pruned = tfopt.prune(_functional(), tfopt.schedules.ConstantSparsity(0.5, frequency=1))
+        pruned.compile("adam", "mse")
+        x = self.make_input((8, 8, 8, 3))
+        pruned.fit(x, np.ones((8, 10)), batch_size=4, verbose=0)
+        stripped = tfopt.strip(pruned)
+        self.assertAllClose(stripped(x), pruned(x), atol=1e-6)
+        for layer in tfopt.pruning.all_layers(stripped):
+            self.assertTrue(type(layer).__module__.startswith("keras."), type(layer))
+        self.assertEqual(len(stripped.weights), len(_functional().weights))
+        path = os.path.join(tempfile.mkdtemp(), "stripped.keras")
+        stripped.save(path)
+        np.save(path + ".x.npy", x[:2])
+        np.save(path + ".y.npy", keras.ops.convert_to_numpy(stripped(x[:2])))
+        code = (
+            "import sys, numpy as np, keras\n"
+            f"m = keras.models.load_model({path!r})\n"
+            f"np.testing.assert_allclose(m(np.load({path + '.x.npy'!r})), np.load({path + '.y.npy'!r}), atol=1e-6)\n"
+            "assert 'tfopt' not in sys.modules\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+
+    def test_tfopt_keras_file_needs_tfopt_import_and_says_so(self):
+        model = keras.Sequential([keras.Input((4,)), tfopt.layers.Dense(2, pruning_schedule="baseline")])
+        path = os.path.join(tempfile.mkdtemp(), "pruned.keras")
+        model.save(path)
+        code = f"import keras\nkeras.models.load_model({path!r})\n"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        self.assertNotEqual(result.returncode, 0)
+        # Keras names the missing registered class and asks for it to be imported.
+        self.assertIn("tfopt>Dense", result.stderr)
+        self.assertIn("imported", result.stderr)
+        loaded = tfopt.load_model(path)
+        self.assertIsInstance(loaded.layers[0], tfopt.layers.Dense)
+
+    def test_strip_subclassed_in_place(self):
+        class Net(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.d = keras.layers.Dense(4, kernel_constraint=keras.constraints.MaxNorm(10.0))
+
+            def call(self, x):
+                return self.d(x)
+
+        net = Net()
+        net.compile("adam", "mse")
+        net.fit(np.ones((4, 8)), np.ones((4, 4)), verbose=0,
+                callbacks=[tfopt.callbacks.Pruning(tfopt.schedules.ConstantSparsity(0.5, frequency=1))])
+        out = tfopt.strip(net)
+        self.assertIs(out, net)
+        self.assertIsInstance(net.d.kernel.constraint, keras.constraints.MaxNorm)
+        self.assertEqual(float(np.mean(net.d.kernel.numpy() == 0)), 0.5)
