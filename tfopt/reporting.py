@@ -53,7 +53,7 @@ def summary(model, print_fn=print):
 
     Example:
     >>> import keras, tfopt
-    >>> model = keras.Sequential([keras.Input((4,)), tfopt.layers.Dense(2, pruning_schedule="baseline")])
+    >>> model = keras.Sequential([keras.Input((4,)), tfopt.layers.Dense(2, pruning_schedule="baseline", name="dense")])
     >>> rows = summary(model, print_fn=None)
     >>> rows[0]["layer"], rows[0]["size"], rows[0]["structure"]
     ('dense', 8, 'unstructured')

@@ -91,8 +91,9 @@ def prune(model, pruning_schedule, structure=None, layers=None):
 
     Example:
     >>> import keras, tfopt
-    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8), keras.layers.Dense(2)])
-    >>> pruned = tfopt.prune(model, "baseline", layers="dense")
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="hidden"),
+    ...                           keras.layers.Dense(2, name="head")])
+    >>> pruned = tfopt.prune(model, "baseline", layers="hidden")
     >>> [type(layer).__module__.split(".")[0] for layer in pruned.layers]
     ['tfopt', 'keras']
     """

@@ -18,8 +18,8 @@ class Dense(Prunable, keras.layers.Dense):
 
     Example:
     >>> import keras, numpy as np, tfopt
-    >>> layer = tfopt.layers.Dense(4, pruning_schedule="baseline")
-    >>> layer(np.ones((2, 8), "float32")).shape
+    >>> layer = tfopt.layers.Dense(4, pruning_schedule="baseline", name="dense")
+    >>> tuple(layer(np.ones((2, 8), "float32")).shape)
     (2, 4)
     >>> [w.name for w in layer.weights]
     ['kernel', 'bias', 'kernel_mask', 'pruning_step']
@@ -36,7 +36,7 @@ class EinsumDense(Prunable, keras.layers.EinsumDense):
     Example:
     >>> import numpy as np, tfopt
     >>> layer = tfopt.layers.EinsumDense("ab,bc->ac", output_shape=4, pruning_schedule="baseline")
-    >>> layer(np.ones((2, 8), "float32")).shape
+    >>> tuple(layer(np.ones((2, 8), "float32")).shape)
     (2, 4)
     """
 
@@ -52,6 +52,6 @@ class Embedding(Prunable, keras.layers.Embedding):
     Example:
     >>> import numpy as np, tfopt
     >>> layer = tfopt.layers.Embedding(100, 8, pruning_schedule="baseline")
-    >>> layer(np.array([[1, 2, 3]])).shape
+    >>> tuple(layer(np.array([[1, 2, 3]])).shape)
     (1, 3, 8)
     """

@@ -1,5 +1,7 @@
 """`export`: strip, convert to LiteRT (.tflite), check the file, report sizes.
 
+(The module is `exporting` so that `tfopt.export` can be the function.)
+
 This module (with `tfopt.strategies`) is where tfopt touches TensorFlow
 directly: the converter is `tf.lite.TFLiteConverter`, and the check runs the
 written file in the `ai_edge_litert` interpreter.
@@ -89,6 +91,12 @@ def _check_inputs(model, inputs, num_samples, seed):
     if inputs is not None:
         arrays = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         return [np.asarray(a) for a in arrays]
+    if not getattr(model, "inputs", None):
+        raise ValueError(
+            f"Model '{model.name}' ({type(model).__name__}) has no symbolic inputs (a "
+            "subclassed model), so tfopt cannot draw check inputs for it. Pass "
+            "`inputs=` (an array, or a list of arrays), or check=False."
+        )
     rng = np.random.default_rng(seed)
     arrays = []
     for spec in model.inputs:
@@ -101,9 +109,14 @@ def _check_inputs(model, inputs, num_samples, seed):
     return arrays
 
 
-def run_litert(model_content, inputs):
-    """Runs a LiteRT flatbuffer on a list of input arrays (batch resized) and
-    returns the list of outputs in the converter's output order."""
+def run_litert(model_content, inputs, input_names=None):
+    """Runs a LiteRT flatbuffer on a list of input arrays and returns its outputs.
+
+    Inputs are fed by name through the file's signature when `input_names`
+    (the Keras input names, in the order of `inputs`) are given, since the
+    converter may reorder input tensors; outputs come back in the Keras
+    model's order (`output_0`, `output_1`, ...).
+    """
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as e:  # pragma: no cover - the test extra installs it
@@ -112,14 +125,30 @@ def run_litert(model_content, inputs):
             "with `pip install 'tfopt[litert]'` (package ai-edge-litert), or pass check=False."
         ) from e
     interpreter = Interpreter(model_content=model_content)
+    signatures = interpreter.get_signature_list()
+    if input_names is not None and len(signatures) == 1:
+        key, signature = next(iter(signatures.items()))
+        if sorted(signature["inputs"]) == sorted(input_names):
+            runner = interpreter.get_signature_runner(key)
+            feeds = {}
+            for name, array in zip(input_names, inputs):
+                detail = runner.get_input_details()[name]
+                feeds[name] = np.asarray(array).astype(detail["dtype"])
+            outputs = runner(**feeds)
+            return [outputs[k] for k in sorted(outputs, key=_output_index)]
     details = interpreter.get_input_details()
     for detail, array in zip(details, inputs):
         interpreter.resize_tensor_input(detail["index"], array.shape)
     interpreter.allocate_tensors()
     for detail, array in zip(interpreter.get_input_details(), inputs):
-        interpreter.set_tensor(detail["index"], array.astype(detail["dtype"]))
+        interpreter.set_tensor(detail["index"], np.asarray(array).astype(detail["dtype"]))
     interpreter.invoke()
     return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+
+
+def _output_index(name):
+    tail = name.rsplit("_", 1)[-1]
+    return (0, int(tail), name) if tail.isdigit() else (1, 0, name)
 
 
 def _flat_outputs(outputs):
@@ -183,19 +212,16 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     if check:
         arrays = _check_inputs(stripped, inputs, num_check_samples, seed)
         expected = [np.asarray(o) for o in _flat_outputs(stripped(arrays if len(arrays) > 1 else arrays[0]))]
-        got = run_litert(content, arrays)
+        model_inputs = getattr(stripped, "inputs", None) or []
+        names = [t._keras_history.operation.name for t in model_inputs] or None
+        got = run_litert(content, arrays, input_names=names)
         if len(got) != len(expected):
             raise RuntimeError(
                 f"The LiteRT file has {len(got)} outputs but the Keras model {len(expected)}."
             )
-        # The converter may reorder outputs; match them by shape, then by closeness.
-        max_diff = 0.0
-        remaining = list(got)
-        for exp in expected:
-            candidates = [g for g in remaining if g.shape == exp.shape] or remaining
-            best = min(candidates, key=lambda g: float(np.max(np.abs(g.astype("float64") - exp))))
-            remaining = [g for g in remaining if g is not best]
-            max_diff = max(max_diff, float(np.max(np.abs(best.astype("float64") - exp))))
+        max_diff = max(
+            float(np.max(np.abs(g.astype("float64") - e.astype("float64")))) for g, e in zip(got, expected)
+        )
     atomic_write_bytes(path, content)
     return ExportReport(
         path=str(path),

@@ -1,0 +1,87 @@
+"""Pruning under MirroredStrategy on 2 logical CPUs (split in conftest.py)."""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+import tfopt
+from tfopt import testing
+
+
+_STRATEGIES = {}
+
+
+def _strategy(kind):
+    # One strategy object per kind for the whole process: several
+    # MirroredStrategy objects in one process can mix up their collective ops.
+    if kind not in _STRATEGIES:
+        _STRATEGIES[kind] = _make_strategy(kind)
+    return _STRATEGIES[kind]
+
+
+def _make_strategy(kind):
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if kind == "one":
+        return tf.distribute.OneDeviceStrategy(devices[0])
+    assert len(devices) >= 2, devices
+    return tf.distribute.MirroredStrategy(devices[:2])
+
+
+def _replica_values(variable):
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    values = getattr(value, "values", None)
+    return [v.numpy() for v in values] if values else [value.numpy()]
+
+
+class MirroredPruningTest(testing.TestCase, parameterized.TestCase):
+    @parameterized.named_parameters(("one_device", "one"), ("mirrored", "mirrored"))
+    def test_layers_fit_save_load(self, kind):
+        strategy = _strategy(kind)
+        schedule = tfopt.schedules.PolynomialDecay(0.0, 0.75, 0, 6, power=1, frequency=2)
+        with strategy.scope():
+            model = keras.Sequential([
+                keras.Input((8, 8, 1)),
+                tfopt.layers.Conv2D(8, 3, activation="relu", pruning_schedule=schedule),
+                keras.layers.Flatten(),
+                tfopt.layers.Dense(10, pruning_schedule=schedule),
+            ])
+            model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((64, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 64)
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        for layer in (model.layers[0], model.layers[2]):
+            masks = _replica_values(layer.kernel_mask)
+            steps = _replica_values(layer.pruning_step)
+            kernels = _replica_values(layer.kernel)
+            self.assertEqual(len(masks), 2 if kind == "mirrored" else 1)
+            for m, s, k in zip(masks, steps, kernels):
+                self.assertAllEqual(m, masks[0])
+                self.assertEqual(int(s), 8)
+                self.assertAllEqual(k == 0, masks[0] == 0)
+            self.assertAlmostEqual(float(np.mean(masks[0] == 0)), round(0.75 * masks[0].size) / masks[0].size)
+        path = os.path.join(tempfile.mkdtemp(), "mirrored.keras")
+        model.save(path)
+        with strategy.scope():
+            loaded = keras.models.load_model(path)
+        self.assertAllClose(loaded.predict(x[:4], verbose=0), model.predict(x[:4], verbose=0), atol=1e-5)
+        self.assertAllEqual(_replica_values(loaded.layers[0].kernel_mask)[0], _replica_values(model.layers[0].kernel_mask)[0])
+        for row in tfopt.summary(loaded, print_fn=None)[:-1]:
+            self.assertAlmostEqual(row["sparsity"], 0.75, places=2)
+
+    def test_callback_under_mirrored(self):
+        strategy = _strategy("mirrored")
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
+            model.compile("adam", "mse")
+        model.fit(np.ones((32, 16)), np.ones((32, 4)), batch_size=8, verbose=0,
+                  callbacks=[tfopt.callbacks.Pruning(tfopt.schedules.ConstantSparsity(0.5, frequency=1))])
+        for layer in model.layers:
+            kernels = _replica_values(layer.kernel)
+            self.assertEqual(len(kernels), 2)
+            for k in kernels:
+                self.assertAllEqual(k, kernels[0])
+                self.assertEqual(float(np.mean(k == 0)), 0.5)

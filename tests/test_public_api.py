@@ -1,0 +1,30 @@
+"""The public API: every name in `__all__` exists, and nothing else is promised."""
+
+import importlib
+
+import tfopt
+from tfopt import testing
+
+_PUBLIC = {
+    "tfopt": ["callbacks", "layers", "schedules", "sparsity", "prune", "strip", "load_model",
+              "summary", "export", "ExportReport"],
+    "tfopt.layers": ["Prunable", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
+                     "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",
+                     "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"],
+    "tfopt.callbacks": ["Pruning"],
+    "tfopt.schedules": ["SparsitySchedule", "ConstantSparsity", "PolynomialDecay", "constant_sparsity",
+                        "polynomial_decay", "PRESETS", "get"],
+    "tfopt.sparsity": ["Structure", "Unstructured", "NM", "Block", "Channel", "get", "prune_lowest"],
+}
+
+
+class PublicApiTest(testing.TestCase):
+    def test_all_lists_exactly_the_public_names(self):
+        for module_name, names in _PUBLIC.items():
+            module = importlib.import_module(module_name)
+            self.assertEqual(sorted(module.__all__), sorted(names), module_name)
+            for name in names:
+                self.assertTrue(hasattr(module, name), f"{module_name}.{name}")
+
+    def test_version(self):
+        self.assertRegex(tfopt.__version__, r"^\d+\.\d+\.\d+")
