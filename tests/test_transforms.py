@@ -7,6 +7,7 @@ import tempfile
 
 import keras
 import numpy as np
+import pytest
 
 import tfopt
 from tfopt import testing
@@ -86,6 +87,7 @@ class PruneTest(testing.TestCase):
         with self.assertRaisesRegex(TypeError, r"Layer 'mine' \(MyDense\) has a kernel but no tfopt twin.*callbacks.Pruning"):
             tfopt.prune(custom, "baseline", layers="mine")
 
+    @pytest.mark.slow
     def test_applications_mobilenet_v2_prunes_strips_and_exports(self):
         model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
         pruned = tfopt.prune(model, tfopt.schedules.ConstantSparsity(0.5, frequency=1))

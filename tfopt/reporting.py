@@ -49,7 +49,8 @@ def summary(model, print_fn=print):
     Returns:
         A list of dicts with keys `layer`, `type`, `weight`, `params`, `size`,
         `nonzeros`, `sparsity`, `structure`, `schedule`; the last is the total
-        (`layer == "total"`, `params` counting every model parameter).
+        (`layer == "total"`, `params` counting every model parameter; tfopt's
+        masks and step counters are state, not parameters, and never counted).
 
     Example:
     >>> import keras, tfopt
@@ -59,6 +60,7 @@ def summary(model, print_fn=print):
     ('dense', 8, 'unstructured')
     """
     rows = []
+    state = _state_ids(model)
     for layer, pw in _pruned_weights(model):
         value = ops.convert_to_numpy(pw.variable)
         info = getattr(pw.variable, "_tfopt_prune_info", None)
@@ -68,7 +70,7 @@ def summary(model, print_fn=print):
                 "layer": layer.name,
                 "type": type(layer).__name__,
                 "weight": pw.variable.name,
-                "params": int(layer.count_params()),
+                "params": _layer_params(layer, state),
                 "size": int(value.size),
                 "nonzeros": nonzeros,
                 "sparsity": 1.0 - nonzeros / value.size,
@@ -76,7 +78,7 @@ def summary(model, print_fn=print):
                 "schedule": "-" if info is None or info["schedule"] is None else repr(info["schedule"]),
             }
         )
-    params = int(model.count_params()) if model.built else sum(r["params"] for r in rows)
+    params = _model_params(model)
     pruned_away = sum(r["size"] - r["nonzeros"] for r in rows)
     rows.append(
         {
@@ -94,6 +96,27 @@ def summary(model, print_fn=print):
     if print_fn is not None:
         print_fn(render(rows))
     return rows
+
+
+def _state_ids(model):
+    """ids of tfopt's own variables (masks, steps), which are not model parameters."""
+    from tfopt.layers.prunable import Prunable
+
+    return {
+        id(v)
+        for layer in pruning.all_layers(model)
+        if isinstance(layer, Prunable)
+        for v in layer._tfopt_state()
+    }
+
+
+def _model_params(model):
+    state = _state_ids(model)
+    return int(sum(np.prod(v.shape) for v in model.weights if id(v) not in state))
+
+
+def _layer_params(layer, state):
+    return int(sum(np.prod(v.shape) for v in layer.weights if id(v) not in state))
 
 
 def _describe(structure):
