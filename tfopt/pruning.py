@@ -112,6 +112,9 @@ def make_constraint(mask, step_fn, schedule_fn, structure, in_axis, out_axis, in
             lambda: structure.mask(masked, sparsity, in_axis, out_axis),
             lambda: current,
         )
+        # Assigned outside the cond: under MirroredStrategy, writing a
+        # synchronized variable inside a cond branch needs a merge_call,
+        # which TF does not support in control flow.
         mask.assign(new_mask)
         if after is not None:
             after()

@@ -15,6 +15,8 @@ import re
 import keras
 from keras import ops
 
+from tfopt._config import Configurable
+
 __all__ = [
     "SparsitySchedule",
     "ConstantSparsity",
@@ -134,7 +136,7 @@ def _steps_order(begin_step, end_step, schedule, allow_open_end):
         )
 
 
-class SparsitySchedule:
+class SparsitySchedule(Configurable):
     """Base class: `schedule(step) -> (should_prune, sparsity)`.
 
     Subclasses implement `__call__` and `get_config` (a flat dict of their
@@ -179,17 +181,6 @@ class SparsitySchedule:
 
     def get_config(self):
         raise NotImplementedError
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 @keras.saving.register_keras_serializable(package="tfopt")

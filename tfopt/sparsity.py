@@ -24,6 +24,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from tfopt._config import Configurable
+
 __all__ = [
     "Structure",
     "Unstructured",
@@ -65,7 +67,7 @@ def _axis(axis, ndim):
     return axis % ndim
 
 
-class Structure:
+class Structure(Configurable):
     """Base class. `mask(weight, sparsity, in_axis, out_axis)` -> 0/1 tensor.
 
     `in_axis` is the weight's input (reduction) dimension and `out_axis` its
@@ -86,18 +88,6 @@ class Structure:
     def mask(self, weight, sparsity, in_axis, out_axis):
         raise NotImplementedError
 
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"
 
 
 @keras.saving.register_keras_serializable(package="tfopt")

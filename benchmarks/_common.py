@@ -1,0 +1,48 @@
+"""Shared helpers for the benchmarks: result sections, medians, environment line."""
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def environment():
+    """One line naming the software and machine the figures come from."""
+    code = (
+        "import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='3'\n"
+        "import tensorflow as tf, keras; print(tf.__version__, keras.__version__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()
+    tf_version, keras_version = (out + ["?", "?"])[:2]
+    return (
+        f"TensorFlow {tf_version}, Keras {keras_version}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPU cores, {platform.machine()}"
+    )
+
+
+def write_section(name, title, command, body):
+    """Replaces (or appends) the section `name` of RESULTS.md."""
+    header = "# Benchmark results\n\nEach section is written by the script that measured it; re-run the command to refresh it.\n"
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else header
+    section = (
+        f"<!-- {name} -->\n## {title}\n\nCommand: `{command}`\n\n{environment()}\n\n{body.strip()}\n<!-- /{name} -->"
+    )
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    with open(RESULTS, "w") as f:
+        f.write(text)
+
+
+def table(rows, columns):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""Training step time of pruned vs plain models: tfopt on Keras 3, tfmot on tf_keras.
+
+Each framework runs in its own worker process (importing tfmot switches
+`tf.keras` to Keras 2 for the whole process). Inside a worker, the plain and
+pruned variants of the same model alternate round by round; the driver also
+alternates the workers. The figure per variant is the median over rounds of
+the mean time of a training step (batches after a warm-up, measured by a
+callback around each `train_on_batch`-sized step of `fit`).
+
+Usage:
+    python benchmarks/step_time.py [--rounds 5] [--steps 60] [--no-write]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SPARSITY, FREQUENCY, BATCH = 0.8, 100, 64
+
+
+def _timer_callback(keras_module, warmup):
+    class StepTimer(keras_module.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch >= warmup:
+                self.times.append(time.perf_counter() - self._t)
+
+    return StepTimer()
+
+
+def _build(layers, model, keras_module):
+    if model == "cnn":
+        return keras_module.Sequential([
+            keras_module.Input((28, 28, 1)),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dense(10),
+        ])
+    return keras_module.Sequential([
+        keras_module.Input((784,)),
+        layers.Dense(512, activation="relu"),
+        layers.Dense(512, activation="relu"),
+        layers.Dense(10),
+    ])
+
+
+def _data(model, steps, np):
+    rng = np.random.default_rng(0)
+    shape = (28, 28, 1) if model == "cnn" else (784,)
+    n = steps * BATCH
+    return rng.standard_normal((n,) + shape).astype("float32"), rng.integers(0, 10, n)
+
+
+def worker_keras3(model_name, rounds, steps):
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import keras
+    import numpy as np
+
+    import tfopt
+
+    x, y = _data(model_name, steps, np)
+    schedule = tfopt.schedules.ConstantSparsity(SPARSITY, begin_step=0, frequency=FREQUENCY)
+
+    def compiled(model):
+        model.compile(keras.optimizers.Adam(1e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    keras.utils.set_random_seed(0)
+    plain = compiled(_build(keras.layers, model_name, keras))
+    layers_model = compiled(tfopt.prune(_build(keras.layers, model_name, keras), schedule))
+    callback_model = compiled(_build(keras.layers, model_name, keras))
+    variants = {
+        "plain": (plain, []),
+        "tfopt layers": (layers_model, []),
+        "tfopt callback": (callback_model, [tfopt.callbacks.Pruning(schedule)]),
+    }
+    return _run_rounds(variants, x, y, rounds, keras)
+
+
+def worker_tfmot(model_name, rounds, steps):
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import numpy as np
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    x, y = _data(model_name, steps, np)
+    tf_keras.utils.set_random_seed(0)
+    schedule = tfmot.sparsity.keras.ConstantSparsity(SPARSITY, begin_step=0, frequency=FREQUENCY)
+
+    def build(prune):
+        model = tf_keras.Sequential(_build(tf_keras.layers, model_name, tf_keras).layers)
+        if prune:
+            model = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+        model.compile(tf_keras.optimizers.Adam(1e-3),
+                      tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    variants = {
+        "plain": (build(False), []),
+        "tfmot": (build(True), [tfmot.sparsity.keras.UpdatePruningStep()]),
+    }
+    return _run_rounds(variants, x, y, rounds, tf_keras)
+
+
+def _run_rounds(variants, x, y, rounds, keras_module):
+    import numpy as np
+
+    results = {name: [] for name in variants}
+    for name, (model, callbacks) in variants.items():  # trace and warm up
+        model.fit(x[: 4 * BATCH], y[: 4 * BATCH], batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks)
+    for _ in range(rounds):
+        for name, (model, callbacks) in variants.items():
+            timer = _timer_callback(keras_module, warmup=3)
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False, callbacks=callbacks + [timer])
+            results[name].append(float(np.mean(timer.times)))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per worker run")
+    parser.add_argument("--repeats", type=int, default=2, help="times each worker is started, alternating")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--worker", choices=["keras3", "tfmot"])
+    parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
+    args = parser.parse_args()
+
+    if args.worker:
+        fn = worker_keras3 if args.worker == "keras3" else worker_tfmot
+        print("RESULT " + json.dumps(fn(args.model, args.rounds, args.steps)))
+        return
+
+    from _common import median, table, write_section
+
+    rows = []
+    for model_name in ("cnn", "mlp"):
+        merged = {"keras3": {}, "tfmot": {}}
+        for _ in range(args.repeats):
+            for worker in ("keras3", "tfmot"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--worker", worker, "--model", model_name,
+                     "--rounds", str(args.rounds), "--steps", str(args.steps)],
+                    capture_output=True, text=True, check=True,
+                )
+                line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+                for name, times in json.loads(line[7:]).items():
+                    merged[worker].setdefault(name, []).extend(times)
+        k3, tm = merged["keras3"], merged["tfmot"]
+        for framework, runs, variants in (("Keras 3 + tfopt", k3, ("tfopt layers", "tfopt callback")),
+                                          ("tf_keras + tfmot", tm, ("tfmot",))):
+            base = median(runs["plain"])
+            for variant in variants:
+                ratios = [p / b for p, b in zip(runs[variant], runs["plain"])]
+                rows.append({
+                    "model": model_name,
+                    "framework": framework,
+                    "variant": variant,
+                    "plain ms/step": f"{1000 * base:.2f}",
+                    "pruned ms/step": f"{1000 * median(runs[variant]):.2f}",
+                    "ratio (median of per-round ratios)": f"{median(ratios):.3f}x",
+                })
+    body = table(rows, ["model", "framework", "variant", "plain ms/step", "pruned ms/step",
+                        "ratio (median of per-round ratios)"])
+    body += (
+        f"\n\nSparsity {SPARSITY} (`ConstantSparsity`, frequency {FREQUENCY}), batch {BATCH}, "
+        f"{args.steps} steps per round, {args.rounds} rounds x {args.repeats} worker starts per framework, "
+        "plain and pruned interleaved within each worker. CNN: Conv2D 32, pool, Conv2D 64, pool, Dense 128, "
+        "Dense 10 on 28x28x1; MLP: 784-512-512-10. Target: tfopt <= 1.05x and below tfmot's ratio."
+    )
+    print(body)
+    if not args.no_write:
+        write_section("step_time", "Training step time, pruned / plain",
+                      f"python benchmarks/step_time.py --rounds {args.rounds} --repeats {args.repeats} --steps {args.steps}",
+                      body)
+
+
+if __name__ == "__main__":
+    main()
