@@ -105,7 +105,7 @@ def worker_tfmot(model_name, rounds, steps):
     schedule = tfmot.sparsity.keras.ConstantSparsity(SPARSITY, begin_step=0, frequency=FREQUENCY)
 
     def build(prune):
-        model = tf_keras.Sequential(_build(tf_keras.layers, model_name, tf_keras).layers)
+        model = _build(tf_keras.layers, model_name, tf_keras)
         if prune:
             model = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
         model.compile(tf_keras.optimizers.Adam(1e-3),

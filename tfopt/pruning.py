@@ -17,6 +17,7 @@ layer at zero sparsity computes exactly what Keras computes.
 import keras
 from keras import ops
 
+from tfopt import _backend
 from tfopt import schedules as schedules_lib
 from tfopt import sparsity as sparsity_lib
 
@@ -105,17 +106,28 @@ def make_constraint(mask, step_fn, schedule_fn, structure, in_axis, out_axis, in
             weight = inner(weight)
         should_prune, sparsity = schedule_fn()(step_fn())
         current = ops.convert_to_tensor(mask)
-        masked = ops.multiply(weight, current)
-        update = ops.logical_and(should_prune, ops.all(ops.isfinite(weight)))
-        new_mask = ops.cond(
-            update,
-            lambda: structure.mask(masked, sparsity, in_axis, out_axis),
-            lambda: current,
-        )
-        # Assigned outside the cond: under MirroredStrategy, writing a
-        # synchronized variable inside a cond branch needs a merge_call,
-        # which TF does not support in control flow.
-        mask.assign(new_mask)
+
+        def recompute():
+            # Never from NaN/Inf magnitudes: keep the previous mask then.
+            finite = ops.all(ops.isfinite(weight))
+            masked = ops.multiply(weight, current)  # pruned weights stay pruned
+            new = structure.mask(masked, sparsity, in_axis, out_axis)
+            return ops.where(finite, new, current)
+
+        if _backend.in_replica_of_strategy():
+            # Writing a synchronized variable inside a cond branch needs a
+            # merge_call, which TF does not allow in control flow: assign
+            # after the cond (one mask write per step).
+            new_mask = ops.cond(should_prune, recompute, lambda: current)
+            mask.assign(new_mask)
+        else:
+            # No strategy: write the mask only on update steps.
+            def update():
+                new = recompute()
+                mask.assign(new)
+                return new
+
+            new_mask = ops.cond(should_prune, update, lambda: current)
         if after is not None:
             after()
         return ops.multiply(weight, new_mask)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfopt import pruning
+from tfopt import _backend, pruning
 from tfopt import sparsity as sparsity_lib
 from tfopt.layers.prunable import Prunable
 
@@ -114,7 +114,7 @@ class Pruning(keras.callbacks.Callback):
             def build(variables):
                 original_build(variables)
                 optimizer.build = original_build
-                _in_init_scope(self._attach)
+                _backend.in_init_scope(self._attach)
 
             optimizer.build = build
 
@@ -221,11 +221,3 @@ class Pruning(keras.callbacks.Callback):
             value = overall_sparsity(self.model)
             if value is not None:
                 logs["sparsity"] = value
-
-
-def _in_init_scope(fn):
-    """Runs `fn` outside any traced function (variables must be created eagerly)."""
-    import tensorflow as tf
-
-    with tf.init_scope():
-        return fn()
