@@ -66,7 +66,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--finetune-epochs", type=int, default=20)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 

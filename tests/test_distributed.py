@@ -81,7 +81,11 @@ class MirroredPruningTest(testing.TestCase, parameterized.TestCase):
                   callbacks=[tfopt.callbacks.Pruning(tfopt.schedules.ConstantSparsity(0.5, frequency=1))])
         for layer in model.layers:
             kernels = _replica_values(layer.kernel)
+            masks = _replica_values(layer.kernel._tfopt_prune_info["mask"])
             self.assertEqual(len(kernels), 2)
+            self.assertEqual(len(masks), 2)  # the mask is a mirrored variable
+            self.assertAllEqual(masks[1], masks[0])
+            self.assertAllEqual(masks[0] == 0, kernels[0] == 0)
             for k in kernels:
                 self.assertAllEqual(k, kernels[0])
                 self.assertEqual(float(np.mean(k == 0)), 0.5)

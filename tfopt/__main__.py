@@ -10,7 +10,7 @@ def _parser():
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="dense vs pruned CNN on bundled digits, exported to LiteRT")
     demo.add_argument("--epochs", type=int, default=12, help="dense training epochs (default 12)")
-    demo.add_argument("--finetune-epochs", type=int, default=10, help="pruning epochs (default 10)")
+    demo.add_argument("--finetune-epochs", type=int, default=20, help="pruning epochs (default 20)")
     demo.add_argument("--sparsity", type=float, default=0.8, help="target sparsity (default 0.8)")
     demo.add_argument("--out", default=None, help="directory for the .tflite files (default: a temp dir)")
     demo.add_argument("--seed", type=int, default=0)

@@ -19,3 +19,15 @@ def in_init_scope(fn):
 
     with tf.init_scope():
         return fn()
+
+
+def strategy_scope(model):
+    """The scope of the strategy `model` was built under (a null scope if none)."""
+    import contextlib
+
+    import tensorflow as tf
+
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None or tf.distribute.has_strategy() or not tf.distribute.in_cross_replica_context():
+        return contextlib.nullcontext()
+    return strategy.scope()

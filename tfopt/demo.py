@@ -68,7 +68,7 @@ def _litert_accuracy(path, x, y):
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
-def run(epochs=12, finetune_epochs=10, sparsity=0.8, out_dir=None, seed=0, print_fn=print):
+def run(epochs=12, finetune_epochs=20, sparsity=0.8, out_dir=None, seed=0, print_fn=print):
     """Runs the demo and returns its table as a list of row dicts."""
     import keras
 

@@ -14,6 +14,8 @@ The forward pass is untouched: it costs nothing between mask updates, and a
 layer at zero sparsity computes exactly what Keras computes.
 """
 
+import logging
+
 import keras
 from keras import ops
 
@@ -22,6 +24,8 @@ from tfopt import schedules as schedules_lib
 from tfopt import sparsity as sparsity_lib
 
 __all__ = ["PrunableWeight", "prunable_weights", "make_constraint", "check_keras3"]
+
+log = logging.getLogger("tfopt")
 
 
 class PrunableWeight:
@@ -227,6 +231,37 @@ def select_layers(candidates, selector):
             f"Layer names are: {sorted(names)}"
         )
     return [layer for layer in candidates if any(_matches(i, layer) for i in items)], True
+
+
+def select_targets(candidates, selector, structure, who):
+    """The `(layer, PrunableWeight)` pairs to prune among `candidates`.
+
+    Layers named by `selector` must be prunable and fit `structure` (else
+    ValueError); with `selector=None`, layers that `structure` does not fit are
+    left out with a warning naming them, from `who`.
+    """
+    chosen, named = select_layers(candidates, selector)
+    targets, skipped = [], []
+    for layer in chosen:
+        weights = prunable_weights(layer)
+        if not weights and named:
+            raise no_prunable_weights_error(layer)
+        for pw in weights:
+            where = f"Layer '{layer.name}' ({type(layer).__name__}) weight '{pw.variable.name}'"
+            try:
+                structure.validate(pw.variable.shape, pw.in_axis, pw.out_axis, where)
+            except ValueError:
+                if named:
+                    raise
+                skipped.append(layer.name)
+                continue
+            targets.append((layer, pw))
+    if skipped:
+        log.warning(
+            "%s: structure %r does not fit layers %s; they stay dense. Select layers "
+            "with `layers=` to silence this.", who, structure, skipped,
+        )
+    return targets, named
 
 
 def no_prunable_weights_error(layer):

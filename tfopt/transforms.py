@@ -106,37 +106,23 @@ def prune(model, pruning_schedule, structure=None, layers=None):
         )
     structure_obj = pruning.get_structure(structure)
     candidates = [layer for layer in pruning.all_layers(model) if not isinstance(layer, keras.Model)]
-    chosen, named = pruning.select_layers(candidates, layers)
-    swap, skipped = set(), []
-    for layer in chosen:
-        twin = _TWINS.get(type(layer)) or (type(layer) if type(layer) in _TWINS.values() else None)
-        weights = pruning.prunable_weights(layer)
-        if twin is None or not weights:
-            if named:
-                if weights:
-                    raise TypeError(
-                        f"Layer '{layer.name}' ({type(layer).__name__}) has a kernel but no "
-                        "tfopt twin, so `tfopt.prune` cannot swap it. Fix: prune it in place "
-                        "with `tfopt.callbacks.Pruning(schedule, layers=[...])`, which works on "
-                        "any layer with a kernel."
-                    )
-                raise pruning.no_prunable_weights_error(layer)
-            if weights:
-                skipped.append(layer.name)
-            continue
-        pw = weights[0]
-        where = f"Layer '{layer.name}' ({type(layer).__name__}) weight '{pw.variable.name}'"
-        try:
-            structure_obj.validate(pw.variable.shape, pw.in_axis, pw.out_axis, where)
-        except ValueError:
-            if named:
-                raise
-            skipped.append(layer.name)
-            continue
-        swap.add(id(layer))
-    if skipped:
-        log.warning("tfopt.prune: layers %s stay dense (no tfopt twin, or the structure "
-                    "%r does not fit them).", skipped, structure_obj)
+    targets, named = pruning.select_targets(candidates, layers, structure_obj, "tfopt.prune")
+    swap, no_twin = set(), []
+    for layer, _ in targets:
+        if type(layer) in _TWINS or type(layer) in _TWINS.values():
+            swap.add(id(layer))
+        elif named:
+            raise TypeError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) has a kernel but no "
+                "tfopt twin, so `tfopt.prune` cannot swap it. Fix: prune it in place "
+                "with `tfopt.callbacks.Pruning(schedule, layers=[...])`, which works on "
+                "any layer with a kernel."
+            )
+        else:
+            no_twin.append(layer.name)
+    if no_twin:
+        log.warning("tfopt.prune: layers %s have a kernel but no tfopt twin; they stay dense. "
+                    "Prune them with tfopt.callbacks.Pruning instead.", no_twin)
 
     def make_layer(layer):
         if id(layer) not in swap:

@@ -1,7 +1,5 @@
 """`Pruning`: prunes any Keras 3 model during `fit`, subclassed models included."""
 
-import logging
-
 import keras
 import numpy as np
 from keras import ops
@@ -11,9 +9,6 @@ from tfopt import sparsity as sparsity_lib
 from tfopt.layers.prunable import Prunable
 
 __all__ = ["Pruning"]
-
-log = logging.getLogger("tfopt")
-
 
 class Pruning(keras.callbacks.Callback):
     """Prunes a model during `fit` without rewriting it.
@@ -148,30 +143,7 @@ class Pruning(keras.callbacks.Callback):
             if not isinstance(layer, keras.Model)
             and not (isinstance(layer, Prunable) and layer.pruning_schedule is not None)
         ]
-        chosen, named = pruning.select_layers(candidates, self.layers)
-        targets, skipped = [], []
-        for layer in chosen:
-            weights = pruning.prunable_weights(layer)
-            if not weights and named:
-                raise pruning.no_prunable_weights_error(layer)
-            for pw in weights:
-                where = f"Layer '{layer.name}' ({type(layer).__name__}) weight '{pw.variable.name}'"
-                try:
-                    self.structure.validate(pw.variable.shape, pw.in_axis, pw.out_axis, where)
-                except ValueError:
-                    if named:
-                        raise
-                    skipped.append(layer.name)
-                    continue
-                targets.append((layer, pw))
-        if skipped:
-            log.warning(
-                "tfopt.callbacks.Pruning: structure %r does not fit layers %s; they stay "
-                "dense. Select layers with `layers=` to silence this.",
-                self.structure,
-                skipped,
-            )
-        return targets
+        return pruning.select_targets(candidates, self.layers, self.structure, "tfopt.callbacks.Pruning")[0]
 
     def _attach(self):
         """Creates masks and wraps constraints; returns True if anything was attached."""
@@ -186,12 +158,13 @@ class Pruning(keras.callbacks.Callback):
             value = ops.convert_to_numpy(variable)
             sparsity_lib.validate_finite(value, f"Layer '{layer.name}' weight '{variable.name}'")
             initial = (value != 0).astype(value.dtype) if resuming else np.ones_like(value)
-            mask = keras.Variable(
-                initial,
-                trainable=False,
-                name=f"{variable.name}_mask",
-                aggregation="only_first_replica",
-            )
+            with _backend.strategy_scope(self.model):
+                mask = keras.Variable(
+                    initial,
+                    trainable=False,
+                    name=f"{variable.name}_mask",
+                    aggregation="only_first_replica",
+                )
             constraint = pruning.make_constraint(
                 mask,
                 step_fn=lambda: optimizer.iterations,
