@@ -28,6 +28,6 @@ def strategy_scope(model):
     import tensorflow as tf
 
     strategy = getattr(model, "distribute_strategy", None)
-    if strategy is None or tf.distribute.has_strategy() or not tf.distribute.in_cross_replica_context():
-        return contextlib.nullcontext()
+    if strategy is None or tf.distribute.has_strategy():
+        return contextlib.nullcontext()  # no strategy, or already inside one
     return strategy.scope()
