@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from tfopt import _backend
+from tfopt._compat import reject_keras2
 from tfopt import schedules as schedules_lib
 from tfopt import sparsity as sparsity_lib
 
@@ -152,16 +153,7 @@ def is_pruning_constraint(constraint):
 
 def check_keras3(obj, arg="model"):
     """Raises a clear error when `obj` comes from tf_keras (Keras 2) or tfmot."""
-    module = type(obj).__module__ or ""
-    if module.startswith(("tf_keras", "tensorflow_model_optimization", "tensorflow.python.keras")) or (
-        module.startswith("keras.src.engine") or module.startswith("keras.engine")
-    ):
-        raise TypeError(
-            f"`{arg}` is a {module}.{type(obj).__name__}, a Keras 2 (tf_keras) object. "
-            f"tfopt needs Keras 3 (keras>=3.11, `import keras`; installed: {keras.__version__}). "
-            "Rebuild the model with `keras` instead of `tf_keras`/`tf.keras` under "
-            "TF_USE_LEGACY_KERAS=1, or convert a tfmot model with the `tfmot` extra."
-        )
+    reject_keras2(obj, arg)
     if not isinstance(obj, (keras.layers.Layer, keras.Model)) and arg == "model":
         raise TypeError(
             f"`{arg}` must be a Keras 3 `keras.Model`. Received: {arg}={obj!r} of type "
@@ -175,7 +167,7 @@ def resolve_schedule(schedule, total_steps):
 
 def get_schedule(identifier):
     if identifier is not None and not isinstance(identifier, (str, dict, schedules_lib.SparsitySchedule)):
-        schedules_lib._reject_foreign(identifier, "pruning_schedule")
+        reject_keras2(identifier, "pruning_schedule")
     return schedules_lib.get(identifier)
 
 
@@ -183,7 +175,7 @@ def get_structure(identifier):
     if identifier is not None and not isinstance(
         identifier, (str, dict, tuple, list, sparsity_lib.Structure)
     ):
-        schedules_lib._reject_foreign(identifier, "structure")
+        reject_keras2(identifier, "structure")
     return sparsity_lib.get(identifier)
 
 

@@ -15,6 +15,7 @@ import re
 import keras
 from keras import ops
 
+from tfopt._compat import reject_keras2
 from tfopt._config import Configurable
 
 __all__ = [
@@ -348,23 +349,9 @@ def get(identifier):
         obj = keras.saving.deserialize_keras_object(identifier)
         if isinstance(obj, SparsitySchedule):
             return obj
-    _reject_foreign(identifier, "pruning_schedule")
+    reject_keras2(identifier, "pruning_schedule")
     raise TypeError(
         "`pruning_schedule` must be a `tfopt.schedules.SparsitySchedule`, a preset name "
         f"({sorted(PRESETS)}) or None. Received: pruning_schedule={identifier!r} of type "
         f"{type(identifier).__name__}"
     )
-
-
-def _reject_foreign(obj, arg):
-    """Raises a clear error for tfmot / tf_keras objects passed to tfopt."""
-    module = type(obj).__module__ or ""
-    if module.startswith(("tensorflow_model_optimization", "tf_keras", "keras.src.engine")) or (
-        module.startswith("tensorflow.python.keras")
-    ):
-        raise TypeError(
-            f"`{arg}` is a {type(obj).__module__}.{type(obj).__name__}, an object of "
-            "tfmot / tf_keras (Keras 2). tfopt needs Keras 3 objects (`import keras`, "
-            "Keras >= 3.11): use the `tfopt.schedules` classes of the same name and "
-            "build models with `keras`, not `tf_keras`."
-        )

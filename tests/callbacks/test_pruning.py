@@ -273,7 +273,7 @@ class PruningCallbackTest(testing.TestCase, parameterized.TestCase):
         import tf_keras
 
         legacy = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
-        with self.assertRaisesRegex(TypeError, r"Keras 2 \(tf_keras\) object.*needs Keras 3"):
+        with self.assertRaisesRegex(TypeError, r"tf_keras \(Keras 2\) object.*needs Keras 3"):
             tfopt.callbacks.Pruning("baseline").set_model(legacy)
-        with self.assertRaisesRegex(TypeError, r"Keras 2 \(tf_keras\)"):
+        with self.assertRaisesRegex(TypeError, r"tf_keras \(Keras 2\)"):
             tfopt.prune(legacy, "baseline")
