@@ -106,7 +106,7 @@ def make_constraint(mask, step_fn, schedule_fn, structure, in_axis, out_axis, in
         after: called after the mask is assigned (for example to count steps).
     """
 
-    def constraint(weight):
+    def apply(weight):
         if inner is not None:
             weight = inner(weight)
         should_prune, sparsity = schedule_fn()(step_fn())
@@ -137,8 +137,20 @@ def make_constraint(mask, step_fn, schedule_fn, structure, in_axis, out_axis, in
             after()
         return ops.multiply(weight, new_mask)
 
-    constraint._tfopt_inner = inner
-    return constraint
+    return _PruningConstraint(apply, inner)
+
+
+class _PruningConstraint(keras.constraints.Constraint):
+    """The wrapped constraint set on a pruned variable (a `Constraint` instance,
+    as Keras < 3.12 requires of `variable.constraint`). Never serialized: layer
+    configs keep the user's own constraint."""
+
+    def __init__(self, fn, inner):
+        self._fn = fn
+        self._tfopt_inner = inner
+
+    def __call__(self, weight):
+        return self._fn(weight)
 
 
 def inner_constraint(variable):
