@@ -6,9 +6,9 @@ import tfopt
 from tfopt import testing
 
 _PUBLIC = {
-    "tfopt": ["callbacks", "layers", "schedules", "sparsity", "prune", "strip", "load_model",
+    "tfopt": ["callbacks", "layers", "quantizers", "schedules", "sparsity", "prune", "strip", "load_model",
               "summary", "export", "ExportReport"],
-    "tfopt.layers": ["Prunable", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
+    "tfopt.layers": ["Prunable", "QuantizeActivation", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
                      "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",
                      "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"],
     "tfopt.callbacks": ["Pruning"],

@@ -13,7 +13,7 @@ Public API:
 
 __version__ = "0.1.0"
 
-from tfopt import callbacks, layers, schedules, sparsity  # noqa: E402
+from tfopt import callbacks, layers, quantizers, schedules, sparsity  # noqa: E402
 from tfopt.exporting import ExportReport, export  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
 from tfopt.transforms import load_model, prune, strip  # noqa: E402
@@ -21,6 +21,7 @@ from tfopt.transforms import load_model, prune, strip  # noqa: E402
 __all__ = [
     "callbacks",
     "layers",
+    "quantizers",
     "schedules",
     "sparsity",
     "prune",

@@ -31,3 +31,20 @@ def strategy_scope(model):
     if strategy is None or tf.distribute.has_strategy():
         return contextlib.nullcontext()  # no strategy, or already inside one
     return strategy.scope()
+
+
+def cross_replica_min_max(lo, hi):
+    """Global (min, max) of scalar statistics over all replicas of the running
+    strategy (the same values on every replica); identity without one.
+
+    `all_reduce` offers only SUM and MEAN (a mean of maxima is not a maximum),
+    so the replicas' values are all-gathered and reduced here."""
+    import tensorflow as tf
+
+    if not in_replica_of_strategy():
+        return lo, hi
+    ctx = tf.distribute.get_replica_context()
+    both = tf.stack([-tf.reshape(lo, []), tf.reshape(hi, [])])[None, :]
+    gathered = ctx.all_gather(both, axis=0)
+    top = tf.reduce_max(gathered, axis=0)
+    return -top[0], top[1]

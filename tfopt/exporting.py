@@ -34,6 +34,11 @@ class ExportReport:
         max_abs_diff: largest absolute difference between the LiteRT
             interpreter's outputs and the Keras model's, over the check inputs
             (None if the check was skipped).
+        top1_agreement: fraction of check inputs whose arg-max output agrees
+            between LiteRT and Keras (None if not checked).
+        precision: "float32", "float16" or "int8".
+        float_ops: the file's ops that still compute in float, other than the
+            QUANTIZE/DEQUANTIZE at its edges (empty for a full-integer model).
         num_check_samples: how many inputs were compared.
         sparsity: fraction of zeros in the exported kernels.
     """
@@ -44,6 +49,9 @@ class ExportReport:
     max_abs_diff: float | None
     num_check_samples: int
     sparsity: float | None = None
+    top1_agreement: float | None = None
+    precision: str = "float32"
+    float_ops: list = dataclasses.field(default_factory=list)
 
     def __str__(self):
         diff = "not checked" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
@@ -75,12 +83,30 @@ def atomic_write_bytes(path, data):
         raise
 
 
-def _convert(model, optimizations=None):
+_PRECISIONS = ("float32", "float16", "int8")
+
+
+def _convert(model, optimizations=None, precision="float32", representative_data=None):
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if optimizations:
         converter.optimizations = list(optimizations)
+    if precision == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif precision == "int8":
+        # Fake-quant ops carry the ranges; without them, calibrate on data.
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if representative_data is not None:
+            arrays = representative_data if isinstance(representative_data, (list, tuple)) else [representative_data]
+
+            def samples():
+                for i in range(len(arrays[0])):
+                    yield [np.asarray(a[i : i + 1], "float32") for a in arrays]
+
+            converter.representative_dataset = samples
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     # The converter goes through a SavedModel and prints its signature; keep
     # the user's console for the report.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -171,7 +197,35 @@ def _kernel_sparsity(model):
     return zeros / total if total else None
 
 
-def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, optimizations=None):
+def float_ops(model_content):
+    """Names of the ops in a LiteRT flatbuffer that take float32 inputs (QUANTIZE
+    and DEQUANTIZE excluded): what did not become integer in an int8 export."""
+    import numpy as np  # noqa: F401  (the interpreter returns numpy dtypes)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_content)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    out = []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        if any(i >= 0 and tensors[i]["dtype"] == np.float32 for i in op["inputs"]):
+            out.append(op["op_name"])
+    return out
+
+
+def _has_quantization(model):
+    from tfopt import pruning
+    from tfopt.layers import Prunable, QuantizeActivation
+
+    return any(
+        isinstance(layer, QuantizeActivation) or (isinstance(layer, Prunable) and layer._output_spec is not None)
+        for layer in pruning.all_layers(model)
+    )
+
+
+def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, optimizations=None,
+           precision="float32", representative_data=None):
     """Strips `model`, writes it as a LiteRT `.tflite` file, checks it, reports sizes.
 
     The file is written atomically: if conversion or writing fails, an existing
@@ -189,6 +243,12 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         num_check_samples: random inputs to draw when `inputs` is None.
         seed: seed of those random inputs.
         optimizations: passed to the converter (e.g. `[tf.lite.Optimize.DEFAULT]`).
+        precision: "float32"; "float16" (weights stored in float16); or "int8":
+            full-integer ops from the ranges of quantization-aware layers (the
+            model is then converted as is, fake-quant ops included), or, for a
+            model trained without QAT, post-training quantization calibrated on
+            `representative_data`.
+        representative_data: inputs for post-training int8 calibration.
 
     Returns:
         An `ExportReport`.
@@ -205,9 +265,20 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             f"`tfopt.export` writes LiteRT flatbuffers; `path` should end in '.tflite'. "
             f"Received: path={str(path)!r}"
         )
-    stripped = transforms.strip(model)
-    content = _convert(stripped, optimizations)
-    max_diff = None
+    if precision not in _PRECISIONS:
+        raise ValueError(f"`precision` must be one of {_PRECISIONS}. Received: precision={precision!r}")
+    quantized = _has_quantization(model)
+    if precision == "int8" and not quantized and representative_data is None:
+        raise ValueError(
+            f"Model '{model.name}' has no quantization ranges (no quantization-aware "
+            "layers), so an int8 export needs calibration data. Pass "
+            "`representative_data=` (a few hundred typical inputs) for post-training "
+            "quantization, or train with `quantization_aware=` layers first."
+        )
+    # QAT layers must stay: their fake-quant ops carry the int8 ranges.
+    stripped = model if (precision == "int8" and quantized) else transforms.strip(model)
+    content = _convert(stripped, optimizations, precision, representative_data)
+    max_diff = top1 = None
     arrays = []
     if check:
         arrays = _check_inputs(stripped, inputs, num_check_samples, seed)
@@ -222,6 +293,10 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         max_diff = max(
             float(np.max(np.abs(g.astype("float64") - e.astype("float64")))) for g, e in zip(got, expected)
         )
+        if expected[0].ndim == 2 and expected[0].shape[-1] > 1:
+            top1 = float(np.mean(np.argmax(got[0], -1) == np.argmax(expected[0], -1)))
+        else:
+            top1 = None
     atomic_write_bytes(path, content)
     return ExportReport(
         path=str(path),
@@ -230,4 +305,7 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         max_abs_diff=max_diff,
         num_check_samples=len(arrays[0]) if arrays else 0,
         sparsity=_kernel_sparsity(stripped),
+        top1_agreement=top1,
+        precision=precision,
+        float_ops=float_ops(content) if precision == "int8" else [],
     )

@@ -170,8 +170,8 @@ def strip(model):
     def make_layer(layer):
         if isinstance(layer, tfopt_layers.Prunable):
             config = layer.get_config()
-            config.pop("pruning_schedule", None)
-            config.pop("structure", None)
+            for key in tfopt_layers.Prunable.TFOPT_ARGUMENTS:
+                config.pop(key, None)
             return layer.keras_class.from_config(config)
         return _plain_clone(layer)
 

@@ -19,9 +19,11 @@ from tfopt.layers.convolutional import (
 )
 from tfopt.layers.core import Dense, EinsumDense, Embedding
 from tfopt.layers.prunable import Prunable
+from tfopt.layers.quantize_activation import QuantizeActivation
 
 __all__ = [
     "Prunable",
+    "QuantizeActivation",
     "Dense",
     "EinsumDense",
     "Embedding",

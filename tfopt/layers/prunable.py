@@ -4,7 +4,10 @@ import inspect
 
 import keras
 
-from tfopt import pruning
+from keras import ops
+
+from tfopt import pruning, quantizers
+from tfopt.layers.quantize_activation import add_range_weights, track_and_quantize
 
 __all__ = ["Prunable"]
 
@@ -44,10 +47,29 @@ class Prunable:
             Keras namesake).
         structure: `None`/"unstructured", "N:M" (e.g. "2:4"), a block shape
             `(rows, cols)`, or "channel". See `tfopt.sparsity`.
+        quantization_aware: None (off), True or "int8", "int4", "int2",
+            "ternary", "binary", a `tfopt.quantizers.QuantSpec` for the weights,
+            or a (weight spec, activation spec) pair. The weight is
+            fake-quantized in the forward pass (straight-through gradient) and
+            the output is fake-quantized to a range tracked during training
+            (weights `output_range_min`, `output_range_max`,
+            `output_range_updates`). Weights are quantized per output channel
+            for convolutions whose output axis is last (Conv1D/2D/3D, and the
+            pointwise kernel of SeparableConv), per tensor otherwise: per-channel
+            Dense kernels make the TFLite converter fail ("mismatched quantized
+            axes"), as tfmot's default scheme also avoids. Pruned zeros stay
+            exactly zero under symmetric quantization, so sparsity survives QAT.
     """
 
-    def __init__(self, *args, pruning_schedule=None, structure=None, **kwargs):
+    #: The keyword arguments tfopt adds to the Keras layer's.
+    TFOPT_ARGUMENTS = ("pruning_schedule", "structure", "quantization_aware")
+
+    def __init__(self, *args, pruning_schedule=None, structure=None, quantization_aware=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.quantization_aware = quantization_aware or None
+        self._weight_spec, self._output_spec = (
+            quantizers.get_precision(quantization_aware) if quantization_aware else (None, None)
+        )
         self.pruning_schedule = pruning.get_schedule(pruning_schedule)
         if structure is not None and self.pruning_schedule is None:
             raise ValueError(
@@ -79,6 +101,9 @@ class Prunable:
     # --- state ----------------------------------------------------------------------
     def build(self, input_shape=None):
         super().build(input_shape)
+        if self._output_spec is not None:
+            ranges = add_range_weights(self, prefix="output_")
+            self.output_range_min, self.output_range_max, self.output_range_updates = ranges
         if self.pruning_schedule is None:
             return
         attr, in_axis, out_axis = pruning.weight_spec(self)
@@ -121,10 +146,60 @@ class Prunable:
         }
 
     def _tfopt_state(self):
-        if self.pruning_schedule is None or not self.built:
+        if not self.built:
             return []
-        attr = pruning.weight_spec(self)[0]
-        return [getattr(self, f"{attr}_mask"), self.pruning_step]
+        state = []
+        if self._output_spec is not None:
+            state += [self.output_range_min, self.output_range_max, self.output_range_updates]
+        if self.pruning_schedule is not None:
+            attr = pruning.weight_spec(self)[0]
+            state += [getattr(self, f"{attr}_mask"), self.pruning_step]
+        return state
+
+    # --- quantization-aware forward pass ---------------------------------------------
+    def _quantized_weights(self):
+        """(attribute holding the variable, variable, fake-quantized tensor) for each
+        weight the forward pass reads: the main weight, plus SeparableConv's depthwise one."""
+        attr, _, out_axis = pruning.weight_spec(self)
+        names = [attr] + (["depthwise_kernel"] if attr == "pointwise_kernel" else [])
+        out = []
+        for name in names:
+            variable = getattr(self, name)
+            holder = next(
+                (a for a in (f"_{name}", name) if a in self.__dict__ and self.__dict__[a] is variable), None
+            )
+            per_channel = (
+                self._weight_spec.per_channel
+                and name != "depthwise_kernel"
+                and out_axis == -1
+                and not isinstance(self, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding))
+            )
+            spec = self._weight_spec
+            if spec.per_channel and not per_channel:
+                spec = quantizers.QuantSpec(**{**spec.get_config(), "per_channel": False})
+            value = ops.cast(quantizers.quantize_weight(ops.convert_to_tensor(variable), spec, -1),
+                             self.compute_dtype)
+            out.append((holder, variable, value))
+        return out
+
+    def call(self, inputs, *args, training=None, **kwargs):
+        if self._output_spec is None:
+            return super().call(inputs, *args, **kwargs)
+        swapped = self._quantized_weights() if self._weight_spec is not None else []
+        try:
+            for holder, _, value in swapped:
+                object.__setattr__(self, holder, value)
+            outputs = super().call(inputs, *args, **kwargs)
+        finally:
+            for holder, variable, _ in swapped:
+                object.__setattr__(self, holder, variable)
+        return track_and_quantize(
+            outputs,
+            (self.output_range_min, self.output_range_max, self.output_range_updates),
+            self._output_spec,
+            momentum=0.99,
+            update=bool(training),
+        )
 
     def save_own_variables(self, store):
         # Keras layers with their own `save_own_variables` write only their
@@ -153,6 +228,10 @@ class Prunable:
         config["structure"] = (
             None if self.structure is None else keras.saving.serialize_keras_object(self.structure)
         )
+        q = self.quantization_aware
+        config["quantization_aware"] = keras.saving.serialize_keras_object(q) if isinstance(q, quantizers.QuantSpec) else (
+            [keras.saving.serialize_keras_object(v) for v in q] if isinstance(q, (tuple, list)) else q
+        )
         return config
 
 
@@ -173,8 +252,7 @@ def with_keras_signature(cls):
     var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
     params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     extra = [
-        inspect.Parameter("pruning_schedule", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("structure", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in Prunable.TFOPT_ARGUMENTS
     ]
 
     def __init__(self, *args, **kwargs):

@@ -1,0 +1,102 @@
+"""`QuantizeActivation`: fake-quantizes a tensor to a range tracked during training."""
+
+import keras
+from keras import ops
+
+from tfopt import _backend
+from tfopt import quantizers
+
+__all__ = ["QuantizeActivation", "add_range_weights", "track_and_quantize"]
+
+
+def add_range_weights(layer, prefix=""):
+    """Adds the float32 `range_min`/`range_max` and int64 `range_updates`
+    weights of a tracked activation range to `layer` and returns them. The
+    range starts at [-6, 6] (as tfmot's), replaced by the first training batch."""
+    kwargs = dict(shape=(), trainable=False, dtype="float32", autocast=False,
+                  aggregation="only_first_replica")
+    lo = layer.add_weight(name=f"{prefix}range_min", initializer=keras.initializers.Constant(-6.0), **kwargs)
+    hi = layer.add_weight(name=f"{prefix}range_max", initializer=keras.initializers.Constant(6.0), **kwargs)
+    updates = layer.add_weight(
+        name=f"{prefix}range_updates", shape=(), trainable=False, dtype="int64", initializer="zeros",
+        aggregation="only_first_replica",
+    )
+    return lo, hi, updates
+
+
+def track_and_quantize(inputs, range_weights, spec, momentum, update):
+    """Updates a tracked range from `inputs` (if `update`) and fake-quantizes
+    `inputs` to it. The range always includes 0, as TFLite requires."""
+    range_min, range_max, range_updates = range_weights
+    lo, hi = ops.convert_to_tensor(range_min), ops.convert_to_tensor(range_max)
+    if update:
+        x = ops.cast(ops.stop_gradient(inputs), "float32")
+        batch_lo, batch_hi = _backend.cross_replica_min_max(ops.min(x), ops.max(x))
+        first = ops.equal(ops.convert_to_tensor(range_updates), 0)
+        lo = ops.where(first, batch_lo, momentum * lo + (1.0 - momentum) * batch_lo)
+        hi = ops.where(first, batch_hi, momentum * hi + (1.0 - momentum) * batch_hi)
+        range_min.assign(lo)
+        range_max.assign(hi)
+        range_updates.assign_add(1)
+    lo = ops.minimum(lo, 0.0)
+    hi = ops.maximum(ops.maximum(hi, 0.0), lo + 1e-6)
+    return quantizers.quantize_activation(inputs, lo, hi, spec)
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class QuantizeActivation(keras.layers.Layer):
+    """Fake-quantizes its input to a per-tensor range tracked in-graph.
+
+    Put it where an int8 model needs a range the layers around it do not
+    provide: after the model's input, and after ops such as Add, Concatenate
+    or an activation layer. The range is an exponential moving average of the
+    batch minimum and maximum (the first training batch sets it outright),
+    kept in two float32 variables updated inside the train step; under a
+    `tf.distribute` strategy each batch statistic is first reduced over all
+    replicas, so every replica holds the same range. The range always
+    includes 0, as TFLite requires. At inference, or once frozen, the stored
+    range is used as is.
+
+    Args:
+        bits: activation bit width (default 8, TFLite's int8).
+        momentum: weight of the old range in the moving average.
+        freeze: do not update the range any more (e.g. late in QAT).
+
+    Call arguments:
+        inputs: a float tensor.
+        training: update the range from this batch (unless frozen).
+
+    Example:
+    >>> import numpy as np
+    >>> layer = QuantizeActivation()
+    >>> _ = layer(np.array([[-1.0, 0.0, 3.0]], "float32"), training=True)
+    >>> float(layer.range_min.numpy()), float(layer.range_max.numpy())
+    (-1.0, 3.0)
+    """
+
+    def __init__(self, bits=8, momentum=0.99, freeze=False, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = quantizers.QuantSpec(bits, per_channel=False, symmetric=False, narrow_range=False)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(
+                f"QuantizeActivation '{self.name}': `momentum` must be in [0, 1). Received: momentum={momentum!r}"
+            )
+        self.bits = bits
+        self.momentum = momentum
+        self.freeze = bool(freeze)
+        self.supports_masking = True
+
+    def build(self, input_shape=None):
+        self.range_min, self.range_max, self.range_updates = add_range_weights(self)
+
+    def call(self, inputs, training=None):
+        return track_and_quantize(
+            inputs, (self.range_min, self.range_max, self.range_updates), self.spec,
+            self.momentum, update=bool(training) and not self.freeze,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "bits": self.bits, "momentum": self.momentum, "freeze": self.freeze}

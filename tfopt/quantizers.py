@@ -1,0 +1,262 @@
+"""Quantization specs and fake-quantization functions for quantization-aware training.
+
+A `QuantSpec` says how one tensor is quantized: bit width, per-channel or
+per-tensor, symmetric or not, narrow range or not, or one of the low-bit
+modes `"binary"` (sign, as in Larq) and `"ternary"` (-a, 0, a). The functions
+here are pure: they take a tensor (and, for activations, its range) and return
+the fake-quantized tensor, whose values lie on the quantization grid and whose
+gradient is the straight-through estimator.
+
+Affine quantization is `keras.quantizers.fake_quant_with_min_max_vars`, which
+the TFLite converter recognises, so a model trained with it converts to
+full-integer int8 without representative data.
+
+Defaults follow the TFLite int8 specification: weights per-channel (last
+axis), symmetric, narrow range ([-127, 127]); activations per-tensor,
+asymmetric ([-128, 127]).
+"""
+
+import keras
+from keras import ops
+
+from tfopt._config import Configurable
+
+__all__ = [
+    "QuantSpec",
+    "PRECISIONS",
+    "get_precision",
+    "weight_range",
+    "fake_quant",
+    "quantize_weight",
+    "quantize_activation",
+    "binary",
+    "ternary",
+]
+
+_MODES = ("affine", "binary", "ternary")
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class QuantSpec(Configurable):
+    """How to quantize one tensor.
+
+    Args:
+        bits: bit width of affine quantization, 2..16 (ignored by "binary"
+            and "ternary", which are 1 and 2 bits).
+        per_channel: one range per output channel (last axis of the weight)
+            instead of one per tensor. Weights only.
+        symmetric: range `[-m, m]` with zero exactly representable.
+        narrow_range: drop the lowest code (int8: [-127, 127]), as TFLite's
+            weight spec requires.
+        mode: "affine" (fake quantization), "binary" (sign times the mean
+            magnitude per channel, straight-through gradient) or "ternary"
+            ({-a, 0, a}, threshold 0.7 of the mean magnitude).
+
+    Example:
+    >>> QuantSpec(8, per_channel=True, symmetric=True, narrow_range=True).levels
+    255
+    """
+
+    def __init__(self, bits=8, per_channel=False, symmetric=False, narrow_range=False, mode="affine"):
+        if mode not in _MODES:
+            raise ValueError(f"QuantSpec: `mode` must be one of {_MODES}. Received: mode={mode!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise ValueError(
+                f"QuantSpec: `bits` must be an int from 1 to 16. Received: bits={bits!r}. "
+                "For 1-bit weights use mode='binary' (or precision 'binary')."
+            )
+        if mode == "affine" and bits < 2:
+            raise ValueError(
+                "QuantSpec: affine quantization needs at least 2 bits. Received: bits=1. "
+                "For 1-bit weights use mode='binary'."
+            )
+        self.bits = bits
+        self.per_channel = bool(per_channel)
+        self.symmetric = bool(symmetric)
+        self.narrow_range = bool(narrow_range)
+        self.mode = mode
+
+    @property
+    def levels(self):
+        """Number of representable values."""
+        if self.mode == "binary":
+            return 2
+        if self.mode == "ternary":
+            return 3
+        return 2**self.bits - (1 if self.narrow_range else 0)
+
+    def get_config(self):
+        return {
+            "bits": self.bits,
+            "per_channel": self.per_channel,
+            "symmetric": self.symmetric,
+            "narrow_range": self.narrow_range,
+            "mode": self.mode,
+        }
+
+
+def _weights(bits, mode="affine"):
+    return QuantSpec(bits, per_channel=True, symmetric=True, narrow_range=True, mode=mode)
+
+
+def _activations(bits=8):
+    return QuantSpec(bits, per_channel=False, symmetric=False, narrow_range=False)
+
+
+#: Named precisions: `(weight spec, activation spec)`. `"float16"` is an
+#: export-only precision (no fake quantization in training): both are None.
+PRECISIONS = {
+    "int8": (_weights(8), _activations(8)),
+    "int4": (_weights(4), _activations(8)),
+    "int2": (_weights(2), _activations(8)),
+    "ternary": (_weights(2, "ternary"), _activations(8)),
+    "binary": (_weights(1, "binary"), _activations(8)),
+    "bool": (_weights(1, "binary"), _activations(8)),
+    "float16": (None, None),
+}
+
+
+def get_precision(identifier):
+    """Returns `(weight_spec, activation_spec)` for a precision.
+
+    Accepts True (int8), a name in `PRECISIONS`, a `QuantSpec` (used for the
+    weights, with int8 activations), or a `(weight_spec, activation_spec)` pair.
+
+    Example:
+    >>> w, a = get_precision("int4")
+    >>> w.bits, w.per_channel, a.bits, a.symmetric
+    (4, True, 8, False)
+    """
+    if identifier is True:
+        identifier = "int8"
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key not in PRECISIONS:
+            raise ValueError(
+                f"Unknown precision: {identifier!r}. Expected one of {sorted(PRECISIONS)}, "
+                "True (int8), or a `tfopt.quantizers.QuantSpec`."
+            )
+        return PRECISIONS[key]
+    if isinstance(identifier, QuantSpec):
+        return identifier, _activations(8)
+    if isinstance(identifier, dict):
+        return get_precision(keras.saving.deserialize_keras_object(identifier))
+    if isinstance(identifier, (tuple, list)) and len(identifier) == 2:
+        w, a = (keras.saving.deserialize_keras_object(s) if isinstance(s, dict) else s for s in identifier)
+        if all(s is None or isinstance(s, QuantSpec) for s in (w, a)):
+            if a is not None and a.per_channel:
+                raise ValueError(
+                    "Activation specs must be per-tensor (ranges are tracked per tensor). "
+                    f"Received an activation spec with per_channel=True: {a!r}"
+                )
+            return w, a
+    raise ValueError(
+        f"Cannot read a precision from {identifier!r} of type {type(identifier).__name__}. "
+        f"Expected True, one of {sorted(PRECISIONS)}, a `QuantSpec`, or a "
+        "(weight QuantSpec, activation QuantSpec) pair."
+    )
+
+
+def weight_range(weight, spec, axis=-1):
+    """The `(min, max)` a weight is quantized with: per channel along `axis` or
+    per tensor, symmetric or not; never an empty range.
+
+    Example:
+    >>> import numpy as np
+    >>> lo, hi = weight_range(np.array([[-2.0, 0.5], [1.0, -0.25]], "float32"), QuantSpec(8, per_channel=True, symmetric=True))
+    >>> np.asarray(lo).tolist(), np.asarray(hi).tolist()
+    ([-2.0, -0.5], [2.0, 0.5])
+    """
+    weight = ops.convert_to_tensor(weight)
+    if spec.per_channel:
+        axis = axis % len(weight.shape)
+        reduce_axes = tuple(i for i in range(len(weight.shape)) if i != axis)
+    else:
+        reduce_axes = None
+    if spec.symmetric:
+        m = ops.max(ops.abs(weight), axis=reduce_axes)
+        m = ops.maximum(m, 1e-8)
+        return -m, m
+    lo = ops.minimum(ops.min(weight, axis=reduce_axes), 0.0)
+    hi = ops.maximum(ops.max(weight, axis=reduce_axes), 0.0)
+    return lo, ops.maximum(hi, lo + 1e-8)
+
+
+def fake_quant(x, min_value, max_value, spec, axis=None):
+    """Affine fake quantization of `x` to `spec.bits` within `[min, max]`
+    (straight-through gradient inside the range)."""
+    return keras.quantizers.fake_quant_with_min_max_vars(
+        x, min_value, max_value, num_bits=spec.bits, narrow_range=spec.narrow_range, axis=axis
+    )
+
+
+def _ste(x, quantized):
+    """`quantized` forward, identity backward."""
+    return x + ops.stop_gradient(quantized - x)
+
+
+def _channel_mean_abs(w, axis):
+    axis = axis % len(w.shape)
+    reduce_axes = tuple(i for i in range(len(w.shape)) if i != axis)
+    return ops.mean(ops.abs(w), axis=reduce_axes, keepdims=True)
+
+
+def binary(w, axis=-1):
+    """Sign of `w` scaled by its mean magnitude per channel; straight-through
+    gradient, clipped to |w| <= 1 as in Larq's `ste_sign`.
+
+    Example:
+    >>> import numpy as np
+    >>> np.asarray(binary(np.array([[0.5], [-1.5]], "float32"))).ravel().tolist()
+    [1.0, -1.0]
+    """
+    w = ops.convert_to_tensor(w)
+    scale = ops.stop_gradient(_channel_mean_abs(w, axis))
+    sign = ops.where(w >= 0, 1.0, -1.0)
+    clipped = ops.clip(w, -1.0, 1.0)
+    return _ste(clipped, sign * scale)
+
+
+def ternary(w, axis=-1):
+    """Ternary weights {-a, 0, a} (Li & Liu, Ternary Weight Networks, 2016):
+    threshold 0.7 x mean |w| per channel, `a` the mean magnitude above it.
+
+    Example:
+    >>> import numpy as np
+    >>> np.asarray(ternary(np.array([[1.0], [-1.0], [0.1], [0.9]], "float32"))).ravel().round(2).tolist()
+    [0.97, -0.97, 0.0, 0.97]
+    """
+    w = ops.convert_to_tensor(w)
+    axis = axis % len(w.shape)
+    reduce_axes = tuple(i for i in range(len(w.shape)) if i != axis)
+    threshold = 0.7 * _channel_mean_abs(w, axis)
+    keep = ops.cast(ops.abs(w) > threshold, w.dtype)
+    count = ops.maximum(ops.sum(keep, axis=reduce_axes, keepdims=True), 1.0)
+    alpha = ops.sum(ops.abs(w) * keep, axis=reduce_axes, keepdims=True) / count
+    q = ops.sign(w) * keep * alpha
+    return _ste(w, ops.stop_gradient(q))
+
+
+def quantize_weight(w, spec, axis=-1):
+    """Fake-quantizes a weight per `spec` (per-channel ranges along `axis`)."""
+    if spec is None:
+        return w
+    if spec.mode == "binary":
+        return binary(w, axis)
+    if spec.mode == "ternary":
+        return ternary(w, axis)
+    lo, hi = weight_range(w, spec, axis)
+    lo, hi = ops.stop_gradient(lo), ops.stop_gradient(hi)
+    w_dtype = w.dtype
+    out = fake_quant(ops.cast(w, "float32"), lo, hi, spec, axis=(axis % len(w.shape)) if spec.per_channel else None)
+    return ops.cast(out, w_dtype)
+
+
+def quantize_activation(x, min_value, max_value, spec):
+    """Fake-quantizes an activation to its tracked `[min, max]` range (float32
+    quantizer math whatever the compute dtype, as in mixed precision)."""
+    if spec is None:
+        return x
+    dtype = x.dtype
+    out = fake_quant(ops.cast(x, "float32"), min_value, max_value, spec)
+    return ops.cast(out, dtype)
