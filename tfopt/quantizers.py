@@ -223,7 +223,7 @@ def ternary(w, axis=-1):
 
     Example:
     >>> import numpy as np
-    >>> np.asarray(ternary(np.array([[1.0], [-1.0], [0.1], [0.9]], "float32"))).ravel().round(2).tolist()
+    >>> [round(float(v), 2) for v in np.asarray(ternary(np.array([[1.0], [-1.0], [0.1], [0.9]], "float32"))).ravel()]
     [0.97, -0.97, 0.0, 0.97]
     """
     w = ops.convert_to_tensor(w)
