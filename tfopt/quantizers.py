@@ -186,13 +186,19 @@ def fake_quant(x, min_value, max_value, spec, axis=None):
     """Affine fake quantization of `x` to `spec.bits` within `[min, max]`
     (straight-through gradient inside the range)."""
     return keras.quantizers.fake_quant_with_min_max_vars(
-        x, min_value, max_value, num_bits=spec.bits, narrow_range=spec.narrow_range, axis=axis
+        _read(x), min_value, max_value, num_bits=spec.bits, narrow_range=spec.narrow_range, axis=axis
     )
 
 
+def _read(x):
+    """A tensor from `x` (a backend variable such as a `tf.Variable` is read)."""
+    x = ops.convert_to_tensor(x)
+    return x if hasattr(x, "ndim") else ops.copy(x)
+
+
 def _ste(x, quantized):
-    """`quantized` forward, identity backward."""
-    return x + ops.stop_gradient(quantized - x)
+    """`quantized` forward (exactly: `x - stop_gradient(x)` is 0), identity backward."""
+    return ops.stop_gradient(quantized) + (x - ops.stop_gradient(x))
 
 
 def _channel_mean_abs(w, axis):
@@ -210,7 +216,7 @@ def binary(w, axis=-1):
     >>> np.asarray(binary(np.array([[0.5], [-1.5]], "float32"))).ravel().tolist()
     [1.0, -1.0]
     """
-    w = ops.convert_to_tensor(w)
+    w = _read(w)
     scale = ops.stop_gradient(_channel_mean_abs(w, axis))
     sign = ops.where(w >= 0, 1.0, -1.0)
     clipped = ops.clip(w, -1.0, 1.0)
@@ -226,7 +232,7 @@ def ternary(w, axis=-1):
     >>> [round(float(v), 2) for v in np.asarray(ternary(np.array([[1.0], [-1.0], [0.1], [0.9]], "float32"))).ravel()]
     [0.97, -0.97, 0.0, 0.97]
     """
-    w = ops.convert_to_tensor(w)
+    w = _read(w)
     axis = axis % len(w.shape)
     reduce_axes = tuple(i for i in range(len(w.shape)) if i != axis)
     threshold = 0.7 * _channel_mean_abs(w, axis)
@@ -245,10 +251,21 @@ def quantize_weight(w, spec, axis=-1):
         return binary(w, axis)
     if spec.mode == "ternary":
         return ternary(w, axis)
-    lo, hi = weight_range(w, spec, axis)
-    lo, hi = ops.stop_gradient(lo), ops.stop_gradient(hi)
-    w_dtype = w.dtype
-    out = fake_quant(ops.cast(w, "float32"), lo, hi, spec, axis=(axis % len(w.shape)) if spec.per_channel else None)
+    w = _read(w)
+    w_dtype, shape = w.dtype, w.shape
+    x = ops.cast(w, "float32")
+    axis = axis % len(shape)
+    # TF's per-channel fake quant (and its gradient) wants the channel last and
+    # rank <= 4; otherwise quantize a (rest, channels) matrix. The TFLite
+    # converter reads the direct form only, so reshape just when needed.
+    reshaped = spec.per_channel and (axis != len(shape) - 1 or len(shape) > 4)
+    if reshaped:
+        moved = ops.moveaxis(x, axis, -1)
+        x = ops.reshape(moved, (-1, shape[axis]))
+    lo, hi = weight_range(x, spec, -1)
+    out = fake_quant(x, ops.stop_gradient(lo), ops.stop_gradient(hi), spec, axis=-1 if spec.per_channel else None)
+    if reshaped:
+        out = ops.moveaxis(ops.reshape(out, moved.shape), -1, axis)
     return ops.cast(out, w_dtype)
 
 

@@ -1,0 +1,170 @@
+"""Quantization-aware tfopt layers and QuantizeActivation."""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+import tfopt
+from tfopt import testing
+from tests.layers.test_layers import _LAYERS_UNDER_TEST
+
+_RANGE_NAMES = ["output_range_min", "output_range_max", "output_range_updates"]
+
+
+class QuantizeActivationTest(testing.TestCase):
+    def test_harness(self):
+        self.run_layer_test(tfopt.layers.QuantizeActivation, {"bits": 8}, (2, 5),
+                            expected_weight_names=["range_min", "range_max", "range_updates"],
+                            run_training_step=False)
+
+    def test_first_batch_sets_range_then_moving_average(self):
+        layer = tfopt.layers.QuantizeActivation(momentum=0.9)
+        layer(np.array([[-1.0, 3.0]], "float32"), training=True)
+        self.assertAllClose([layer.range_min, layer.range_max], [-1.0, 3.0])
+        layer(np.array([[-2.0, 5.0]], "float32"), training=True)
+        self.assertAllClose([layer.range_min, layer.range_max], [-1.1, 3.2], atol=1e-6)
+        layer(np.array([[-100.0, 100.0]], "float32"), training=False)
+        self.assertAllClose([layer.range_min, layer.range_max], [-1.1, 3.2], atol=1e-6)
+
+    def test_frozen_range_does_not_move(self):
+        layer = tfopt.layers.QuantizeActivation(freeze=True)
+        layer(np.array([[-1.0, 3.0]], "float32"), training=True)
+        self.assertAllClose([layer.range_min, layer.range_max], [-6.0, 6.0])
+
+    def test_momentum_validated(self):
+        with self.assertRaisesRegex(ValueError, r"momentum.*\[0, 1\).*momentum=1.5"):
+            tfopt.layers.QuantizeActivation(momentum=1.5)
+
+    def test_state_stays_float32_under_mixed_precision(self):
+        keras.config.set_dtype_policy("mixed_float16")
+        try:
+            model = keras.Sequential([keras.Input((4,)), tfopt.layers.QuantizeActivation(),
+                                      tfopt.layers.Dense(3, quantization_aware="int8")])
+            model.compile("adam", "mse")
+            model.fit(np.random.rand(8, 4), np.random.rand(8, 3), verbose=0)
+            for layer in model.layers:
+                for w in layer.weights:
+                    if "range" in w.name:
+                        self.assertIn(w.dtype, ("float32", "int64"), w.name)
+            self.assertNotEqual(float(model.layers[0].range_max.numpy()), 6.0)
+        finally:
+            keras.config.set_dtype_policy("float32")
+
+
+class QuantizationAwareLayersTest(testing.TestCase, parameterized.TestCase):
+    @parameterized.parameters(_LAYERS_UNDER_TEST)
+    def test_harness_int8(self, cls, base_cls, kwargs, shape, weight, dtype):
+        base = base_cls(**kwargs)
+        base.build(shape)
+        self.run_layer_test(cls, {**kwargs, "quantization_aware": "int8"}, shape, input_dtype=dtype,
+                            expected_weight_names=[w.name for w in base.weights] + _RANGE_NAMES)
+
+    @parameterized.parameters(_LAYERS_UNDER_TEST)
+    def test_outputs_lie_on_the_range_grid(self, cls, base_cls, kwargs, shape, weight, dtype):
+        layer = cls(**kwargs, quantization_aware="int8")
+        x = self.make_input(shape, dtype)
+        layer(x, training=True)
+        out = np.asarray(layer(x, training=False))
+        lo, hi = min(float(layer.output_range_min.numpy()), 0.0), max(float(layer.output_range_max.numpy()), 0.0)
+        scale = (hi - lo) / 255
+        nudged_lo = -round(-lo / scale) * scale
+        codes = (out - nudged_lo) / scale
+        self.assertAllClose(codes, np.round(codes), atol=2e-3)
+
+    def test_quantization_aware_config_round_trip(self):
+        for q in (True, "int4", "binary", tfopt.quantizers.QuantSpec(6, per_channel=True, symmetric=True),
+                  (tfopt.quantizers.QuantSpec(4), tfopt.quantizers.QuantSpec(8))):
+            layer = tfopt.layers.Dense(3, quantization_aware=q)
+            revived = tfopt.layers.Dense.from_config(layer.get_config())
+            self.assertEqual(revived._weight_spec, layer._weight_spec, q)
+            self.assertEqual(revived._output_spec, layer._output_spec, q)
+
+    @parameterized.parameters(("int8",), ("int4",), ("binary",))
+    def test_training_reduces_loss(self, precision):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x, y = (digits.data / 16.0).astype("float32"), digits.target
+        model = keras.Sequential([
+            keras.Input((64,)), tfopt.layers.QuantizeActivation(),
+            tfopt.layers.Dense(64, activation="relu", quantization_aware=precision),
+            tfopt.layers.Dense(10, quantization_aware=precision),
+        ])
+        model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x[:1024], y[:1024], batch_size=64, epochs=4, verbose=0)
+        self.assertLess(history.history["loss"][-1], 0.75 * history.history["loss"][0])
+
+    def test_pruning_survives_quantization(self):
+        layer = tfopt.layers.Dense(16, pruning_schedule=tfopt.schedules.ConstantSparsity(0.75, frequency=1),
+                                   quantization_aware="int8")
+        model = keras.Sequential([keras.Input((32,)), tfopt.layers.QuantizeActivation(), layer])
+        model.compile("adam", "mse")
+        model.fit(np.random.rand(16, 32), np.random.rand(16, 16), verbose=0)
+        kernel = layer.kernel.numpy()
+        quantized = np.asarray(tfopt.quantizers.quantize_weight(kernel, layer._weight_spec.__class__(
+            **{**layer._weight_spec.get_config(), "per_channel": False})))
+        self.assertEqual(float(np.mean(kernel == 0)), 0.75)
+        self.assertAllEqual(quantized == 0, kernel == 0)
+        self.assertEqual([w.name for w in layer.weights][-5:], _RANGE_NAMES + ["kernel_mask", "pruning_step"])
+
+    def test_unknown_precision(self):
+        with self.assertRaisesRegex(ValueError, r"Unknown precision: 'int9'"):
+            tfopt.layers.Conv2D(4, 3, quantization_aware="int9")
+
+
+def _digits_qat_cnn():
+    q = "int8"
+    return keras.Sequential([
+        keras.Input((8, 8, 1)), tfopt.layers.QuantizeActivation(),
+        tfopt.layers.Conv2D(32, 3, padding="same", activation="relu", quantization_aware=q),
+        keras.layers.MaxPooling2D(),
+        tfopt.layers.Conv2D(64, 3, padding="same", activation="relu", quantization_aware=q),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        tfopt.layers.Dense(128, activation="relu", quantization_aware=q),
+        tfopt.layers.Dense(10, quantization_aware=q),
+    ])
+
+
+class Int8ExportTest(testing.TestCase):
+    def test_qat_cnn_exports_full_integer_with_parity(self):
+        from tfopt.demo import _compile, load_digits
+
+        x_train, y_train, x_test, y_test = load_digits(0)
+        model = _digits_qat_cnn()
+        _compile(model)
+        model.fit(x_train, y_train, batch_size=32, epochs=6, verbose=0)
+        keras_accuracy = model.evaluate(x_test, y_test, verbose=0)[1]
+        path = os.path.join(tempfile.mkdtemp(), "int8.tflite")
+        report = tfopt.export(model, path, inputs=x_test, precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertGreaterEqual(report.top1_agreement, 0.99)
+        with open(path, "rb") as f:
+            logits = tfopt.exporting.run_litert(f.read(), [x_test], ["input_layer"])[0]
+        litert_accuracy = float(np.mean(np.argmax(logits, -1) == y_test))
+        self.assertLessEqual(abs(litert_accuracy - keras_accuracy), 0.005)
+        float_report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "f.tflite"), check=False)
+        self.assertLess(report.size_bytes, 0.3 * float_report.size_bytes)
+        # .keras round trip keeps the ranges.
+        saved = os.path.join(tempfile.mkdtemp(), "qat.keras")
+        model.save(saved)
+        loaded = keras.models.load_model(saved)
+        self.assertAllClose(loaded.predict(x_test[:16], verbose=0), model.predict(x_test[:16], verbose=0), atol=1e-5)
+
+    def test_int8_without_ranges_or_data_says_what_to_pass(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        with self.assertRaisesRegex(ValueError, r"no quantization ranges.*representative_data="):
+            tfopt.export(model, os.path.join(tempfile.mkdtemp(), "m.tflite"), precision="int8")
+        with self.assertRaisesRegex(ValueError, r"precision='int3'"):
+            tfopt.export(model, os.path.join(tempfile.mkdtemp(), "m.tflite"), precision="int3")
+
+    def test_post_training_int8_with_representative_data(self):
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
+        x = self.make_input((64, 16))
+        report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "ptq.tflite"), inputs=x,
+                              precision="int8", representative_data=x)
+        self.assertEqual(report.float_ops, [])
+        self.assertGreaterEqual(report.top1_agreement, 0.9)
