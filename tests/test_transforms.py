@@ -155,3 +155,59 @@ class StripTest(testing.TestCase):
         self.assertIs(out, net)
         self.assertIsInstance(net.d.kernel.constraint, keras.constraints.MaxNorm)
         self.assertEqual(float(np.mean(net.d.kernel.numpy() == 0)), 0.5)
+
+
+class QuantizeModelTest(testing.TestCase):
+    def test_sequential_cnn_int8_export_parity(self):
+        from tfopt.demo import _compile, build_cnn, load_digits
+
+        x_train, y_train, x_test, y_test = load_digits(0)
+        model = build_cnn()
+        _compile(model)
+        model.fit(x_train, y_train, epochs=3, verbose=0)
+        qat = tfopt.quantize_model(model)
+        self.assertEqual([type(layer).__name__ for layer in qat.layers],
+                         ["InputLayer", "QuantizeActivation", "Conv2D", "MaxPooling2D", "Conv2D",
+                          "MaxPooling2D", "Flatten", "Dense", "Dense"])
+        for old, new in zip(model.layers, qat.layers[2:]):
+            for a, b in zip(old.weights, new.weights):
+                self.assertAllEqual(a, b)
+        _compile(qat, 5e-4)
+        qat.fit(x_train, y_train, epochs=2, verbose=0)
+        report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "q.tflite"), inputs=x_test, precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertGreaterEqual(report.top1_agreement, 0.99)
+
+    def test_branches_and_nested_models_get_ranges(self):
+        inputs = keras.Input((8, 8, 1), name="image")
+        a = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="a")(inputs)
+        b = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="b")(inputs)
+        x = keras.layers.Add(name="add")([a, b])
+        x = keras.layers.Concatenate(name="cat")([x, a])
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+        head = keras.Sequential([keras.Input((16,)), keras.layers.Dense(10, name="head_dense")], name="head")
+        model = keras.Model(inputs, head(x))
+        qat = tfopt.quantize_model(model)
+        names = [layer.name for layer in tfopt.pruning.all_layers(qat)]
+        for name in ("image_quantize", "add_quantize", "cat_quantize", "gap_quantize"):
+            self.assertIn(name, names)
+        by_name = {layer.name: layer for layer in tfopt.pruning.all_layers(qat)}
+        self.assertIsNotNone(by_name["head_dense"]._output_spec)
+        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x_data = self.make_input((32, 8, 8, 1))
+        qat.fit(x_data, np.arange(32) % 10, verbose=0)
+        report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "b.tflite"), inputs=x_data, precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertGreaterEqual(report.top1_agreement, 0.9)
+
+    def test_unsupported_layers_are_listed_or_left_in_float(self):
+        inputs = keras.Input((8,))
+        x = keras.layers.Dense(8)(inputs)
+        x = keras.layers.LayerNormalization(name="ln")(x)
+        model = keras.Model(inputs, keras.layers.Dense(2)(x))
+        with self.assertRaisesRegex(ValueError, r"\['ln \(LayerNormalization\)'\].*unsupported='float'"):
+            tfopt.quantize_model(model)
+        qat = tfopt.quantize_model(model, unsupported="float")
+        self.assertIsInstance(qat.get_layer("ln"), keras.layers.LayerNormalization)
+        with self.assertRaisesRegex(ValueError, r"Unknown precision: 'int7'"):
+            tfopt.quantize_model(model, "int7")

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 from tfopt import callbacks, layers, quantizers, schedules, sparsity  # noqa: E402
 from tfopt.exporting import ExportReport, export  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
-from tfopt.transforms import load_model, prune, strip  # noqa: E402
+from tfopt.transforms import load_model, prune, quantize_model, strip  # noqa: E402
 
 __all__ = [
     "callbacks",
@@ -27,6 +27,7 @@ __all__ = [
     "prune",
     "strip",
     "load_model",
+    "quantize_model",
     "summary",
     "export",
     "ExportReport",

@@ -8,7 +8,7 @@ from keras import ops
 from tfopt import layers as tfopt_layers
 from tfopt import pruning
 
-__all__ = ["prune", "strip", "load_model"]
+__all__ = ["prune", "strip", "load_model", "quantize_model"]
 
 log = logging.getLogger("tfopt")
 
@@ -211,3 +211,153 @@ def load_model(path, **kwargs):
     you turn it off.
     """
     return keras.models.load_model(path, **kwargs)
+
+
+# Layers that move or select values without making new ones: the quantization
+# of their input carries through, so they need no range of their own.
+_PASS_THROUGH = (
+    keras.layers.InputLayer, keras.layers.Flatten, keras.layers.Reshape, keras.layers.Permute,
+    keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
+    keras.layers.GlobalMaxPooling1D, keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
+    keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
+    keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D,
+    keras.layers.Cropping1D, keras.layers.Cropping2D, keras.layers.Cropping3D,
+    keras.layers.UpSampling1D, keras.layers.UpSampling2D, keras.layers.Identity,
+    keras.layers.ActivityRegularization, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+)
+
+# Layers that make new values the int8 converter supports, given a range for
+# their output: tfopt puts a `QuantizeActivation` after each.
+_NEEDS_OUTPUT_RANGE = (
+    keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
+    keras.layers.Maximum, keras.layers.Minimum, keras.layers.Concatenate,
+    keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.AveragePooling3D,
+    keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D, keras.layers.Activation, keras.layers.ReLU,
+    keras.layers.LeakyReLU, keras.layers.PReLU, keras.layers.ELU, keras.layers.Softmax,
+    keras.layers.Rescaling, keras.layers.Normalization, keras.layers.BatchNormalization,
+)
+
+
+def _to_functional(model):
+    """A Functional model calling the same layers as `model` (Sequential models,
+    nested ones included, become Functional; others are returned as they are)."""
+    if not isinstance(model, keras.Sequential):
+        return model
+    inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    x = inputs
+    for layer in model.layers:
+        x = _to_functional(layer)(x) if isinstance(layer, keras.Model) else layer(x)
+    return keras.Model(inputs, x, name=model.name)
+
+
+def quantize_model(model, numerical_precision="int8", layers=None, unsupported="error"):
+    """Returns a quantization-aware copy of a Sequential or Functional model.
+
+    Every selected layer with a tfopt twin (Dense, Conv*, DepthwiseConv*,
+    SeparableConv*, EinsumDense, Embedding) becomes that twin with
+    `quantization_aware=numerical_precision`, weights kept. A
+    `tfopt.layers.QuantizeActivation` is put after each model input and after
+    each layer that makes new values the int8 converter needs a range for
+    (Add, Concatenate, Multiply, average pooling, activations, Rescaling,
+    Normalization, BatchNormalization); layers that only move values (Flatten,
+    Reshape, max pooling, padding, dropout, ...) keep their input's range.
+    Sequential models come back as Functional ones (a Sequential model cannot
+    hold the inserted layers between its own).
+
+    Not yet done (tracked in the QAT issue): folding BatchNormalization into the
+    preceding convolution during QAT. A BatchNormalization is quantized as its
+    own int8 op instead, which converts but runs slower than a folded one.
+
+    Args:
+        model: a Keras 3 Sequential or Functional model.
+        numerical_precision: "int8", "int4", "int2", "ternary", "binary"/"bool",
+            a `QuantSpec`, or a (weight, activation) spec pair (see
+            `tfopt.quantizers.get_precision`).
+        layers: which twin-able layers to quantize (name, type, predicate or a
+            list of those); None for all.
+        unsupported: "error" to refuse layers tfopt does not know how to
+            quantize (listed in the message), or "float" to leave them in float
+            (`tfopt.export(..., precision="int8")` then reports them in
+            `float_ops`).
+
+    Example:
+    >>> import keras, tfopt
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="relu"),
+    ...                           keras.layers.Dense(2)])
+    >>> qat = tfopt.quantize_model(model)
+    >>> [type(layer).__name__ for layer in qat.layers]
+    ['InputLayer', 'QuantizeActivation', 'Dense', 'Dense']
+    """
+    from tfopt import quantizers
+    from tfopt.layers import QuantizeActivation
+
+    _check_graph_model(model, "quantize_model")
+    quantizers.get_precision(numerical_precision)  # validate before any work
+    if unsupported not in ("error", "float"):
+        raise ValueError(f"`unsupported` must be 'error' or 'float'. Received: unsupported={unsupported!r}")
+    candidates = [layer for layer in pruning.all_layers(model) if not isinstance(layer, keras.Model)]
+    chosen, _ = pruning.select_layers(candidates, layers)
+    chosen_ids = {id(layer) for layer in chosen}
+    unknown = [
+        f"{layer.name} ({type(layer).__name__})"
+        for layer in candidates
+        if type(layer) not in _TWINS and not isinstance(layer, tfopt_layers.Prunable)
+        and not isinstance(layer, _PASS_THROUGH + _NEEDS_OUTPUT_RANGE + (QuantizeActivation,))
+    ]
+    if unknown and unsupported == "error":
+        raise ValueError(
+            f"tfopt.quantize_model does not know how to quantize layers {unknown}. Fix: pass "
+            "unsupported='float' to leave them in float (the int8 export then reports them as "
+            "float ops), or replace them with supported layers."
+        )
+
+    functional = _to_functional(model)
+
+    def make_layer(layer):
+        twin = _TWINS.get(type(layer), type(layer) if isinstance(layer, tfopt_layers.Prunable) else None)
+        if twin is not None and id(layer) in chosen_ids:
+            config = layer.get_config()
+            config["quantization_aware"] = numerical_precision
+            return twin.from_config(config)
+        return _plain_clone(layer)
+
+    input_quantizers = {}
+
+    def call_function(layer, *args, **kwargs):
+        def quantize_inputs(x):
+            if id(x) in input_ids:
+                if id(x) not in input_quantizers:
+                    input_quantizers[id(x)] = QuantizeActivation(name=f"{x.name}_quantize")(x)
+                return input_quantizers[id(x)]
+            return x
+
+        args = keras.tree.map_structure(quantize_inputs, args)
+        outputs = layer(*args, **kwargs)
+        if isinstance(layer, _NEEDS_OUTPUT_RANGE):
+            outputs = keras.tree.map_structure(
+                lambda t: QuantizeActivation(name=f"{layer.name}_quantize")(t), outputs)
+        return outputs
+
+    new_inputs = [
+        keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.operation.name)
+        for t in functional.inputs
+    ]
+    input_ids = {id(t) for t in new_inputs}
+    pairs = {}
+
+    def clone_function(layer):
+        if id(layer) not in pairs:
+            pairs[id(layer)] = (layer, make_layer(layer))
+        return pairs[id(layer)][1]
+
+    clone = keras.models.clone_model(
+        functional, input_tensors=new_inputs if len(new_inputs) > 1 else new_inputs[0],
+        clone_function=clone_function, call_function=call_function, recursive=True,
+    )
+    for old, new in pairs.values():
+        if old.weights:
+            values = [ops.convert_to_numpy(v) for v in old.weights]
+            current = new.get_weights()
+            new.set_weights(values[: len(current)] + current[len(values):])
+    return clone
