@@ -211,3 +211,75 @@ class QuantizeModelTest(testing.TestCase):
         self.assertIsInstance(qat.get_layer("ln"), keras.layers.LayerNormalization)
         with self.assertRaisesRegex(ValueError, r"Unknown precision: 'int7'"):
             tfopt.quantize_model(model, "int7")
+
+
+class BatchNormFoldingTest(testing.TestCase):
+    def test_conv_bn_is_folded_trains_exports_and_reloads(self):
+        from tfopt.demo import _compile, load_digits
+
+        x_train, y_train, x_test, _ = load_digits(0)
+        inputs = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv")(inputs)
+        x = keras.layers.BatchNormalization(name="bn")(x)
+        x = keras.layers.ReLU(6.0)(x)
+        y = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+        y = keras.layers.BatchNormalization(name="dw_bn")(y)
+        x = keras.layers.Add()([x, keras.layers.ReLU(6.0)(y)])
+        outputs = keras.layers.Dense(10, activation="softmax", name="head")(keras.layers.GlobalAveragePooling2D()(x))
+        model = keras.Model(inputs, outputs)
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy())
+        model.fit(x_train, y_train, epochs=8, verbose=0)
+        qat = tfopt.quantize_model(model)
+        names = [layer.name for layer in qat.layers]
+        self.assertNotIn("bn", names)
+        self.assertNotIn("dw_bn", names)
+        self.assertIn("head_activation", names)  # softmax split off: TFLite fuses only ReLU/ReLU6
+        conv = qat.get_layer("conv")
+        self.assertEqual(conv.folded_batch_norm["epsilon"], model.get_layer("bn").epsilon)
+        self.assertAllEqual(conv.bn_moving_variance, model.get_layer("bn").moving_variance)
+        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy())
+        qat.fit(x_train, y_train, epochs=2, verbose=0)
+        report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "f.tflite"), inputs=x_test, precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertLessEqual(report.max_abs_diff, 0.05)  # probabilities, int8 step 1/256
+        self.assertGreaterEqual(report.top1_agreement, 0.9)
+        path = os.path.join(tempfile.mkdtemp(), "folded.keras")
+        qat.save(path)
+        loaded = keras.models.load_model(path)
+        self.assertAllClose(loaded.predict(x_test[:8], verbose=0), qat.predict(x_test[:8], verbose=0), atol=1e-6)
+        stripped = tfopt.strip(qat)
+        self.assertTrue(stripped.get_layer("conv").use_bias)
+        self.assertAllClose(stripped.predict(x_test[:8], verbose=0), qat.predict(x_test[:8], verbose=0), atol=0.05)
+
+    def test_fold_without_qat_is_refused(self):
+        with self.assertRaisesRegex(ValueError, r"Layer 'c'.*`folded_batch_norm` without `quantization_aware`"):
+            tfopt.layers.Conv2D(4, 3, name="c", folded_batch_norm={"epsilon": 1e-3})
+
+
+@pytest.mark.slow
+class ApplicationsInt8Test(testing.TestCase):
+    """keras.applications built with weights=None: quantize_model -> one fit step ->
+    int8 export -> every op integer (QUANTIZE/DEQUANTIZE at the edges only)."""
+
+    def _check(self, build):
+        model = build(input_shape=(32, 32, 3), weights=None, classes=10)
+        qat = tfopt.quantize_model(model)
+        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy())
+        x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+        qat.fit(x, np.arange(8), verbose=0)
+        report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "app.tflite"), inputs=x[:4], precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertEqual(report.top1_agreement, 1.0)
+        return report
+
+    def test_mobilenet_v2(self):
+        self._check(lambda **kw: keras.applications.MobileNetV2(alpha=0.35, **kw))
+
+    def test_mobilenet_v3_small_hard_swish_and_rescaling(self):
+        self._check(keras.applications.MobileNetV3Small)
+
+    def test_efficientnet_b0_rescaling_and_normalization(self):
+        self._check(keras.applications.EfficientNetB0)
+
+    def test_resnet50(self):
+        self._check(keras.applications.ResNet50)

@@ -3,6 +3,7 @@
 import logging
 
 import keras
+import numpy as np
 from keras import ops
 
 from tfopt import layers as tfopt_layers
@@ -134,7 +135,7 @@ def prune(model, pruning_schedule, structure=None, layers=None):
 
     clone, pairs = _clone(model, make_layer)
     for old, new in pairs:
-        if old.weights:
+        if getattr(old, "weights", None):
             values = [ops.convert_to_numpy(v) for v in old.weights]
             current = new.get_weights()
             new.set_weights(values[: len(current)] + current[len(values):])
@@ -146,7 +147,9 @@ def strip(model):
 
     For Sequential and Functional models, a new model where every tfopt layer is
     replaced by its Keras namesake (same name, config and weights, no mask or
-    step), which loads without tfopt. Masks attached by
+    step), which loads without tfopt. Quantization-aware layers become float
+    layers; a BatchNormalization folded into a layer stays folded (the layer
+    gets the folded kernel and bias). Masks attached by
     `tfopt.callbacks.Pruning` are baked in and their constraints dropped.
 
     For subclassed models, the model itself is stripped in place and returned:
@@ -172,14 +175,19 @@ def strip(model):
             config = layer.get_config()
             for key in tfopt_layers.Prunable.TFOPT_ARGUMENTS:
                 config.pop(key, None)
+            if layer.folded_batch_norm is not None:
+                config["use_bias"] = True  # the folded BatchNormalization's bias
             return layer.keras_class.from_config(config)
         return _plain_clone(layer)
 
     clone, pairs = _clone(model, make_layer)
     for old, new in pairs:
-        n = len(new.weights)
-        if n:
-            new.set_weights([_masked_value(v) for v in old.weights[:n]])
+        if not getattr(new, "weights", None):
+            continue
+        if isinstance(old, tfopt_layers.Prunable):
+            new.set_weights(old.keras_weights())
+        else:
+            new.set_weights([_masked_value(v) for v in old.weights[: len(new.weights)]])
     return clone
 
 
@@ -265,9 +273,12 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
     Sequential models come back as Functional ones (a Sequential model cannot
     hold the inserted layers between its own).
 
-    Not yet done (tracked in the QAT issue): folding BatchNormalization into the
-    preceding convolution during QAT. A BatchNormalization is quantized as its
-    own int8 op instead, which converts but runs slower than a folded one.
+    A BatchNormalization that directly follows a quantized layer (its only
+    consumer, linear activation) is folded into it: the layer quantizes
+    `kernel * gamma / sqrt(variance + epsilon)` and adds the folded bias, with
+    the BN's moving statistics frozen (gamma and beta keep training), so the
+    int8 kernel in the exported file is the one that trained. Other
+    BatchNormalizations are kept and get an output range.
 
     Args:
         model: a Keras 3 Sequential or Functional model.
@@ -291,6 +302,7 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
     """
     from tfopt import quantizers
     from tfopt.layers import QuantizeActivation
+    from tfopt.layers.quantize_activation import QuantizedRescaling
 
     _check_graph_model(model, "quantize_model")
     quantizers.get_precision(numerical_precision)  # validate before any work
@@ -313,16 +325,32 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
         )
 
     functional = _to_functional(model)
+    folds = _batch_norm_folds(functional, chosen_ids)  # id(producer) -> BatchNormalization
+    folded_bns = {id(bn) for bn in folds.values()}
 
     def make_layer(layer):
         twin = _TWINS.get(type(layer), type(layer) if isinstance(layer, tfopt_layers.Prunable) else None)
         if twin is not None and id(layer) in chosen_ids:
             config = layer.get_config()
             config["quantization_aware"] = numerical_precision
+            bn = folds.get(id(layer))
+            if bn is not None:
+                config["folded_batch_norm"] = {"epsilon": bn.epsilon, "center": bn.center, "scale": bn.scale}
+            activation = config.get("activation")
+            if activation not in (None, "linear", "relu", "relu6"):
+                # TFLite fuses only ReLU/ReLU6 into a layer; any other
+                # activation runs as its own op and needs its input's range.
+                config["activation"] = "linear"
+                new = twin.from_config(config)
+                split_activations[id(new)] = activation
+                return new
             return twin.from_config(config)
+        if type(layer) is keras.layers.Rescaling:
+            return QuantizedRescaling.from_config(layer.get_config())
         return _plain_clone(layer)
 
     input_quantizers = {}
+    split_activations = {}  # id(new twin) -> the activation moved after it
 
     def call_function(layer, *args, **kwargs):
         def quantize_inputs(x):
@@ -333,8 +361,15 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
             return x
 
         args = keras.tree.map_structure(quantize_inputs, args)
+        if id(layer) in folded_bn_clones:
+            return args[0]  # folded into the layer before it
         outputs = layer(*args, **kwargs)
-        if isinstance(layer, _NEEDS_OUTPUT_RANGE):
+        if id(layer) in split_activations:
+            outputs = keras.layers.Activation(split_activations[id(layer)], name=f"{layer.name}_activation")(outputs)
+            outputs = QuantizeActivation(name=f"{layer.name}_activation_quantize")(outputs)
+        if isinstance(layer, _NEEDS_OUTPUT_RANGE) or not isinstance(layer, keras.layers.Layer):
+            # (A `keras.ops` call in a Functional model, such as MobileNetV3's
+            # `x + 3.0` in hard-swish, makes new values too.)
             outputs = keras.tree.map_structure(
                 lambda t: QuantizeActivation(name=f"{layer.name}_quantize")(t), outputs)
         return outputs
@@ -345,10 +380,13 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
     ]
     input_ids = {id(t) for t in new_inputs}
     pairs = {}
+    folded_bn_clones = set()
 
     def clone_function(layer):
         if id(layer) not in pairs:
             pairs[id(layer)] = (layer, make_layer(layer))
+            if id(layer) in folded_bns:
+                folded_bn_clones.add(id(pairs[id(layer)][1]))
         return pairs[id(layer)][1]
 
     clone = keras.models.clone_model(
@@ -356,8 +394,47 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
         clone_function=clone_function, call_function=call_function, recursive=True,
     )
     for old, new in pairs.values():
-        if old.weights:
+        if id(old) in folded_bns:
+            continue
+        if getattr(old, "weights", None):
             values = [ops.convert_to_numpy(v) for v in old.weights]
             current = new.get_weights()
             new.set_weights(values[: len(current)] + current[len(values):])
+        bn = folds.get(id(old))
+        if bn is not None:
+            channels = new.bn_moving_mean.shape
+            new.bn_gamma.assign(ops.convert_to_numpy(bn.gamma) if bn.scale else np.ones(channels))
+            new.bn_beta.assign(ops.convert_to_numpy(bn.beta) if bn.center else np.zeros(channels))
+            new.bn_moving_mean.assign(ops.convert_to_numpy(bn.moving_mean))
+            new.bn_moving_variance.assign(ops.convert_to_numpy(bn.moving_variance))
     return clone
+
+
+def _batch_norm_folds(model, chosen_ids):
+    """Finds (layer -> BatchNormalization) pairs that QAT folds: the BN's only
+    input comes from a selected twin-able layer with a linear activation, the
+    BN is that layer's only consumer, it normalizes the last axis, and neither
+    is shared."""
+    consumers = {}
+    for layer in pruning.all_layers(model):
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                producer = tensor._keras_history.operation
+                consumers.setdefault(id(producer), []).append(layer)
+    folds = {}
+    for bn in pruning.all_layers(model):
+        if not isinstance(bn, keras.layers.BatchNormalization) or len(bn._inbound_nodes) != 1:
+            continue
+        inputs = bn._inbound_nodes[0].input_tensors
+        if len(inputs) != 1 or bn.axis not in (-1, len(inputs[0].shape) - 1):
+            continue
+        producer = inputs[0]._keras_history.operation
+        if (
+            type(producer) in _TWINS
+            and id(producer) in chosen_ids
+            and len(producer._inbound_nodes) == 1
+            and consumers.get(id(producer)) == [bn]
+            and getattr(producer, "activation", None) in (None, keras.activations.linear)
+        ):
+            folds[id(producer)] = bn
+    return folds

@@ -47,6 +47,13 @@ class Prunable:
             Keras namesake).
         structure: `None`/"unstructured", "N:M" (e.g. "2:4"), a block shape
             `(rows, cols)`, or "channel". See `tfopt.sparsity`.
+        folded_batch_norm: None, or `{"epsilon": ..., "center": ..., "scale": ...}`
+            of a BatchNormalization that follows this layer and is folded into
+            it during QAT (`tfopt.quantize_model` sets it): the layer holds the
+            BN's `bn_gamma`, `bn_beta` (trained) and `bn_moving_mean`,
+            `bn_moving_variance` (frozen), quantizes the folded kernel
+            `kernel * gamma / sqrt(variance + epsilon)` and adds the folded
+            bias, so the int8 kernel exported is the one that trained.
         quantization_aware: None (off), True or "int8", "int4", "int2",
             "ternary", "binary", a `tfopt.quantizers.QuantSpec` for the weights,
             or a (weight spec, activation spec) pair. The weight is
@@ -62,10 +69,24 @@ class Prunable:
     """
 
     #: The keyword arguments tfopt adds to the Keras layer's.
-    TFOPT_ARGUMENTS = ("pruning_schedule", "structure", "quantization_aware")
+    TFOPT_ARGUMENTS = ("pruning_schedule", "structure", "quantization_aware", "folded_batch_norm")
 
-    def __init__(self, *args, pruning_schedule=None, structure=None, quantization_aware=None, **kwargs):
+    def __init__(self, *args, pruning_schedule=None, structure=None, quantization_aware=None,
+                 folded_batch_norm=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if folded_batch_norm is not None and not quantization_aware:
+            raise ValueError(
+                f"Layer '{self.name}' ({type(self).__name__}) got `folded_batch_norm` without "
+                "`quantization_aware`; folding only serves quantization-aware training. "
+                "Pass quantization_aware=... too, or leave the BatchNormalization as a layer."
+            )
+        if folded_batch_norm is not None and self.activation not in (None, keras.activations.linear):
+            raise ValueError(
+                f"Layer '{self.name}' ({type(self).__name__}) has activation "
+                f"{keras.activations.serialize(self.activation)!r}; a BatchNormalization can only "
+                "be folded into a layer whose output it normalizes directly (linear activation)."
+            )
+        self.folded_batch_norm = dict(folded_batch_norm) if folded_batch_norm else None
         self.quantization_aware = quantization_aware or None
         self._weight_spec, self._output_spec = (
             quantizers.get_precision(quantization_aware) if quantization_aware else (None, None)
@@ -104,6 +125,18 @@ class Prunable:
         if self._output_spec is not None:
             ranges = add_range_weights(self, prefix="output_")
             self.output_range_min, self.output_range_max, self.output_range_updates = ranges
+        if self.folded_batch_norm is not None:
+            shape = getattr(self, pruning.weight_spec(self)[0]).shape
+            channels = (self._fold_shape(shape)[-1] if not self._is_depthwise() else shape[-2] * shape[-1],)
+            bn = self.folded_batch_norm
+            self.bn_gamma = self.add_weight(name="bn_gamma", shape=channels, initializer="ones",
+                                            trainable=bn.get("scale", True))
+            self.bn_beta = self.add_weight(name="bn_beta", shape=channels, initializer="zeros",
+                                           trainable=bn.get("center", True))
+            self.bn_moving_mean = self.add_weight(name="bn_moving_mean", shape=channels,
+                                                  initializer="zeros", trainable=False)
+            self.bn_moving_variance = self.add_weight(name="bn_moving_variance", shape=channels,
+                                                      initializer="ones", trainable=False)
         if self.pruning_schedule is None:
             return
         attr, in_axis, out_axis = pruning.weight_spec(self)
@@ -151,10 +184,57 @@ class Prunable:
         state = []
         if self._output_spec is not None:
             state += [self.output_range_min, self.output_range_max, self.output_range_updates]
+        if self.folded_batch_norm is not None:
+            state += [self.bn_gamma, self.bn_beta, self.bn_moving_mean, self.bn_moving_variance]
         if self.pruning_schedule is not None:
             attr = pruning.weight_spec(self)[0]
             state += [getattr(self, f"{attr}_mask"), self.pruning_step]
         return state
+
+    # --- batch-norm folding ------------------------------------------------------------
+    def _is_depthwise(self):
+        return isinstance(self, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D))
+
+    def _fold_shape(self, kernel_shape):
+        """Shape the per-channel BN scale broadcasts to against the kernel."""
+        rank = len(kernel_shape)
+        if self._is_depthwise():
+            return (1,) * (rank - 2) + tuple(kernel_shape[-2:])
+        out_axis = pruning.weight_spec(self)[2] % rank
+        return tuple(kernel_shape[out_axis] if i == out_axis else 1 for i in range(rank))
+
+    def _bn_scale(self):
+        bn = self.folded_batch_norm
+        gamma = ops.convert_to_tensor(self.bn_gamma) if bn.get("scale", True) else 1.0
+        return gamma / ops.sqrt(ops.convert_to_tensor(self.bn_moving_variance) + bn.get("epsilon", 1e-3))
+
+    def _folded_bias(self):
+        scale = self._bn_scale()
+        bias = ops.convert_to_tensor(self.bias) if getattr(self, "bias", None) is not None else 0.0
+        beta = ops.convert_to_tensor(self.bn_beta) if self.folded_batch_norm.get("center", True) else 0.0
+        return beta + (bias - ops.convert_to_tensor(self.bn_moving_mean)) * scale
+
+    def _folded_kernel(self, kernel):
+        return kernel * ops.reshape(self._bn_scale(), self._fold_shape(kernel.shape))
+
+    def keras_weights(self):
+        """The weights of the equivalent plain Keras layer (masks and folded
+        BatchNormalization baked in; a folded layer always gets a bias)."""
+        from tfopt.transforms import _masked_value
+
+        attr = pruning.weight_spec(self)[0]
+        main = getattr(self, attr)
+        values = []
+        for v in self.weights[: len(self.weights) - len(self._tfopt_state())]:
+            if self.folded_batch_norm is not None and v is getattr(self, "bias", None):
+                continue
+            value = _masked_value(v)
+            if self.folded_batch_norm is not None and v is main:
+                value = ops.convert_to_numpy(self._folded_kernel(ops.convert_to_tensor(value)))
+            values.append(value)
+        if self.folded_batch_norm is not None:
+            values.append(ops.convert_to_numpy(self._folded_bias()))
+        return values
 
     # --- quantization-aware forward pass ---------------------------------------------
     def _quantized_weights(self):
@@ -177,8 +257,10 @@ class Prunable:
             spec = self._weight_spec
             if spec.per_channel and not per_channel:
                 spec = quantizers.QuantSpec(**{**spec.get_config(), "per_channel": False})
-            value = ops.cast(quantizers.quantize_weight(ops.convert_to_tensor(variable), spec, -1),
-                             self.compute_dtype)
+            weight = ops.cast(ops.convert_to_tensor(variable), "float32")
+            if self.folded_batch_norm is not None and name == attr:
+                weight = self._folded_kernel(weight)
+            value = ops.cast(quantizers.quantize_weight(weight, spec, -1), self.compute_dtype)
             out.append((holder, variable, value))
         return out
 
@@ -186,6 +268,12 @@ class Prunable:
         if self._output_spec is None:
             return super().call(inputs, *args, **kwargs)
         swapped = self._quantized_weights() if self._weight_spec is not None else []
+        folded_bias = None
+        if self.folded_batch_norm is not None:
+            folded_bias = ops.cast(self._folded_bias(), self.compute_dtype)
+            if getattr(self, "bias", None) is not None:
+                swapped.append(("bias", self.bias, folded_bias))
+                folded_bias = None
         try:
             for holder, _, value in swapped:
                 object.__setattr__(self, holder, value)
@@ -193,6 +281,8 @@ class Prunable:
         finally:
             for holder, variable, _ in swapped:
                 object.__setattr__(self, holder, variable)
+        if folded_bias is not None:
+            outputs = outputs + folded_bias
         return track_and_quantize(
             outputs,
             (self.output_range_min, self.output_range_max, self.output_range_updates),
@@ -228,6 +318,7 @@ class Prunable:
         config["structure"] = (
             None if self.structure is None else keras.saving.serialize_keras_object(self.structure)
         )
+        config["folded_batch_norm"] = self.folded_batch_norm
         q = self.quantization_aware
         config["quantization_aware"] = keras.saving.serialize_keras_object(q) if isinstance(q, quantizers.QuantSpec) else (
             [keras.saving.serialize_keras_object(v) for v in q] if isinstance(q, (tuple, list)) else q

@@ -100,3 +100,41 @@ class QuantizeActivation(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "bits": self.bits, "momentum": self.momentum, "freeze": self.freeze}
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class QuantizedRescaling(keras.layers.Rescaling):
+    """`keras.layers.Rescaling` whose scale and offset constants are
+    fake-quantized, so that the int8 converter can quantize its MUL and ADD
+    (in quantization-aware conversion, only constants behind a fake-quant op
+    get quantization parameters). `tfopt.quantize_model` puts it in place of
+    Rescaling; each constant is exactly representable (it is its own range's
+    end point), so the layer computes what Rescaling computes.
+
+    Example:
+    >>> import numpy as np
+    >>> layer = QuantizedRescaling(1 / 127.5, offset=-1.0)
+    >>> round(float(layer(np.array([0.0, 255.0], "float32"), training=True)[1]), 3)
+    1.0
+    """
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        # The product before the offset is a tensor of its own in the
+        # converted graph, and needs a range too.
+        self.product_range = add_range_weights(self, prefix="product_")
+
+    def call(self, inputs, training=None):
+        dtype = self.compute_dtype
+        x = ops.cast(inputs, "float32")
+        spec = quantizers.QuantSpec(8, symmetric=True, narrow_range=True)
+
+        def constant(value):
+            c = ops.cast(ops.convert_to_tensor(value), "float32")
+            m = ops.maximum(ops.max(ops.abs(c)), 1e-8)
+            return quantizers.fake_quant(c, -m, m, spec)
+
+        product = track_and_quantize(x * constant(self.scale), self.product_range,
+                                     quantizers.QuantSpec(8), momentum=0.99, update=bool(training))
+        out = product + constant(self.offset) if self.offset != 0 else product
+        return ops.cast(out, dtype)
