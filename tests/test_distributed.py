@@ -89,3 +89,29 @@ class MirroredPruningTest(testing.TestCase, parameterized.TestCase):
             for k in kernels:
                 self.assertAllEqual(k, kernels[0])
                 self.assertEqual(float(np.mean(k == 0)), 0.5)
+
+
+class MirroredQuantizationTest(testing.TestCase):
+    def test_ranges_equal_on_every_replica_and_cover_all_replicas_data(self):
+        strategy = _strategy("mirrored")
+        with strategy.scope():
+            model = keras.Sequential([
+                keras.Input((4,)), tfopt.layers.QuantizeActivation(name="q_in", momentum=0.0),
+                tfopt.layers.Dense(3, quantization_aware="int8", name="d"),
+            ])
+            model.compile("sgd", "mse")
+        # One global batch of 8 split 4 / 4: the extreme values sit in the second half only.
+        x = np.zeros((8, 4), "float32")
+        x[4:, 0] = [5.0, -3.0, 1.0, 2.0]
+        model.fit(x, np.zeros((8, 3)), batch_size=8, epochs=1, shuffle=False, verbose=0)
+        q_in = model.get_layer("q_in")
+        lows, highs = _replica_values(q_in.range_min), _replica_values(q_in.range_max)
+        self.assertEqual(len(lows), 2)
+        for lo, hi in zip(lows, highs):
+            self.assertAlmostEqual(float(lo), -3.0, places=5)
+            self.assertAlmostEqual(float(hi), 5.0, places=5)
+        dense = model.get_layer("d")
+        out_lo = _replica_values(dense.output_range_min)
+        out_hi = _replica_values(dense.output_range_max)
+        self.assertAllEqual(out_lo[0], out_lo[1])
+        self.assertAllEqual(out_hi[0], out_hi[1])
