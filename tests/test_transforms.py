@@ -283,3 +283,21 @@ class ApplicationsInt8Test(testing.TestCase):
 
     def test_resnet50(self):
         self._check(keras.applications.ResNet50)
+
+
+class SummaryTest(testing.TestCase):
+    def test_summary_reports_bits_and_estimated_bytes(self):
+        model = keras.Sequential([
+            keras.Input((16,)), tfopt.layers.QuantizeActivation(),
+            tfopt.layers.Dense(8, quantization_aware="int4", name="q4"),
+            tfopt.layers.Dense(4, quantization_aware="binary", name="b"),
+            keras.layers.Dense(2, name="f"),
+        ])
+        lines = []
+        rows = tfopt.summary(model, print_fn=lines.append)
+        by_layer = {r["layer"]: r for r in rows}
+        self.assertEqual((by_layer["q4"]["bits"], by_layer["q4"]["est_bytes"]), (4, 64))
+        self.assertEqual((by_layer["b"]["bits"], by_layer["b"]["est_bytes"]), (1, 4))
+        self.assertEqual((by_layer["f"]["bits"], by_layer["f"]["est_bytes"]), (32, 32))
+        self.assertEqual(by_layer["total"]["est_bytes"], 100)
+        self.assertIn("est_bytes", lines[0])

@@ -48,7 +48,10 @@ def summary(model, print_fn=print):
 
     Returns:
         A list of dicts with keys `layer`, `type`, `weight`, `params`, `size`,
-        `nonzeros`, `sparsity`, `structure`, `schedule`; the last is the total
+        `nonzeros`, `sparsity`, `structure`, `schedule`, `bits` (per weight once
+        exported: the quantization-aware spec's, else the dtype's) and
+        `est_bytes` (size x bits / 8, before any compression; the total row
+        sums the listed weights only); the last is the total
         (`layer == "total"`, `params` counting every model parameter; tfopt's
         masks and step counters are state, not parameters, and never counted).
 
@@ -75,6 +78,8 @@ def summary(model, print_fn=print):
                 "nonzeros": nonzeros,
                 "sparsity": 1.0 - nonzeros / value.size,
                 "structure": "-" if info is None else _describe(info["structure"]),
+                "bits": _weight_bits(layer, value),
+                "est_bytes": int(np.ceil(value.size * _weight_bits(layer, value) / 8)),
                 "schedule": "-" if info is None or info["schedule"] is None else repr(info["schedule"]),
             }
         )
@@ -91,6 +96,8 @@ def summary(model, print_fn=print):
             "sparsity": pruned_away / params if params else 0.0,
             "structure": "",
             "schedule": "",
+            "bits": "",
+            "est_bytes": sum(r["est_bytes"] for r in rows),
         }
     )
     if print_fn is not None:
@@ -119,6 +126,14 @@ def _layer_params(layer, state):
     return int(sum(np.prod(v.shape) for v in layer.weights if id(v) not in state))
 
 
+def _weight_bits(layer, value):
+    """Bits per weight once exported: the QAT spec's, else the variable's dtype."""
+    spec = getattr(layer, "_weight_spec", None)
+    if spec is not None:
+        return {"binary": 1, "ternary": 2}.get(spec.mode, spec.bits)
+    return value.dtype.itemsize * 8
+
+
 def _describe(structure):
     cfg = structure.get_config()
     if structure.name == "n:m":
@@ -128,7 +143,8 @@ def _describe(structure):
     return structure.name
 
 
-def render(rows, columns=("layer", "type", "weight", "size", "nonzeros", "sparsity", "structure")):
+def render(rows, columns=("layer", "type", "weight", "size", "nonzeros", "sparsity", "structure", "bits",
+                          "est_bytes")):
     """Renders rows of dicts as a plain-text table."""
 
     def cell(value):
