@@ -271,7 +271,9 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
     Normalization, BatchNormalization); layers that only move values (Flatten,
     Reshape, max pooling, padding, dropout, ...) keep their input's range.
     Sequential models come back as Functional ones (a Sequential model cannot
-    hold the inserted layers between its own).
+    hold the inserted layers between its own). Activation ranges start at
+    [-6, 6] and are set by the first training batch, so fit the copy (a few
+    steps at least) before using or exporting it.
 
     A BatchNormalization that directly follows a quantized layer (its only
     consumer, linear activation) is folded into it: the layer quantizes

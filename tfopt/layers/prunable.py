@@ -225,7 +225,8 @@ class Prunable:
         attr = pruning.weight_spec(self)[0]
         main = getattr(self, attr)
         values = []
-        for v in self.weights[: len(self.weights) - len(self._tfopt_state())]:
+        state = {id(v) for v in self._tfopt_state()}
+        for v in (w for w in self.weights if id(w) not in state):
             if self.folded_batch_norm is not None and v is getattr(self, "bias", None):
                 continue
             value = _masked_value(v)
@@ -248,6 +249,12 @@ class Prunable:
             holder = next(
                 (a for a in (f"_{name}", name) if a in self.__dict__ and self.__dict__[a] is variable), None
             )
+            if holder is None:  # a Keras release that stores the weight elsewhere
+                raise RuntimeError(
+                    f"Layer '{self.name}' ({type(self).__name__}): tfopt cannot find the attribute "
+                    f"holding '{name}' in this Keras version ({keras.__version__}), so it cannot "
+                    "quantize it. Please report this with your Keras version."
+                )
             per_channel = (
                 self._weight_spec.per_channel
                 and name != "depthwise_kernel"
