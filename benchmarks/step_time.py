@@ -1,4 +1,4 @@
-"""Training step time of pruned vs plain models: tfopt on Keras 3, tfmot on tf_keras.
+"""Training step time of pruned (or QAT) vs plain models: tfopt on Keras 3, tfmot on tf_keras.
 
 Each framework runs in its own worker process (importing tfmot switches
 `tf.keras` to Keras 2 for the whole process). Inside a worker, the plain and
@@ -8,7 +8,7 @@ the mean time of a training step (batches after a warm-up, measured by a
 callback around each `train_on_batch`-sized step of `fit`).
 
 Usage:
-    python benchmarks/step_time.py [--rounds 5] [--steps 60] [--no-write]
+    python benchmarks/step_time.py [--mode prune|qat] [--rounds 5] [--steps 60] [--no-write]
 """
 
 import argparse
@@ -66,7 +66,7 @@ def _data(model, steps, np):
     return rng.standard_normal((n,) + shape).astype("float32"), rng.integers(0, 10, n)
 
 
-def worker_keras3(model_name, rounds, steps):
+def worker_keras3(model_name, rounds, steps, mode="prune"):
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import keras
     import numpy as np
@@ -83,6 +83,9 @@ def worker_keras3(model_name, rounds, steps):
 
     keras.utils.set_random_seed(0)
     plain = compiled(_build(keras.layers, model_name, keras))
+    if mode == "qat":
+        qat = compiled(tfopt.quantize_model(_build(keras.layers, model_name, keras)))
+        return _run_rounds({"plain": (plain, []), "tfopt QAT int8": (qat, [])}, x, y, rounds, keras)
     layers_model = compiled(tfopt.prune(_build(keras.layers, model_name, keras), schedule))
     callback_model = compiled(_build(keras.layers, model_name, keras))
     variants = {
@@ -93,7 +96,7 @@ def worker_keras3(model_name, rounds, steps):
     return _run_rounds(variants, x, y, rounds, keras)
 
 
-def worker_tfmot(model_name, rounds, steps):
+def worker_tfmot(model_name, rounds, steps, mode="prune"):
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     import numpy as np
@@ -112,6 +115,15 @@ def worker_tfmot(model_name, rounds, steps):
                       tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
 
+    if mode == "qat":
+        def build_qat():
+            model = tfmot.quantization.keras.quantize_model(_build(tf_keras.layers, model_name, tf_keras))
+            model.compile(tf_keras.optimizers.Adam(1e-3),
+                          tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            return model
+
+        variants = {"plain": (build(False), []), "tfmot QAT int8": (build_qat(), [])}
+        return _run_rounds(variants, x, y, rounds, tf_keras)
     variants = {
         "plain": (build(False), []),
         "tfmot": (build(True), [tfmot.sparsity.keras.UpdatePruningStep()]),
@@ -141,11 +153,13 @@ def main():
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--worker", choices=["keras3", "tfmot"])
     parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
+    parser.add_argument("--mode", choices=["prune", "qat"], default="prune",
+                        help="compare pruning (default) or quantization-aware training with plain training")
     args = parser.parse_args()
 
     if args.worker:
         fn = worker_keras3 if args.worker == "keras3" else worker_tfmot
-        print("RESULT " + json.dumps(fn(args.model, args.rounds, args.steps)))
+        print("RESULT " + json.dumps(fn(args.model, args.rounds, args.steps, args.mode)))
         return
 
     from _common import median, table, write_section
@@ -156,7 +170,7 @@ def main():
         for _ in range(args.repeats):
             for worker in ("keras3", "tfmot"):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--worker", worker, "--model", model_name,
+                    [sys.executable, __file__, "--worker", worker, "--model", model_name, "--mode", args.mode,
                      "--rounds", str(args.rounds), "--steps", str(args.steps)],
                     capture_output=True, text=True, check=True,
                 )
@@ -164,8 +178,9 @@ def main():
                 for name, times in json.loads(line[7:]).items():
                     merged[worker].setdefault(name, []).extend(times)
         k3, tm = merged["keras3"], merged["tfmot"]
-        for framework, runs, variants in (("Keras 3 + tfopt", k3, ("tfopt layers", "tfopt callback")),
-                                          ("tf_keras + tfmot", tm, ("tfmot",))):
+        ours = ("tfopt QAT int8",) if args.mode == "qat" else ("tfopt layers", "tfopt callback")
+        theirs = ("tfmot QAT int8",) if args.mode == "qat" else ("tfmot",)
+        for framework, runs, variants in (("Keras 3 + tfopt", k3, ours), ("tf_keras + tfmot", tm, theirs)):
             base = median(runs["plain"])
             for variant in variants:
                 ratios = [p / b for p, b in zip(runs[variant], runs["plain"])]
@@ -174,21 +189,28 @@ def main():
                     "framework": framework,
                     "variant": variant,
                     "plain ms/step": f"{1000 * base:.2f}",
-                    "pruned ms/step": f"{1000 * median(runs[variant]):.2f}",
+                    "optimized ms/step": f"{1000 * median(runs[variant]):.2f}",
                     "ratio (median of per-round ratios)": f"{median(ratios):.3f}x",
                 })
-    body = table(rows, ["model", "framework", "variant", "plain ms/step", "pruned ms/step",
+    body = table(rows, ["model", "framework", "variant", "plain ms/step", "optimized ms/step",
                         "ratio (median of per-round ratios)"])
+    what = ("int8 QAT (`tfopt.quantize_model` / `tfmot.quantization.keras.quantize_model`)"
+            if args.mode == "qat" else f"Sparsity {SPARSITY} (`ConstantSparsity`, frequency {FREQUENCY})")
+    target = ("Target: tfopt <= 1.15x and below tfmot's ratio." if args.mode == "qat"
+              else "Target: tfopt <= 1.05x and below tfmot's ratio.")
     body += (
-        f"\n\nSparsity {SPARSITY} (`ConstantSparsity`, frequency {FREQUENCY}), batch {BATCH}, "
+        f"\n\n{what}, batch {BATCH}, "
         f"{args.steps} steps per round, {args.rounds} rounds x {args.repeats} worker starts per framework, "
-        "plain and pruned interleaved within each worker. CNN: Conv2D 32, pool, Conv2D 64, pool, Dense 128, "
-        "Dense 10 on 28x28x1; MLP: 784-512-512-10. Target: tfopt <= 1.05x and below tfmot's ratio."
+        "plain and optimized variants interleaved within each worker. CNN: Conv2D 32, pool, Conv2D 64, pool, Dense 128, "
+        "Dense 10 on 28x28x1; MLP: 784-512-512-10. " + target
     )
     print(body)
     if not args.no_write:
-        write_section("step_time", "Training step time, pruned / plain",
-                      f"python benchmarks/step_time.py --rounds {args.rounds} --repeats {args.repeats} --steps {args.steps}",
+        section, title = (("qat_step_time", "Training step time, int8 QAT / plain") if args.mode == "qat"
+                          else ("step_time", "Training step time, pruned / plain"))
+        mode = " --mode qat" if args.mode == "qat" else ""
+        write_section(section, title,
+                      f"python benchmarks/step_time.py{mode} --rounds {args.rounds} --repeats {args.repeats} --steps {args.steps}",
                       body)
 
 
