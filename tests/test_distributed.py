@@ -115,3 +115,31 @@ class MirroredQuantizationTest(testing.TestCase):
         out_hi = _replica_values(dense.output_range_max)
         self.assertAllEqual(out_lo[0], out_lo[1])
         self.assertAllEqual(out_hi[0], out_hi[1])
+
+    def test_folded_batch_norm_statistics_equal_on_every_replica(self):
+        strategy = _strategy("mirrored")
+        inputs = keras.Input((6, 6, 2))
+        x = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(inputs)
+        x = keras.layers.BatchNormalization(momentum=0.5)(x)
+        outputs = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.ReLU()(x)))
+        base = keras.Model(inputs, outputs)
+        with strategy.scope():
+            model = tfopt.quantize_model(base, "int8")
+            model.compile(keras.optimizers.SGD(0.0), "mse")
+        single = tfopt.quantize_model(base, "int8")
+        single.compile(keras.optimizers.SGD(0.0), "mse")
+        rng = np.random.default_rng(0)
+        # The replicas' halves have different scales: only statistics reduced
+        # over both replicas match the single-device run on the whole batch.
+        x = rng.standard_normal((16, 6, 6, 2)).astype("float32")
+        x[8:] *= 5.0
+        for m in (model, single):
+            m.fit(x, np.zeros((16, 2)), batch_size=16, epochs=2, shuffle=False, verbose=0)
+        conv = model.get_layer("conv")
+        self.assertAllClose(conv.bn_moving_variance.numpy(), single.get_layer("conv").bn_moving_variance.numpy(),
+                            rtol=1e-4, atol=1e-5)
+        for variable in (conv.bn_moving_mean, conv.bn_moving_variance, conv.output_range_max):
+            values = _replica_values(variable)
+            self.assertEqual(len(values), 2)
+            self.assertAllEqual(values[0], values[1])
+        self.assertGreater(np.abs(conv.bn_moving_variance.numpy() - 1.0).max(), 0.5)

@@ -48,3 +48,13 @@ def cross_replica_min_max(lo, hi):
     gathered = ctx.all_gather(both, axis=0)
     top = tf.reduce_max(gathered, axis=0)
     return -top[0], top[1]
+
+
+def cross_replica_sum(values):
+    """Sums of a list of tensors over all replicas of the running strategy (the
+    same on every replica); identity without one."""
+    import tensorflow as tf
+
+    if not in_replica_of_strategy():
+        return values
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)

@@ -277,9 +277,12 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
 
     A BatchNormalization that directly follows a quantized layer (its only
     consumer, linear activation) is folded into it: the layer quantizes
-    `kernel * gamma / sqrt(variance + epsilon)` and adds the folded bias, with
-    the BN's moving statistics frozen (gamma and beta keep training), so the
-    int8 kernel in the exported file is the one that trained. Other
+    `kernel * gamma / sqrt(variance + epsilon)` and adds the folded bias, so
+    the int8 kernel in the exported file is the one that trained. gamma and
+    beta train; the moving statistics keep updating during `fit` (estimated
+    from the layer's own output, reduced over replicas) until
+    `tfopt.callbacks.QuantizationSchedule(freeze_batch_norm=...)` freezes them;
+    a non-trainable BatchNormalization keeps its statistics. Other
     BatchNormalizations are kept and get an output range.
 
     Args:
@@ -337,7 +340,11 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
             config["quantization_aware"] = numerical_precision
             bn = folds.get(id(layer))
             if bn is not None:
-                config["folded_batch_norm"] = {"epsilon": bn.epsilon, "center": bn.center, "scale": bn.scale}
+                config["folded_batch_norm"] = {
+                    "epsilon": bn.epsilon, "center": bn.center, "scale": bn.scale,
+                    # A frozen BatchNormalization keeps its statistics: momentum 1.
+                    "momentum": float(bn.momentum) if bn.trainable else 1.0,
+                }
             activation = config.get("activation")
             if activation not in (None, "linear", "relu", "relu6"):
                 # TFLite fuses only ReLU/ReLU6 into a layer; any other

@@ -1,5 +1,6 @@
-"""Callbacks: prune any model during `fit`, log sparsity."""
+"""Callbacks: prune any model during `fit`, log sparsity, schedule quantization."""
 
 from tfopt.callbacks.pruning import Pruning
+from tfopt.callbacks.quantization import QuantizationSchedule
 
-__all__ = ["Pruning"]
+__all__ = ["Pruning", "QuantizationSchedule"]

@@ -7,7 +7,13 @@ import keras
 from keras import ops
 
 from tfopt import pruning, quantizers
-from tfopt.layers.quantize_activation import add_range_weights, track_and_quantize
+from tfopt import _backend
+from tfopt.layers.quantize_activation import (
+    QuantizationSchedulable,
+    add_range_weights,
+    track_and_quantize,
+    when_started,
+)
 
 __all__ = ["Prunable"]
 
@@ -30,7 +36,7 @@ class _CountingStore:
         return self._store.keys()
 
 
-class Prunable:
+class Prunable(QuantizationSchedulable):
     """Mixin for drop-in Keras layers that prune their main weight during `fit`.
 
     Put it before the Keras class: `class Dense(Prunable, keras.layers.Dense)`.
@@ -47,11 +53,14 @@ class Prunable:
             Keras namesake).
         structure: `None`/"unstructured", "N:M" (e.g. "2:4"), a block shape
             `(rows, cols)`, or "channel". See `tfopt.sparsity`.
-        folded_batch_norm: None, or `{"epsilon": ..., "center": ..., "scale": ...}`
-            of a BatchNormalization that follows this layer and is folded into
-            it during QAT (`tfopt.quantize_model` sets it): the layer holds the
-            BN's `bn_gamma`, `bn_beta` (trained) and `bn_moving_mean`,
-            `bn_moving_variance` (frozen), quantizes the folded kernel
+        folded_batch_norm: None, or `{"epsilon": ..., "center": ..., "scale": ...,
+            "momentum": ...}` of a BatchNormalization that follows this layer
+            and is folded into it during QAT (`tfopt.quantize_model` sets it):
+            the layer holds the BN's `bn_gamma`, `bn_beta` (trained) and
+            `bn_moving_mean`, `bn_moving_variance` (moved towards each training
+            batch's statistics with `momentum`, until
+            `tfopt.callbacks.QuantizationSchedule` freezes them; momentum 1
+            keeps them fixed), quantizes the folded kernel
             `kernel * gamma / sqrt(variance + epsilon)` and adds the folded
             bias, so the int8 kernel exported is the one that trained.
         quantization_aware: None (off), True or "int8", "int4", "int2",
@@ -133,10 +142,10 @@ class Prunable:
                                             trainable=bn.get("scale", True))
             self.bn_beta = self.add_weight(name="bn_beta", shape=channels, initializer="zeros",
                                            trainable=bn.get("center", True))
-            self.bn_moving_mean = self.add_weight(name="bn_moving_mean", shape=channels,
-                                                  initializer="zeros", trainable=False)
-            self.bn_moving_variance = self.add_weight(name="bn_moving_variance", shape=channels,
-                                                      initializer="ones", trainable=False)
+            stats = dict(shape=channels, trainable=False, dtype="float32", autocast=False,
+                         aggregation="only_first_replica")
+            self.bn_moving_mean = self.add_weight(name="bn_moving_mean", initializer="zeros", **stats)
+            self.bn_moving_variance = self.add_weight(name="bn_moving_variance", initializer="ones", **stats)
         if self.pruning_schedule is None:
             return
         attr, in_axis, out_axis = pruning.weight_spec(self)
@@ -238,7 +247,39 @@ class Prunable:
         return values
 
     # --- quantization-aware forward pass ---------------------------------------------
-    def _quantized_weights(self):
+    def _update_batch_norm_statistics(self, outputs, folded_bias, step):
+        """Moves the folded BatchNormalization's statistics towards this batch's.
+
+        The statistics are those of the unfolded layer's output `z = conv(x, W) + b`.
+        Since `outputs = conv(x, Q(W * s)) + folded_bias` with a per-channel
+        scale `s`, they are estimated as `mean(outputs - folded_bias) / s + b`
+        and `var(outputs) / s**2` (the quantization error of the kernel aside),
+        so no second, float convolution runs. Batch moments are reduced over all
+        replicas (as a synchronized BatchNormalization), so every replica holds
+        the same statistics."""
+        y = ops.stop_gradient(ops.cast(outputs, "float32") - ops.cast(folded_bias, "float32"))
+        y = ops.reshape(y, (-1, y.shape[-1]))
+        count = ops.cast(ops.shape(y)[0], "float32")
+        total, squares, count = _backend.cross_replica_sum(
+            [ops.sum(y, axis=0), ops.sum(ops.square(y), axis=0), count])
+        mean_y = total / count
+        var_y = ops.maximum(squares / count - ops.square(mean_y), 0.0)
+        scale = ops.stop_gradient(ops.cast(self._bn_scale(), "float32"))
+        usable = ops.greater(ops.abs(scale), 1e-6)
+        safe = ops.where(usable, scale, 1.0)
+        bias = ops.cast(ops.convert_to_tensor(self.bias), "float32") if getattr(self, "bias", None) is not None else 0.0
+        momentum = float(self.folded_batch_norm.get("momentum", 0.99))
+        old_mean = ops.convert_to_tensor(self.bn_moving_mean)
+        old_var = ops.convert_to_tensor(self.bn_moving_variance)
+        active = usable
+        if self.batch_norm_freeze is not None:
+            active = ops.logical_and(active, ops.less(step, self.batch_norm_freeze))
+        new_mean = momentum * old_mean + (1.0 - momentum) * (mean_y / safe + bias)
+        new_var = momentum * old_var + (1.0 - momentum) * (var_y / ops.square(safe))
+        self.bn_moving_mean.assign(ops.where(active, new_mean, old_mean))
+        self.bn_moving_variance.assign(ops.where(active, new_var, old_var))
+
+    def _quantized_weights(self, step=None):
         """(attribute holding the variable, variable, fake-quantized tensor) for each
         weight the forward pass reads: the main weight, plus SeparableConv's depthwise one."""
         attr, _, out_axis = pruning.weight_spec(self)
@@ -267,20 +308,22 @@ class Prunable:
             weight = ops.cast(ops.convert_to_tensor(variable), "float32")
             if self.folded_batch_norm is not None and name == attr:
                 weight = self._folded_kernel(weight)
-            value = ops.cast(quantizers.quantize_weight(weight, spec, -1), self.compute_dtype)
-            out.append((holder, variable, value))
+            value = when_started(
+                step, self.quantization_start, lambda w=weight, s=spec: quantizers.quantize_weight(w, s, -1), weight)
+            out.append((holder, variable, ops.cast(value, self.compute_dtype)))
         return out
 
     def call(self, inputs, *args, training=None, **kwargs):
         if self._output_spec is None:
             return super().call(inputs, *args, **kwargs)
-        swapped = self._quantized_weights() if self._weight_spec is not None else []
-        folded_bias = None
+        step = ops.convert_to_tensor(self.output_range_updates)  # before this call's update
+        swapped = self._quantized_weights(step) if self._weight_spec is not None else []
+        folded_bias = added_bias = None
         if self.folded_batch_norm is not None:
-            folded_bias = ops.cast(self._folded_bias(), self.compute_dtype)
+            folded_bias = added_bias = ops.cast(self._folded_bias(), self.compute_dtype)
             if getattr(self, "bias", None) is not None:
                 swapped.append(("bias", self.bias, folded_bias))
-                folded_bias = None
+                added_bias = None
         try:
             for holder, _, value in swapped:
                 object.__setattr__(self, holder, value)
@@ -288,14 +331,19 @@ class Prunable:
         finally:
             for holder, variable, _ in swapped:
                 object.__setattr__(self, holder, variable)
-        if folded_bias is not None:
-            outputs = outputs + folded_bias
+        if added_bias is not None:
+            outputs = outputs + added_bias
+        if folded_bias is not None and training:
+            self._update_batch_norm_statistics(outputs, folded_bias, step)
         return track_and_quantize(
             outputs,
             (self.output_range_min, self.output_range_max, self.output_range_updates),
             self._output_spec,
             momentum=0.99,
             update=bool(training),
+            start=self.quantization_start,
+            freeze=self.ranges_freeze,
+            step=step,
         )
 
     def save_own_variables(self, store):

@@ -1,12 +1,51 @@
 """`QuantizeActivation`: fake-quantizes a tensor to a range tracked during training."""
 
+import contextlib
+
 import keras
 from keras import ops
 
 from tfopt import _backend
 from tfopt import quantizers
 
-__all__ = ["QuantizeActivation", "add_range_weights", "track_and_quantize"]
+__all__ = ["QuantizeActivation", "add_range_weights", "track_and_quantize", "QuantizationSchedulable"]
+
+_SCHEDULES_IGNORED = [False]
+
+
+@contextlib.contextmanager
+def ignore_schedules():
+    """Within it, layers trace with fake quantization always on (export: the
+    converter must see each fake-quant op feed its consumer directly)."""
+    _SCHEDULES_IGNORED.append(True)
+    try:
+        yield
+    finally:
+        _SCHEDULES_IGNORED.pop()
+
+
+def when_started(step, start, quantized_fn, value):
+    """`quantized_fn()` once `step >= start`, else `value` (in-graph)."""
+    if not start or _SCHEDULES_IGNORED[-1]:
+        return quantized_fn()
+    return ops.cond(ops.greater_equal(step, start), quantized_fn, lambda: value)
+
+
+class QuantizationSchedulable:
+    """What `tfopt.callbacks.QuantizationSchedule` sets on a quantizing layer:
+    the step (this layer's count of training calls) from which its fake
+    quantization is on, and the steps from which its ranges and folded
+    BatchNormalization statistics stop updating. Not part of the config: the
+    callback sets it at the start of every `fit`."""
+
+    quantization_start = 0
+    ranges_freeze = None
+    batch_norm_freeze = None
+
+    def set_quantization_schedule(self, start=0, freeze_ranges=None, freeze_batch_norm=None):
+        self.quantization_start = int(start)
+        self.ranges_freeze = None if freeze_ranges is None else int(freeze_ranges)
+        self.batch_norm_freeze = None if freeze_batch_norm is None else int(freeze_batch_norm)
 
 
 def add_range_weights(layer, prefix=""):
@@ -24,27 +63,35 @@ def add_range_weights(layer, prefix=""):
     return lo, hi, updates
 
 
-def track_and_quantize(inputs, range_weights, spec, momentum, update):
-    """Updates a tracked range from `inputs` (if `update`) and fake-quantizes
-    `inputs` to it. The range always includes 0, as TFLite requires."""
+def track_and_quantize(inputs, range_weights, spec, momentum, update, start=0, freeze=None, step=None):
+    """Updates a tracked range from `inputs` (if `update`, and while the
+    range's update count is below `freeze`) and fake-quantizes `inputs` to it
+    (once the count `step`, by default the range's own, reaches `start`). The
+    range always includes 0, as TFLite requires."""
     range_min, range_max, range_updates = range_weights
     lo, hi = ops.convert_to_tensor(range_min), ops.convert_to_tensor(range_max)
+    count = ops.convert_to_tensor(range_updates)
+    step = count if step is None else step
     if update:
         x = ops.cast(ops.stop_gradient(inputs), "float32")
         batch_lo, batch_hi = _backend.cross_replica_min_max(ops.min(x), ops.max(x))
-        first = ops.equal(ops.convert_to_tensor(range_updates), 0)
-        lo = ops.where(first, batch_lo, momentum * lo + (1.0 - momentum) * batch_lo)
-        hi = ops.where(first, batch_hi, momentum * hi + (1.0 - momentum) * batch_hi)
+        first = ops.equal(count, 0)
+        new_lo = ops.where(first, batch_lo, momentum * lo + (1.0 - momentum) * batch_lo)
+        new_hi = ops.where(first, batch_hi, momentum * hi + (1.0 - momentum) * batch_hi)
+        if freeze is not None:
+            frozen = ops.greater_equal(count, freeze)
+            new_lo, new_hi = ops.where(frozen, lo, new_lo), ops.where(frozen, hi, new_hi)
+        lo, hi = new_lo, new_hi
         range_min.assign(lo)
         range_max.assign(hi)
         range_updates.assign_add(1)
     lo = ops.minimum(lo, 0.0)
     hi = ops.maximum(ops.maximum(hi, 0.0), lo + 1e-6)
-    return quantizers.quantize_activation(inputs, lo, hi, spec)
+    return when_started(step, start, lambda: quantizers.quantize_activation(inputs, lo, hi, spec), inputs)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
-class QuantizeActivation(keras.layers.Layer):
+class QuantizeActivation(QuantizationSchedulable, keras.layers.Layer):
     """Fake-quantizes its input to a per-tensor range tracked in-graph.
 
     Put it where an int8 model needs a range the layers around it do not
@@ -93,6 +140,7 @@ class QuantizeActivation(keras.layers.Layer):
         return track_and_quantize(
             inputs, (self.range_min, self.range_max, self.range_updates), self.spec,
             self.momentum, update=bool(training) and not self.freeze,
+            start=self.quantization_start, freeze=self.ranges_freeze,
         )
 
     def compute_output_shape(self, input_shape):
@@ -103,7 +151,7 @@ class QuantizeActivation(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
-class QuantizedRescaling(keras.layers.Rescaling):
+class QuantizedRescaling(QuantizationSchedulable, keras.layers.Rescaling):
     """`keras.layers.Rescaling` whose scale and offset constants are
     fake-quantized, so that the int8 converter can quantize its MUL and ADD
     (in quantization-aware conversion, only constants behind a fake-quant op
@@ -129,12 +177,16 @@ class QuantizedRescaling(keras.layers.Rescaling):
         x = ops.cast(inputs, "float32")
         spec = quantizers.QuantSpec(8, symmetric=True, narrow_range=True)
 
+        step = ops.convert_to_tensor(self.product_range[2])
+
         def constant(value):
             c = ops.cast(ops.convert_to_tensor(value), "float32")
             m = ops.maximum(ops.max(ops.abs(c)), 1e-8)
-            return quantizers.fake_quant(c, -m, m, spec)
+            return when_started(step, self.quantization_start, lambda: quantizers.fake_quant(c, -m, m, spec), c)
 
-        product = track_and_quantize(x * constant(self.scale), self.product_range,
-                                     quantizers.QuantSpec(8), momentum=0.99, update=bool(training))
+        product = track_and_quantize(
+            x * constant(self.scale), self.product_range, quantizers.QuantSpec(8), momentum=0.99,
+            update=bool(training), start=self.quantization_start, freeze=self.ranges_freeze, step=step,
+        )
         out = product + constant(self.offset) if self.offset != 0 else product
         return ops.cast(out, dtype)
