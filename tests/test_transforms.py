@@ -213,6 +213,30 @@ class QuantizeModelTest(testing.TestCase):
             tfopt.quantize_model(model, "int7")
 
 
+    def test_per_layer_overrides(self):
+        inputs = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(4, 3, name="conv_a")(inputs)
+        x = keras.layers.Conv2D(4, 3, name="conv_b")(x)
+        x = keras.layers.Flatten()(x)
+        x = keras.layers.Dense(8, name="hidden")(x)
+        model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+        qat = tfopt.quantize_model(model, "int8", overrides={
+            "conv_a": "int8",                 # first match wins over the type below
+            keras.layers.Conv2D: "int4",
+            (lambda layer: layer.name == "head"): None,  # stays float
+        })
+        self.assertEqual(qat.get_layer("conv_a").quantization_aware, "int8")
+        self.assertEqual(qat.get_layer("conv_b").quantization_aware, "int4")
+        self.assertEqual(qat.get_layer("hidden").quantization_aware, "int8")
+        self.assertIs(type(qat.get_layer("head")), keras.layers.Dense)
+        with self.assertRaisesRegex(ValueError, r"`overrides\['conv_a'\]`: Unknown precision: 'int5'"):
+            tfopt.quantize_model(model, overrides={"conv_a": "int5"})
+        with self.assertRaisesRegex(ValueError, r"\['nope'\], which are not layers"):
+            tfopt.quantize_model(model, overrides={"nope": "int4"})
+        with self.assertRaisesRegex(TypeError, r"`overrides` must be a dict"):
+            tfopt.quantize_model(model, overrides=["conv_a"])
+
+
 class BatchNormFoldingTest(testing.TestCase):
     def test_conv_bn_is_folded_trains_exports_and_reloads(self):
         from tfopt.demo import _compile, load_digits

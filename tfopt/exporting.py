@@ -19,7 +19,7 @@ import numpy as np
 
 from tfopt import transforms
 
-__all__ = ["export", "ExportReport", "atomic_write_bytes"]
+__all__ = ["export", "ExportReport", "atomic_write_bytes", "litert_latency_ms"]
 
 
 @dataclasses.dataclass
@@ -41,6 +41,11 @@ class ExportReport:
             QUANTIZE/DEQUANTIZE at its edges (empty for a full-integer model).
         num_check_samples: how many inputs were compared.
         sparsity: fraction of zeros in the exported kernels.
+        latency_ms: median time of one single-input inference of the written
+            file in the LiteRT interpreter (one thread), or None if not measured
+            (`measure_latency=False`).
+        float_latency_ms: the same for the model converted in float32, for
+            comparison (equal to `latency_ms` for a float32 export).
     """
 
     path: str
@@ -52,13 +57,22 @@ class ExportReport:
     top1_agreement: float | None = None
     precision: str = "float32"
     float_ops: list = dataclasses.field(default_factory=list)
+    latency_ms: float | None = None
+    float_latency_ms: float | None = None
 
     def __str__(self):
         diff = "not checked" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
-        return (
+        text = (
             f"{self.path}: {self.size_bytes:,} bytes ({self.gzip_bytes:,} gzipped), "
             f"max |LiteRT - Keras| = {diff} over {self.num_check_samples} inputs"
         )
+        if self.top1_agreement is not None:
+            text += f", top-1 agreement {self.top1_agreement:.1%}"
+        if self.latency_ms is not None:
+            text += f", {self.latency_ms:.3g} ms per inference"
+            if self.precision != "float32":
+                text += f" (float32: {self.float_latency_ms:.3g} ms)"
+        return text
 
 
 def atomic_write_bytes(path, data):
@@ -175,6 +189,29 @@ def run_litert(model_content, inputs, input_names=None):
     return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
 
 
+def litert_latency_ms(model_content, inputs, runs=50, warmup=5, num_threads=1):
+    """Median milliseconds of one inference of a LiteRT flatbuffer on the first
+    sample of `inputs` (a list of arrays), after `warmup` runs."""
+    import time
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_content, num_threads=num_threads)
+    for detail, array in zip(interpreter.get_input_details(), inputs):
+        interpreter.resize_tensor_input(detail["index"], (1,) + tuple(np.shape(array)[1:]))
+    interpreter.allocate_tensors()
+    for detail, array in zip(interpreter.get_input_details(), inputs):
+        interpreter.set_tensor(detail["index"], np.asarray(array[:1]).astype(detail["dtype"]))
+    for _ in range(warmup):
+        interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000.0)
+
+
 def _output_index(name):
     tail = name.rsplit("_", 1)[-1]
     return (0, int(tail), name) if tail.isdigit() else (1, 0, name)
@@ -228,7 +265,7 @@ def _has_quantization(model):
 
 
 def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, optimizations=None,
-           precision="float32", representative_data=None):
+           precision="float32", representative_data=None, measure_latency=False):
     """Strips `model`, writes it as a LiteRT `.tflite` file, checks it, reports sizes.
 
     The file is written atomically: if conversion or writing fails, an existing
@@ -252,6 +289,10 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             model trained without QAT, post-training quantization calibrated on
             `representative_data`.
         representative_data: inputs for post-training int8 calibration.
+        measure_latency: also time the file in the LiteRT interpreter (one
+            thread, batch 1, median of 50 runs) and, for float16/int8, a float32
+            conversion of the same model, into `latency_ms` and
+            `float_latency_ms` (this converts the model a second time).
 
     Returns:
         An `ExportReport`.
@@ -300,6 +341,12 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             top1 = float(np.mean(np.argmax(got[0], -1) == np.argmax(expected[0], -1)))
         else:
             top1 = None
+    latency = float_latency = None
+    if measure_latency:
+        timing_inputs = arrays or _check_inputs(stripped, inputs, num_check_samples, seed)
+        latency = litert_latency_ms(content, timing_inputs)
+        float_latency = latency if precision == "float32" else litert_latency_ms(
+            _convert(transforms.strip(model)), timing_inputs)
     atomic_write_bytes(path, content)
     return ExportReport(
         path=str(path),
@@ -311,4 +358,6 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         top1_agreement=top1,
         precision=precision,
         float_ops=float_ops(content) if precision == "int8" else [],
+        latency_ms=latency,
+        float_latency_ms=float_latency,
     )

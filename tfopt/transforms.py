@@ -259,7 +259,7 @@ def _to_functional(model):
     return keras.Model(inputs, x, name=model.name)
 
 
-def quantize_model(model, numerical_precision="int8", layers=None, unsupported="error"):
+def quantize_model(model, numerical_precision="int8", layers=None, unsupported="error", overrides=None):
     """Returns a quantization-aware copy of a Sequential or Functional model.
 
     Every selected layer with a tfopt twin (Dense, Conv*, DepthwiseConv*,
@@ -296,6 +296,13 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
             quantize (listed in the message), or "float" to leave them in float
             (`tfopt.export(..., precision="int8")` then reports them in
             `float_ops`).
+        overrides: per-layer precisions, `{selector: precision}`, where a
+            selector is a layer name, a layer type, a predicate or a tuple of
+            those, and a precision is anything `numerical_precision` takes, or
+            None to keep those layers in float. The first matching entry wins;
+            layers no entry matches get `numerical_precision`. Example:
+            `{"predictions": "int8", keras.layers.Conv2D: "int4"}` (a float
+            layer in an int8 export runs as float ops, reported in `float_ops`).
 
     Example:
     >>> import keras, tfopt
@@ -315,6 +322,8 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
         raise ValueError(f"`unsupported` must be 'error' or 'float'. Received: unsupported={unsupported!r}")
     candidates = [layer for layer in pruning.all_layers(model) if not isinstance(layer, keras.Model)]
     chosen, _ = pruning.select_layers(candidates, layers)
+    precisions = _precision_overrides(candidates, overrides)
+    chosen = [layer for layer in chosen if precisions.get(id(layer), numerical_precision) is not None]
     chosen_ids = {id(layer) for layer in chosen}
     unknown = [
         f"{layer.name} ({type(layer).__name__})"
@@ -337,7 +346,7 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
         twin = _TWINS.get(type(layer), type(layer) if isinstance(layer, tfopt_layers.Prunable) else None)
         if twin is not None and id(layer) in chosen_ids:
             config = layer.get_config()
-            config["quantization_aware"] = numerical_precision
+            config["quantization_aware"] = precisions.get(id(layer), numerical_precision)
             bn = folds.get(id(layer))
             if bn is not None:
                 config["folded_batch_norm"] = {
@@ -417,6 +426,30 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
             new.bn_moving_mean.assign(ops.convert_to_numpy(bn.moving_mean))
             new.bn_moving_variance.assign(ops.convert_to_numpy(bn.moving_variance))
     return clone
+
+
+def _precision_overrides(candidates, overrides):
+    """id(layer) -> precision from `quantize_model`'s `overrides` (first match wins)."""
+    from tfopt import quantizers
+
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise TypeError(
+            "`overrides` must be a dict {selector: precision} (selector: layer name, type, "
+            f"predicate or tuple of those). Received: {overrides!r} of type {type(overrides).__name__}"
+        )
+    out = {}
+    for selector, precision in overrides.items():
+        if precision is not None:
+            try:
+                quantizers.get_precision(precision)
+            except ValueError as e:
+                raise ValueError(f"`overrides[{selector!r}]`: {e}") from None
+        matched, _ = pruning.select_layers(candidates, selector)
+        for layer in matched:
+            out.setdefault(id(layer), precision)
+    return out
 
 
 def _batch_norm_folds(model, chosen_ids):

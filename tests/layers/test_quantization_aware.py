@@ -168,3 +168,37 @@ class Int8ExportTest(testing.TestCase):
                               precision="int8", representative_data=x)
         self.assertEqual(report.float_ops, [])
         self.assertGreaterEqual(report.top1_agreement, 0.9)
+
+    def test_depthwise_weights_are_per_channel_in_the_file(self):
+        # Channels with very different magnitudes: one per-tensor scale would
+        # flatten the small ones to zero.
+        layer = tfopt.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, use_bias=False,
+                                             quantization_aware="int8", name="dw")
+        model = keras.Sequential([keras.Input((6, 6, 3)), tfopt.layers.QuantizeActivation(), layer])
+        kernel = layer.kernel.numpy() * (10.0 ** -np.arange(6)).reshape(1, 1, 3, 2)
+        layer.kernel.assign(kernel)
+        x = self.make_input((8, 6, 6, 3))
+        model(x, training=True)
+        from ai_edge_litert.interpreter import Interpreter
+
+        path = os.path.join(tempfile.mkdtemp(), "dw.tflite")
+        report = tfopt.export(model, path, inputs=x, precision="int8")
+        self.assertEqual(report.float_ops, [])
+        filters = [t for t in Interpreter(model_path=path).get_tensor_details()
+                   if t["dtype"] == np.int8 and list(t["shape"]) == [1, 3, 3, 6]]
+        self.assertEqual(len(filters), 1)
+        scales = filters[0]["quantization_parameters"]["scales"]
+        self.assertAllClose(scales, np.abs(kernel).reshape(9, 6).max(0) / 127, rtol=1e-5)
+
+    def test_latency_of_int8_and_float_files(self):
+        model = keras.Sequential([keras.Input((16,)), tfopt.layers.QuantizeActivation(),
+                                  tfopt.layers.Dense(8, quantization_aware="int8")])
+        x = self.make_input((4, 16))
+        model(x, training=True)
+        report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "l.tflite"), inputs=x,
+                              precision="int8", measure_latency=True)
+        self.assertGreater(report.latency_ms, 0.0)
+        self.assertGreater(report.float_latency_ms, 0.0)
+        self.assertIn("float32:", str(report))
+        plain = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "p.tflite"), check=False)
+        self.assertIsNone(plain.latency_ms)

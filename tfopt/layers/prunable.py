@@ -70,10 +70,11 @@ class Prunable(QuantizationSchedulable):
             the output is fake-quantized to a range tracked during training
             (weights `output_range_min`, `output_range_max`,
             `output_range_updates`). Weights are quantized per output channel
-            for convolutions whose output axis is last (Conv1D/2D/3D, and the
-            pointwise kernel of SeparableConv), per tensor otherwise: per-channel
-            Dense kernels make the TFLite converter fail ("mismatched quantized
-            axes"), as tfmot's default scheme also avoids. Pruned zeros stay
+            for convolutions (Conv1D/2D/3D, both kernels of SeparableConv, and
+            depthwise kernels per channel x multiplier, TFLite's layout), per
+            tensor for Dense, EinsumDense, Embedding and transposed
+            convolutions: per-channel Dense kernels make the TFLite converter
+            fail ("mismatched quantized axes"), as tfmot's default scheme also avoids. Pruned zeros stay
             exactly zero under symmetric quantization, so sparsity survives QAT.
     """
 
@@ -296,11 +297,13 @@ class Prunable(QuantizationSchedulable):
                     f"holding '{name}' in this Keras version ({keras.__version__}), so it cannot "
                     "quantize it. Please report this with your Keras version."
                 )
-            per_channel = (
-                self._weight_spec.per_channel
-                and name != "depthwise_kernel"
-                and out_axis == -1
-                and not isinstance(self, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding))
+            # Depthwise kernels (..., channels, multiplier) are quantized per
+            # output channel of TFLite's (1, ..., channels * multiplier) layout.
+            depthwise = name == "depthwise_kernel" or (name == attr and self._is_depthwise())
+            per_channel = self._weight_spec.per_channel and (
+                depthwise
+                or (out_axis == -1
+                    and not isinstance(self, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)))
             )
             spec = self._weight_spec
             if spec.per_channel and not per_channel:
@@ -308,8 +311,15 @@ class Prunable(QuantizationSchedulable):
             weight = ops.cast(ops.convert_to_tensor(variable), "float32")
             if self.folded_batch_norm is not None and name == attr:
                 weight = self._folded_kernel(weight)
-            value = when_started(
-                step, self.quantization_start, lambda w=weight, s=spec: quantizers.quantize_weight(w, s, -1), weight)
+
+            def quantize(w=weight, s=spec, flatten=depthwise and per_channel):
+                if not flatten:
+                    return quantizers.quantize_weight(w, s, -1)
+                shape = tuple(w.shape)
+                flat = ops.reshape(w, shape[:-2] + (shape[-2] * shape[-1],))
+                return ops.reshape(quantizers.quantize_weight(flat, s, -1), shape)
+
+            value = when_started(step, self.quantization_start, quantize, weight)
             out.append((holder, variable, ops.cast(value, self.compute_dtype)))
         return out
 
