@@ -31,6 +31,7 @@ __all__ = [
     "quantize_activation",
     "binary",
     "ternary",
+    "carry_int8",
 ]
 
 _MODES = ("affine", "binary", "ternary")
@@ -247,10 +248,8 @@ def quantize_weight(w, spec, axis=-1):
     """Fake-quantizes a weight per `spec` (per-channel ranges along `axis`)."""
     if spec is None:
         return w
-    if spec.mode == "binary":
-        return binary(w, axis)
-    if spec.mode == "ternary":
-        return ternary(w, axis)
+    if spec.mode in ("binary", "ternary"):
+        return carry_int8(binary(w, axis) if spec.mode == "binary" else ternary(w, axis), spec, axis)
     w = _read(w)
     w_dtype, shape = w.dtype, w.shape
     x = ops.cast(w, "float32")
@@ -267,6 +266,17 @@ def quantize_weight(w, spec, axis=-1):
     if reshaped:
         out = ops.moveaxis(ops.reshape(out, moved.shape), -1, axis)
     return ops.cast(out, w_dtype)
+
+
+def carry_int8(q, spec, axis=-1):
+    """Passes binary/ternary weights through an 8-bit symmetric fake quant.
+
+    Exact for `{-a, 0, a}` per channel (`a` is the range's end) when
+    `spec.per_channel`; with one range per tensor, each channel's `a` is
+    rounded to the int8 grid of the largest, as the int8 file stores it. The
+    converter needs the FakeQuant op to store such weights as int8."""
+    carrier = QuantSpec(8, per_channel=spec.per_channel, symmetric=True, narrow_range=True)
+    return quantize_weight(q, carrier, axis)
 
 
 def quantize_activation(x, min_value, max_value, spec):

@@ -202,3 +202,17 @@ class Int8ExportTest(testing.TestCase):
         self.assertIn("float32:", str(report))
         plain = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "p.tflite"), check=False)
         self.assertIsNone(plain.latency_ms)
+
+    def test_binary_and_ternary_weights_export_full_integer(self):
+        x = self.make_input((16, 8, 8, 1))
+        for precision in ("binary", "ternary"):
+            model = keras.Sequential([
+                keras.Input((8, 8, 1)), tfopt.layers.QuantizeActivation(),
+                tfopt.layers.Conv2D(4, 3, activation="relu", quantization_aware=precision),
+                keras.layers.Flatten(), tfopt.layers.Dense(3, quantization_aware=precision),
+            ])
+            model(x, training=True)
+            report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), f"{precision}.tflite"), inputs=x,
+                                  precision="int8")
+            self.assertEqual(report.float_ops, [], precision)
+            self.assertLess(report.max_abs_diff, 0.05, precision)

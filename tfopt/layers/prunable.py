@@ -11,6 +11,7 @@ from tfopt import _backend
 from tfopt.layers.quantize_activation import (
     QuantizationSchedulable,
     add_range_weights,
+    exporting,
     track_and_quantize,
     when_started,
 )
@@ -308,16 +309,31 @@ class Prunable(QuantizationSchedulable):
             spec = self._weight_spec
             if spec.per_channel and not per_channel:
                 spec = quantizers.QuantSpec(**{**spec.get_config(), "per_channel": False})
-            weight = ops.cast(ops.convert_to_tensor(variable), "float32")
-            if self.folded_batch_norm is not None and name == attr:
-                weight = self._folded_kernel(weight)
+            def read(variable=variable, fold=self.folded_batch_norm is not None and name == attr):
+                weight = ops.cast(ops.convert_to_tensor(variable), "float32")
+                return self._folded_kernel(weight) if fold else weight
 
-            def quantize(w=weight, s=spec, flatten=depthwise and per_channel):
-                if not flatten:
-                    return quantizers.quantize_weight(w, s, -1)
-                shape = tuple(w.shape)
-                flat = ops.reshape(w, shape[:-2] + (shape[-2] * shape[-1],))
-                return ops.reshape(quantizers.quantize_weight(flat, s, -1), shape)
+            weight = read()
+
+            def quantize(read=read, s=spec, flatten=depthwise and per_channel):
+                def compute(w):
+                    shape = tuple(w.shape)
+                    flat = ops.reshape(w, shape[:-2] + (shape[-2] * shape[-1],)) if flatten else w
+                    return flat, shape
+
+                if s.mode != "affine" and exporting():
+                    # The converter cannot fold the sign/threshold graph of
+                    # binary and ternary weights: give it their values.
+                    def values():
+                        flat, _ = compute(read())
+                        return ops.convert_to_numpy(quantizers.quantize_weight(flat, s, -1))
+
+                    flat, shape = compute(weight)
+                    q = quantizers.carry_int8(ops.convert_to_tensor(_backend.in_init_scope(values)), s, -1)
+                else:
+                    flat, shape = compute(weight)
+                    q = quantizers.quantize_weight(flat, s, -1)
+                return ops.reshape(q, shape) if flatten else q
 
             value = when_started(step, self.quantization_start, quantize, weight)
             out.append((holder, variable, ops.cast(value, self.compute_dtype)))

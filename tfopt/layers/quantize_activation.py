@@ -24,6 +24,11 @@ def ignore_schedules():
         _SCHEDULES_IGNORED.pop()
 
 
+def exporting():
+    """True while `tfopt.export` traces the model for the converter."""
+    return _SCHEDULES_IGNORED[-1]
+
+
 def when_started(step, start, quantized_fn, value):
     """`quantized_fn()` once `step >= start`, else `value` (in-graph)."""
     if not start or _SCHEDULES_IGNORED[-1]:
