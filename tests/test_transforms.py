@@ -213,6 +213,22 @@ class QuantizeModelTest(testing.TestCase):
             tfopt.quantize_model(model, "int7")
 
 
+    def test_pruned_model_keeps_masks_and_sparsity_through_qat(self):
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
+        pruned = tfopt.prune(model, tfopt.schedules.ConstantSparsity(0.75, begin_step=0, frequency=1))
+        pruned.compile("adam", "mse")
+        x, y = self.make_input((32, 16)), self.make_input((32, 4), seed=1)
+        pruned.fit(x, y, verbose=0)
+        qat = tfopt.quantize_model(pruned, "int8")
+        dense = qat.layers[2]
+        self.assertAllEqual(dense.kernel_mask, pruned.layers[0].kernel_mask)
+        self.assertAllEqual(dense.kernel, pruned.layers[0].kernel)
+        qat.compile("adam", "mse")
+        qat.fit(x, y, epochs=2, verbose=0)
+        report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "sq.tflite"), inputs=x, precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertAllClose(report.sparsity, 0.75, atol=0.01)
+
     def test_per_layer_overrides(self):
         inputs = keras.Input((8, 8, 1))
         x = keras.layers.Conv2D(4, 3, name="conv_a")(inputs)

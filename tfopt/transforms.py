@@ -415,9 +415,7 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
         if id(old) in folded_bns:
             continue
         if getattr(old, "weights", None):
-            values = [ops.convert_to_numpy(v) for v in old.weights]
-            current = new.get_weights()
-            new.set_weights(values[: len(current)] + current[len(values):])
+            _copy_weights(old, new)
         bn = folds.get(id(old))
         if bn is not None:
             channels = new.bn_moving_mean.shape
@@ -426,6 +424,21 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
             new.bn_moving_mean.assign(ops.convert_to_numpy(bn.moving_mean))
             new.bn_moving_variance.assign(ops.convert_to_numpy(bn.moving_variance))
     return clone
+
+
+def _copy_weights(old, new):
+    """Copies `old`'s weights into `new` by name when the names say which is
+    which (a pruned twin's mask and step sit after the ranges a quantized one
+    adds), else in order; weights only `new` has keep their initial values."""
+    names = [v.name for v in old.weights]
+    targets = {v.name: v for v in new.weights}
+    if len(set(names)) == len(names) and len(targets) == len(new.weights) and all(n in targets for n in names):
+        for v in old.weights:
+            targets[v.name].assign(ops.convert_to_numpy(v))
+        return
+    values = [ops.convert_to_numpy(v) for v in old.weights]
+    current = new.get_weights()
+    new.set_weights(values[: len(current)] + current[len(values):])
 
 
 def _precision_overrides(candidates, overrides):
