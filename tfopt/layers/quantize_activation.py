@@ -78,11 +78,13 @@ def track_and_quantize(inputs, range_weights, spec, momentum, update, start=0, f
     count = ops.convert_to_tensor(range_updates)
     step = count if step is None else step
     if update:
-        x = ops.cast(ops.stop_gradient(inputs), "float32")
-        batch_lo, batch_hi = _backend.cross_replica_min_max(ops.min(x), ops.max(x))
-        first = ops.equal(count, 0)
-        new_lo = ops.where(first, batch_lo, momentum * lo + (1.0 - momentum) * batch_lo)
-        new_hi = ops.where(first, batch_hi, momentum * hi + (1.0 - momentum) * batch_hi)
+        # Few ops: on small models each op's fixed cost, not the reductions,
+        # is most of what QAT adds to a step.
+        x = ops.stop_gradient(inputs)
+        batch_lo, batch_hi = _backend.cross_replica_min_max(
+            ops.cast(ops.min(x), "float32"), ops.cast(ops.max(x), "float32"))
+        old = ops.where(ops.equal(count, 0), 0.0, momentum)  # the first batch sets the range
+        new_lo, new_hi = batch_lo + old * (lo - batch_lo), batch_hi + old * (hi - batch_hi)
         if freeze is not None:
             frozen = ops.greater_equal(count, freeze)
             new_lo, new_hi = ops.where(frozen, lo, new_lo), ops.where(frozen, hi, new_hi)
@@ -90,8 +92,8 @@ def track_and_quantize(inputs, range_weights, spec, momentum, update, start=0, f
         range_min.assign(lo)
         range_max.assign(hi)
         range_updates.assign_add(1)
-    lo = ops.minimum(lo, 0.0)
-    hi = ops.maximum(ops.maximum(hi, 0.0), lo + 1e-6)
+    # TFLite needs 0 inside the range; lo <= 0 < 1e-6 <= hi keeps it non-empty.
+    lo, hi = ops.minimum(lo, 0.0), ops.maximum(hi, 1e-6)
     return when_started(step, start, lambda: quantizers.quantize_activation(inputs, lo, hi, spec), inputs)
 
 
