@@ -6,7 +6,7 @@ import tfopt
 from tfopt import testing
 
 _PUBLIC = {
-    "tfopt": ["callbacks", "layers", "quantizers", "schedules", "sparsity", "prune", "strip", "load_model", "quantize_model",
+    "tfopt": ["callbacks", "distillation", "layers", "quantizers", "schedules", "sparsity", "prune", "strip", "load_model", "quantize_model",
               "summary", "export", "ExportReport"],
     "tfopt.layers": ["Prunable", "QuantizeActivation", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
                      "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",

@@ -9,17 +9,22 @@ Public API:
 - `tfopt.strip(model)`: a plain Keras model with the masks baked in.
 - `tfopt.summary(model)`: per-layer sparsity table, printed and returned.
 - `tfopt.export(model, path)`: LiteRT file, checked in the interpreter, with sizes.
+- `tfopt.quantize_model(model)`, `tfopt.quantizers`, `tfopt.callbacks.QuantizationSchedule`:
+  quantization-aware training to a full-integer LiteRT model.
+- `tfopt.distillation`: teacher-student distillation, cached (`attach_teacher` +
+  `DistillationLoss`) or online (`Distiller`).
 """
 
 __version__ = "0.1.0"
 
-from tfopt import callbacks, layers, quantizers, schedules, sparsity  # noqa: E402
+from tfopt import callbacks, distillation, layers, quantizers, schedules, sparsity  # noqa: E402
 from tfopt.exporting import ExportReport, export  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
 from tfopt.transforms import load_model, prune, quantize_model, strip  # noqa: E402
 
 __all__ = [
     "callbacks",
+    "distillation",
     "layers",
     "quantizers",
     "schedules",

@@ -1,0 +1,282 @@
+"""Distillation: cached (attach_teacher + DistillationLoss) and online (Distiller)."""
+
+import os
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import parameterized
+
+import tfopt
+from tfopt import distillation as D
+from tfopt import testing
+
+
+def _mlp(width, classes=4, name=None, inputs=8):
+    inp = keras.Input((inputs,))
+    x = keras.layers.Dense(width, activation="relu", name=f"{name}_hidden")(inp)
+    return keras.Model(inp, keras.layers.Dense(classes, name=f"{name}_logits")(x), name=name)
+
+
+def _frozen_teacher(width=32, seed=0):
+    keras.utils.set_random_seed(seed)
+    teacher = _mlp(width, name="teacher")
+    teacher.trainable = False
+    return teacher
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 8)).astype("float32"), rng.integers(0, 4, n)
+
+
+class LossTest(testing.TestCase, parameterized.TestCase):
+    @parameterized.parameters(("kd", 1.0), ("kd", 4.0), ("mse", 1.0))
+    def test_distiller_and_cached_give_the_same_loss(self, method, temperature):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        x_fit, y_fit = D.attach_teacher((x, y), teacher)
+        loss = D.DistillationLoss(temperature=temperature, alpha=0.3, method=method)
+        cached = float(loss(y_fit, student(x)))
+        distiller = D.Distiller(teacher, student, temperature=temperature, alpha=0.3, method=method)
+        online = float(distiller.compute_loss(x, y, student(x), training=False))
+        self.assertAllClose(cached, online, rtol=1e-5)
+        # and by hand: alpha * CE + (1 - alpha) * T^2 KL
+        t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
+        ce = keras.losses.sparse_categorical_crossentropy(y, s, from_logits=True)
+        teach = D.kd_loss(t, s, temperature) if method == "kd" else D.logit_mse(t, s)
+        self.assertAllClose(cached, float(np.mean(0.3 * ce + 0.7 * np.asarray(teach))), rtol=1e-5)
+
+    def test_unlabelled_samples_train_on_the_teacher_alone(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        extra = _data(16, seed=1)[0]
+        x_fit, y_fit = D.attach_teacher((x, y), teacher, unlabelled=extra)
+        self.assertEqual(y_fit.shape, (80, 5))
+        self.assertAllEqual(y_fit[64:, 0], np.full(16, -1.0))
+        loss = D.DistillationLoss(alpha=0.4)
+        per_sample_unlabelled = loss.call(y_fit[64:], student(extra))
+        kd = D.kd_loss(teacher.predict(extra, verbose=0), student(extra), D.DEFAULT_TEMPERATURE)
+        self.assertAllClose(per_sample_unlabelled, 0.6 * np.asarray(kd), rtol=1e-5)
+        x_only, y_only = D.attach_teacher(extra, teacher)
+        self.assertAllEqual(y_only[:, 0], np.full(16, -1.0))
+
+    def test_one_hot_labels_and_plain_labels(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        one_hot = keras.utils.to_categorical(y, 4)
+        _, packed_sparse = D.attach_teacher((x, y), teacher)
+        _, packed_dense = D.attach_teacher((x, one_hot), teacher)
+        self.assertEqual(packed_dense.shape, (64, 8))
+        loss = D.DistillationLoss()
+        self.assertAllClose(float(loss(packed_sparse, student(x))), float(loss(packed_dense, student(x))), rtol=1e-5)
+        ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.assertAllClose(float(loss(y, student(x))), float(ce(y, student(x))), rtol=1e-5)
+
+    def test_label_accuracy_skips_unlabelled(self):
+        m = D.LabelAccuracy()
+        m.update_state(np.array([[0, 9, 0], [1, 9, 0], [-1, 0, 9]], "float32"),
+                       np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "float32"))
+        self.assertAllClose(float(m.result()), 0.5)
+
+
+class CachedTest(testing.TestCase):
+    def test_fit_never_calls_the_teacher(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        x_fit, y_fit = D.attach_teacher((x, y), teacher)
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("the teacher ran during fit")
+
+        teacher.call = teacher.predict = teacher.__call__ = forbidden
+        student.compile("adam", D.DistillationLoss(), metrics=[D.LabelAccuracy()], steps_per_execution=2)
+        history = student.fit(x_fit, y_fit, batch_size=16, epochs=2, verbose=0)
+        self.assertLess(history.history["loss"][-1], history.history["loss"][0])
+        self.assertIn("label_accuracy", history.history)
+
+    def test_datasets_in_and_out(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        cached = D.attach_teacher(data, teacher)
+        self.assertIsInstance(cached, tf.data.Dataset)
+        xb, yb = next(iter(cached))
+        self.assertEqual(tuple(yb.shape), (16, 5))
+        self.assertAllClose(yb[:, 1:], teacher.predict(x[:16], verbose=0), atol=1e-5)
+        student.compile("adam", D.DistillationLoss())
+        student.fit(cached, epochs=1, verbose=0)
+
+    def test_student_compiled_with_the_loss_round_trips(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        x_fit, y_fit = D.attach_teacher((x, y), teacher)
+        student.compile("adam", D.DistillationLoss(temperature=3.0, alpha=0.2, method="mse"),
+                        metrics=[D.LabelAccuracy()])
+        student.fit(x_fit, y_fit, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "student.keras")
+        student.save(path)
+        loaded = keras.models.load_model(path)
+        self.assertIsInstance(loaded.loss, D.DistillationLoss)
+        self.assertEqual((loaded.loss.temperature, loaded.loss.alpha, loaded.loss.method), (3.0, 0.2, "mse"))
+        self.assertAllClose(loaded.evaluate(x_fit, y_fit, verbose=0), student.evaluate(x_fit, y_fit, verbose=0),
+                            rtol=1e-5)
+        loaded.fit(x_fit, y_fit, verbose=0)
+
+    def test_temperature_schedule_reads_the_step_in_graph(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data(16)
+        x_fit, y_fit = D.attach_teacher((x, y), teacher)
+        schedule = keras.optimizers.schedules.PolynomialDecay(4.0, 4, 1.0)
+        loss = D.DistillationLoss(temperature=schedule, alpha=0.0)
+        student.compile(keras.optimizers.SGD(0.0), loss, steps_per_execution=4)
+        with self.assertRaisesRegex(ValueError, "DistillationSchedule"):
+            student.fit(x_fit, y_fit, batch_size=4, verbose=0)
+        student.compile(keras.optimizers.SGD(0.0), loss, steps_per_execution=4)
+        student.fit(x_fit, y_fit, batch_size=4, verbose=0, callbacks=[D.DistillationSchedule()])
+        # After 4 steps the schedule is at its end, T = 1: the loss is T=1's.
+        t, s = teacher.predict(x, verbose=0), student.predict(x, verbose=0)
+        self.assertAllClose(float(loss(y_fit, s)), float(np.mean(D.kd_loss(t, s, 1.0))), rtol=1e-5)
+
+
+class DistillerTest(testing.TestCase):
+    def test_fit_and_round_trip(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        distiller = D.Distiller(teacher, student, temperature=2.0, alpha=0.5)
+        distiller.compile("adam", metrics=["accuracy"], steps_per_execution=2)
+        teacher_before = [w.copy() for w in teacher.get_weights()]
+        history = distiller.fit(x, y, batch_size=16, epochs=3, verbose=0)
+        self.assertLess(history.history["loss"][-1], history.history["loss"][0])
+        for a, b in zip(teacher.get_weights(), teacher_before):
+            self.assertAllEqual(a, b)
+        path = os.path.join(tempfile.mkdtemp(), "distiller.keras")
+        distiller.save(path)
+        loaded = keras.models.load_model(path)
+        self.assertIsInstance(loaded, D.Distiller)
+        self.assertAllClose(loaded.student.predict(x, verbose=0), student.predict(x, verbose=0), atol=1e-6)
+        self.assertEqual((loaded.temperature, loaded.alpha), (2.0, 0.5))
+        self.assertFalse(loaded.teacher.trainable)
+
+    def test_trainable_teacher_is_frozen_with_a_warning(self):
+        keras.utils.set_random_seed(0)
+        teacher = _mlp(16, name="teacher")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            D.Distiller(teacher, _mlp(8, name="student"))
+        self.assertFalse(teacher.trainable)
+        self.assertTrue(any("frozen" in str(w.message) for w in caught))
+
+    def test_feature_hint_with_projection_and_attention_transfer(self):
+        def cnn(width, name):
+            inp = keras.Input((8, 8, 1))
+            x = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name=f"{name}_conv")(inp)
+            x = keras.layers.GlobalAveragePooling2D()(x)
+            return keras.Model(inp, keras.layers.Dense(4)(x), name=name)
+
+        teacher, student = cnn(16, "teacher"), cnn(4, "student")
+        teacher.trainable = False
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((32, 8, 8, 1)).astype("float32"), rng.integers(0, 4, 32)
+        distiller = D.Distiller(teacher, student, losses=[
+            D.FeatureHint("teacher_conv", "student_conv", weight=0.5),
+            D.AttentionTransfer("teacher_conv", "student_conv", weight=10.0),
+        ])
+        self.assertEqual(distiller.projections[0].units, 16)
+        self.assertIsNone(distiller.projections[1])
+        distiller.compile("adam")
+        history = distiller.fit(x, y, batch_size=8, epochs=3, verbose=0)
+        self.assertLess(history.history["loss"][-1], history.history["loss"][0])
+        with_features = float(distiller.compute_loss(x, y, distiller(x, training=True), training=True))
+        outputs_only = float(distiller.compute_loss(x, y, student(x), training=False))
+        self.assertGreater(with_features, outputs_only)  # the feature terms count
+        path = os.path.join(tempfile.mkdtemp(), "features.keras")
+        distiller.save(path)
+        loaded = keras.models.load_model(path)
+        self.assertAllClose(loaded.projections[0].kernel.numpy(), distiller.projections[0].kernel.numpy())
+
+
+class BadInputTest(testing.TestCase, parameterized.TestCase):
+    @parameterized.parameters(0, -1.0, True, "warm")
+    def test_temperature(self, value):
+        with self.assertRaisesRegex(ValueError, r"`temperature` must be a number > 0.*Received: temperature="):
+            D.DistillationLoss(temperature=value)
+        with self.assertRaisesRegex(ValueError, r"`temperature` must be a number > 0"):
+            D.Distiller(_frozen_teacher(), _mlp(8, name="student"), temperature=value)
+
+    @parameterized.parameters(-0.1, 1.5, None)
+    def test_alpha(self, value):
+        with self.assertRaisesRegex(ValueError, r"`alpha` .* must be in \[0, 1\]"):
+            D.DistillationLoss(alpha=value)
+
+    def test_output_shapes_that_cannot_match(self):
+        with self.assertRaisesRegex(ValueError, r"teacher's output shape \(None, 4\) and the student's \(None, 5\)"):
+            D.Distiller(_frozen_teacher(), _mlp(8, classes=5, name="student"))
+        teacher = _frozen_teacher()
+        x, y = _data()
+        _, y_fit = D.attach_teacher((x, y), teacher)
+        with self.assertRaisesRegex(ValueError, r"targets have 5 columns .* student outputs 3 values"):
+            D.DistillationLoss()(y_fit, np.zeros((64, 3), "float32"))
+
+    def test_integer_teacher_outputs(self):
+        x, y = _data()
+        with self.assertRaisesRegex(ValueError, r"outputs are int64, not floats"):
+            D.attach_teacher((x, y), np.zeros((64, 4), "int64"))
+
+    def test_feature_layer_names_that_do_not_exist(self):
+        with self.assertRaisesRegex(ValueError, r"the student has no layer named 'nope'. Its layers are"):
+            D.Distiller(_frozen_teacher(), _mlp(8, name="student"), losses=[D.FeatureHint("teacher_hidden", "nope")])
+
+    def test_features_of_a_subclassed_student(self):
+        class Student(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.d = keras.layers.Dense(4)
+
+            def call(self, x):
+                return self.d(x)
+
+        with self.assertRaisesRegex(ValueError, r"subclassed model \(Student\).*Functional or Sequential"):
+            D.Distiller(_frozen_teacher(), Student(), losses=[D.FeatureHint("teacher_hidden", "d")])
+
+    def test_cached_outputs_of_the_wrong_length(self):
+        x, y = _data()
+        with self.assertRaisesRegex(ValueError, r"cached teacher outputs have 10 rows but the data has 64 samples"):
+            D.attach_teacher((x, y), np.zeros((10, 4), "float32"))
+        with self.assertRaisesRegex(ValueError, r"x has 64 samples but y has 3"):
+            D.attach_teacher((x, y[:3]), _frozen_teacher())
+
+    def test_labels_out_of_range(self):
+        x, _ = _data()
+        with self.assertRaisesRegex(ValueError, r"class indices in \[0, 4\)"):
+            D.attach_teacher((x, np.full(64, 7)), _frozen_teacher())
+
+
+@pytest.mark.slow
+class CombinedRecipeTest(testing.TestCase):
+    def test_distill_prune_quantize_exports_int8_with_parity(self):
+        from tfopt.demo import _compile, build_cnn, load_digits
+
+        x_train, y_train, x_test, y_test = load_digits(0)
+        keras.utils.set_random_seed(0)
+        teacher = build_cnn()
+        _compile(teacher)
+        teacher.fit(x_train, y_train, epochs=4, verbose=0)
+        teacher.trainable = False
+        x_fit, y_fit = D.attach_teacher((x_train, y_train), teacher)
+        schedule = tfopt.schedules.PolynomialDecay(0.0, 0.8, "0%", "50%", frequency="10%")
+        student = tfopt.quantize_model(tfopt.prune(build_cnn(), schedule), "int8")
+        student.compile(keras.optimizers.Adam(1e-3), D.DistillationLoss(), metrics=[D.LabelAccuracy()])
+        student.fit(x_fit, y_fit, batch_size=32, epochs=4, verbose=0, callbacks=[tfopt.callbacks.Pruning()])
+        path = os.path.join(tempfile.mkdtemp(), "combined.tflite")
+        report = tfopt.export(student, path, inputs=x_test, precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertGreaterEqual(report.top1_agreement, 0.99)
+        self.assertAllClose(report.sparsity, 0.8, atol=0.01)
+        from tfopt.demo import _litert_accuracy
+
+        keras_acc = float(np.mean(np.argmax(student.predict(x_test, verbose=0), -1) == y_test))
+        self.assertLessEqual(abs(_litert_accuracy(path, x_test, y_test) - keras_acc), 0.005)
