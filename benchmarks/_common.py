@@ -46,3 +46,18 @@ def table(rows, columns):
     for row in rows:
         lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def pretrained_digits_cnn(seed, epochs):
+    """The demo CNN trained `epochs` on digits from seed `seed`: returns its
+    weights and `(x_train, y_train, x_test, y_test)` (the split of seed 0)."""
+    import keras
+
+    from tfopt.demo import _compile, build_cnn, load_digits
+
+    keras.utils.set_random_seed(seed)
+    data = load_digits(seed=0)
+    base = build_cnn()
+    _compile(base)
+    base.fit(data[0], data[1], batch_size=32, epochs=epochs, verbose=0)
+    return base.get_weights(), data

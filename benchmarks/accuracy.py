@@ -25,17 +25,13 @@ CONFIGS = [("unstructured 50%", 0.5, None), ("unstructured 80%", 0.8, None),
 
 
 def run_seed(seed, epochs, finetune_epochs, out_dir):
-    import keras
 
     import tfopt
-    from tfopt.demo import _compile, build_cnn, load_digits
+    from tfopt.demo import _compile, build_cnn
 
-    keras.utils.set_random_seed(seed)
-    x_train, y_train, x_test, y_test = load_digits(seed=0)
-    base = build_cnn()
-    _compile(base)
-    base.fit(x_train, y_train, batch_size=32, epochs=epochs, verbose=0)
-    snapshot = base.get_weights()
+    from _common import pretrained_digits_cnn
+
+    snapshot, (x_train, y_train, x_test, y_test) = pretrained_digits_cnn(seed, epochs)
 
     def finish(model, callbacks):
         _compile(model, learning_rate=5e-4)

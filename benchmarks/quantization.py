@@ -38,17 +38,13 @@ PRECISIONS = [("int8 QAT", "int8", None), ("int4 QAT", "int4", None), ("binary Q
 
 
 def run_seed(seed, epochs, finetune_epochs, out_dir):
-    import keras
 
     import tfopt
-    from tfopt.demo import _compile, _litert_accuracy, build_cnn, load_digits
+    from tfopt.demo import _compile, _litert_accuracy, build_cnn
 
-    keras.utils.set_random_seed(seed)
-    x_train, y_train, x_test, y_test = load_digits(seed=0)
-    base = build_cnn()
-    _compile(base)
-    base.fit(x_train, y_train, batch_size=32, epochs=epochs, verbose=0)
-    snapshot = base.get_weights()
+    from _common import pretrained_digits_cnn
+
+    snapshot, (x_train, y_train, x_test, y_test) = pretrained_digits_cnn(seed, epochs)
 
     def start():
         model = build_cnn()

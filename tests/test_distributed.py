@@ -143,3 +143,40 @@ class MirroredQuantizationTest(testing.TestCase):
             self.assertEqual(len(values), 2)
             self.assertAllEqual(values[0], values[1])
         self.assertGreater(np.abs(conv.bn_moving_variance.numpy() - 1.0).max(), 0.5)
+
+
+class MirroredDistillationTest(testing.TestCase):
+    def _models(self):
+        from tfopt.demo import build_cnn
+
+        keras.utils.set_random_seed(0)
+        teacher = build_cnn(widths=(8, 8, 16), name="teacher")
+        teacher.trainable = False
+        student = build_cnn(widths=(4, 4, 8), name="student")
+        return teacher, student
+
+    def test_cached_and_online_match_a_single_device_run(self):
+        rng = np.random.default_rng(0)
+        x, y = rng.uniform(0, 1, (32, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 32)
+        results = {}
+        for kind in ("one", "mirrored"):
+            for path in ("cached", "online"):
+                with _strategy(kind).scope():
+                    teacher, student = self._models()
+                    if path == "cached":
+                        x_fit, y_fit = tfopt.distillation.attach_teacher((x, y), teacher)
+                        model = student
+                        model.compile(keras.optimizers.SGD(0.1), tfopt.distillation.DistillationLoss())
+                    else:
+                        x_fit, y_fit = x, y
+                        model = tfopt.distillation.Distiller(teacher, student)
+                        model.compile(keras.optimizers.SGD(0.1))
+                model.fit(x_fit, y_fit, batch_size=16, epochs=2, shuffle=False, verbose=0)
+                kernel = student.layers[-1].kernel
+                values = _replica_values(kernel)
+                self.assertEqual(len(values), 2 if kind == "mirrored" else 1)
+                self.assertAllEqual(values[0], values[-1])
+                results[(kind, path)] = values[0]
+        for path in ("cached", "online"):
+            self.assertAllClose(results[("mirrored", path)], results[("one", path)], atol=1e-5, rtol=1e-5)
+        self.assertAllClose(results[("one", "cached")], results[("one", "online")], atol=1e-5, rtol=1e-5)

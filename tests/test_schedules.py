@@ -1,7 +1,6 @@
 """Schedules: tfmot semantics, relative steps, presets, serialization, bad input."""
 
 import keras
-import numpy as np
 from absl.testing import parameterized
 
 import tfopt

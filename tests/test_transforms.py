@@ -255,7 +255,7 @@ class QuantizeModelTest(testing.TestCase):
 
 class BatchNormFoldingTest(testing.TestCase):
     def test_conv_bn_is_folded_trains_exports_and_reloads(self):
-        from tfopt.demo import _compile, load_digits
+        from tfopt.demo import load_digits
 
         x_train, y_train, x_test, _ = load_digits(0)
         inputs = keras.Input((8, 8, 1))
