@@ -1,4 +1,4 @@
-"""Shared test setup: quiet TensorFlow, and 2 logical CPUs for MirroredStrategy.
+"""Shared test setup: quiet TensorFlow, and 4 logical CPUs for MirroredStrategy.
 
 The CPU must be split before TensorFlow runs its first op, so it happens here,
 at collection time, before any test module builds a model.
@@ -13,5 +13,5 @@ import tensorflow as tf  # noqa: E402
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 4
 )

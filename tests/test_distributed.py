@@ -1,4 +1,4 @@
-"""Pruning under MirroredStrategy on 2 logical CPUs (split in conftest.py)."""
+"""tfopt under MirroredStrategy on 2 and 4 logical CPUs (split in conftest.py)."""
 
 import os
 import tempfile
@@ -27,8 +27,9 @@ def _make_strategy(kind):
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     if kind == "one":
         return tf.distribute.OneDeviceStrategy(devices[0])
-    assert len(devices) >= 2, devices
-    return tf.distribute.MirroredStrategy(devices[:2])
+    count = 4 if kind == "mirrored4" else 2
+    assert len(devices) >= count, devices
+    return tf.distribute.MirroredStrategy(devices[:count])
 
 
 def _replica_values(variable):

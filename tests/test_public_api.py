@@ -6,7 +6,7 @@ import tfopt
 from tfopt import testing
 
 _PUBLIC = {
-    "tfopt": ["callbacks", "distillation", "layers", "quantizers", "schedules", "sparsity", "prune", "strip", "load_model", "quantize_model",
+    "tfopt": ["callbacks", "distillation", "layers", "quantizers", "schedules", "sparsity", "strategies", "prune", "strip", "load_model", "quantize_model",
               "summary", "export", "ExportReport"],
     "tfopt.layers": ["Prunable", "QuantizeActivation", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
                      "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",
@@ -14,6 +14,11 @@ _PUBLIC = {
     "tfopt.callbacks": ["Pruning", "QuantizationSchedule"],
     "tfopt.schedules": ["SparsitySchedule", "ConstantSparsity", "PolynomialDecay", "constant_sparsity",
                         "polynomial_decay", "PRESETS", "get"],
+    "tfopt.strategies": ["auto", "Mirrored", "TPU", "MultiWorker", "global_batch_size",
+                         "recommended_steps_per_execution", "prepare_dataset", "is_chief", "chief_path", "check"],
+    "tfopt.distillation": ["DistillationLoss", "Distiller", "attach_teacher", "FeatureHint", "AttentionTransfer",
+                           "LabelAccuracy", "DistillationSchedule", "kd_loss", "logit_mse", "DEFAULT_TEMPERATURE",
+                           "DEFAULT_ALPHA"],
     "tfopt.sparsity": ["Structure", "Unstructured", "NM", "Block", "Channel", "get", "prune_lowest"],
 }
 

@@ -13,11 +13,12 @@ Public API:
   quantization-aware training to a full-integer LiteRT model.
 - `tfopt.distillation`: teacher-student distillation, cached (`attach_teacher` +
   `DistillationLoss`) or online (`Distiller`).
+- `tfopt.strategies`: `auto()`, `Mirrored`, `TPU`, `MultiWorker` and their helpers.
 """
 
 __version__ = "0.1.0"
 
-from tfopt import callbacks, distillation, layers, quantizers, schedules, sparsity  # noqa: E402
+from tfopt import callbacks, distillation, layers, quantizers, schedules, sparsity, strategies  # noqa: E402
 from tfopt.exporting import ExportReport, export  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
 from tfopt.transforms import load_model, prune, quantize_model, strip  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "quantizers",
     "schedules",
     "sparsity",
+    "strategies",
     "prune",
     "strip",
     "load_model",

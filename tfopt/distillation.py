@@ -672,6 +672,9 @@ class Distiller(keras.Model):
             )
         kwargs.pop("loss", None)
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+        from tfopt import strategies
+
+        strategies.check(self)
 
     def get_config(self):
         def ser(v):
@@ -715,6 +718,9 @@ class DistillationSchedule(keras.callbacks.Callback):
     """
 
     def on_train_begin(self, logs=None):
+        from tfopt import strategies
+
+        strategies.check(self.model)
         losses = [loss for loss in keras.tree.flatten(getattr(self.model, "loss", None) or [])
                   if isinstance(loss, DistillationLoss)]
         if isinstance(self.model, Distiller):

@@ -85,6 +85,9 @@ class Pruning(keras.callbacks.Callback):
         super().set_model(model)
 
     def on_train_begin(self, logs=None):
+        from tfopt import strategies
+
+        strategies.check(self.model)
         total = None
         if self.params and self.params.get("steps") and self.params.get("epochs"):
             total = int(self.params["epochs"]) * int(self.params["steps"])

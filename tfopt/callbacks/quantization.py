@@ -90,6 +90,9 @@ class QuantizationSchedule(keras.callbacks.Callback):
         return int(round(value * int(self.params["epochs"]) * int(self.params["steps"])))
 
     def on_train_begin(self, logs=None):
+        from tfopt import strategies
+
+        strategies.check(self.model)
         points = [self._resolve(n, getattr(self, n)) for n in ("start", "freeze_ranges", "freeze_batch_norm")]
         layers = [layer for layer in pruning.all_layers(self.model) if isinstance(layer, QuantizationSchedulable)]
         quantizing = [layer for layer in layers if getattr(layer, "_output_spec", True) is not None]

@@ -1,1 +1,394 @@
-"""Distribution-strategy wrappers (filled by the strategies issue)."""
+"""Distribution strategies: the same tfopt training on one device, several GPUs,
+several machines and Colab TPUs.
+
+`auto()` picks the strategy for the machine it runs on. `Mirrored`, `TPU` and
+`MultiWorker` are the `tf.distribute` strategies themselves (subclasses: use
+them wherever a `tf.distribute.Strategy` goes) with the helpers a training
+script needs every time: `global_batch_size`, `recommended_steps_per_execution`,
+`prepare_dataset`, `is_chief` and `chief_path`. The same helpers are module
+functions taking any strategy, so code written against `auto()` works when it
+returns the default strategy too.
+
+Everything tfopt keeps during training (pruning masks and steps, activation
+ranges, folded BatchNorm statistics) is equal on every replica: the
+statistics are reduced over replicas in the train step (see DESIGN.md).
+
+Known upstream limits, checked up front by `check(model)` (tfopt's callbacks
+call it at the start of `fit`):
+
+- On several logical CPU devices, `MirroredStrategy` fails with
+  `jit_compile=True` (XLA: a variable on another device) and with
+  `steps_per_execution > 1` ("You must feed a value for placeholder tensor",
+  keras-team/keras#19246), for any Keras model. GPUs and TPUs are not
+  affected as far as we know; we could not measure them here.
+- Keras 3 `fit` under `MultiWorkerMirroredStrategy` fails as shipped
+  (tensorflow/tensorflow#72388): `MultiWorker` applies a narrow fix to Keras's
+  TensorFlow trainer when it is created (see `_multi_worker_fix`).
+"""
+
+import json
+import logging
+import os
+import tempfile
+
+import tensorflow as tf
+
+__all__ = [
+    "auto",
+    "Mirrored",
+    "TPU",
+    "MultiWorker",
+    "global_batch_size",
+    "recommended_steps_per_execution",
+    "prepare_dataset",
+    "is_chief",
+    "chief_path",
+    "check",
+]
+
+log = logging.getLogger("tfopt")
+
+
+# --- helpers for any strategy ----------------------------------------------------------
+def global_batch_size(strategy, per_replica_batch_size):
+    """The batch size to give `fit` so that each replica gets `per_replica_batch_size`.
+
+    Example:
+    >>> import tensorflow as tf
+    >>> global_batch_size(tf.distribute.get_strategy(), 32)
+    32
+    """
+    if isinstance(per_replica_batch_size, bool) or not isinstance(per_replica_batch_size, int) \
+            or per_replica_batch_size < 1:
+        raise ValueError(
+            f"`per_replica_batch_size` must be an int >= 1. Received: {per_replica_batch_size!r}"
+        )
+    return per_replica_batch_size * strategy.num_replicas_in_sync
+
+
+def _is_tpu(strategy):
+    return isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
+
+
+def _is_multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+        strategy.extended._in_multi_worker_mode()
+
+
+def _cpu_mirrored(strategy):
+    """True for a MirroredStrategy over several devices that are all CPUs."""
+    if not isinstance(strategy, tf.distribute.MirroredStrategy):
+        return False
+    devices = list(strategy.extended.worker_devices)
+    return len(devices) > 1 and all("CPU" in d.upper() for d in devices)
+
+
+def recommended_steps_per_execution(strategy):
+    """The `steps_per_execution` to compile with under `strategy`.
+
+    32 on TPUs (each execution is a host round trip; Keras and Google's TPU
+    guides use 32 or more), 1 on several CPU devices (more fails upstream,
+    see the module docstring), 1 elsewhere (on GPUs and one device, >1 helps
+    only models whose steps take well under a millisecond; measure first).
+
+    Example:
+    >>> import tensorflow as tf
+    >>> recommended_steps_per_execution(tf.distribute.get_strategy())
+    1
+    """
+    return 32 if _is_tpu(strategy) else 1
+
+
+def prepare_dataset(strategy, dataset, per_replica_batch_size=None, shuffle_buffer=None, seed=None):
+    """Readies a `tf.data.Dataset` for `fit` under `strategy`.
+
+    Batches it to the global batch size (if `per_replica_batch_size` is
+    given; on TPUs with `drop_remainder=True`, as XLA needs static shapes),
+    shuffles first if asked, shards by data across workers under
+    `MultiWorker` (each worker reads every element and keeps its share, the
+    policy that works with in-memory datasets), and prefetches. Keras then
+    distributes the batches over replicas itself.
+
+    Example:
+    >>> import numpy as np, tensorflow as tf
+    >>> data = tf.data.Dataset.from_tensor_slices(np.arange(10))
+    >>> [b.shape[0] for b in prepare_dataset(tf.distribute.get_strategy(), data, 4)]
+    [4, 4, 2]
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            f"`prepare_dataset` takes a tf.data.Dataset. Received: {type(dataset).__name__}. Make one with "
+            "`tf.data.Dataset.from_tensor_slices((x, y))`."
+        )
+    if shuffle_buffer:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed)
+    if per_replica_batch_size is not None:
+        dataset = dataset.batch(global_batch_size(strategy, per_replica_batch_size), drop_remainder=_is_tpu(strategy))
+    if _is_multi_worker(strategy):
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        dataset = dataset.with_options(options)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def is_chief(strategy):
+    """True on the one worker that should write checkpoints, exports and logs
+    (always True outside multi-worker training)."""
+    if not _is_multi_worker(strategy):
+        return True
+    resolver = strategy.cluster_resolver
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type == "chief":
+        return True
+    has_chief = "chief" in (resolver.cluster_spec().as_dict() or {})
+    return not has_chief and task_type == "worker" and task_id == 0
+
+
+def chief_path(strategy, path):
+    """`path` on the chief; on other workers a fresh temporary directory's
+    counterpart, so that every worker can run the same save/export code
+    (collective ops need all of them) while only the chief's files count.
+
+    Example:
+    >>> import tensorflow as tf
+    >>> chief_path(tf.distribute.get_strategy(), "model.keras")
+    'model.keras'
+    """
+    if is_chief(strategy):
+        return path
+    task = strategy.cluster_resolver
+    directory = tempfile.mkdtemp(prefix=f"tfopt-{task.task_type}-{task.task_id}-")
+    return os.path.join(directory, os.path.basename(os.path.normpath(str(path))))
+
+
+def check(model):
+    """Raises a clear error, before any tracing, for a compile setting that is
+    known to fail under the model's strategy (see the module docstring)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None or not _cpu_mirrored(strategy):
+        return
+    steps = int(getattr(model, "steps_per_execution", 1) or 1)
+    jit = getattr(model, "jit_compile", False) is True
+    if steps > 1 or jit:
+        what = "jit_compile=True" if jit else f"steps_per_execution={steps}"
+        raise ValueError(
+            f"Model '{model.name}' is compiled with {what} under a MirroredStrategy over several CPU "
+            f"devices ({len(strategy.extended.worker_devices)}), which fails inside TensorFlow "
+            "(XLA cannot place the replicas' variables; `steps_per_execution > 1` loses a placeholder, "
+            "keras-team/keras#19246) for any Keras model. Compile with jit_compile=False and "
+            "steps_per_execution=1 on CPUs (`tfopt.strategies.recommended_steps_per_execution(strategy)`); "
+            "GPUs and TPUs are not affected."
+        )
+
+
+class _Helpers:
+    """The module's helpers as methods of a strategy."""
+
+    def global_batch_size(self, per_replica_batch_size):
+        return global_batch_size(self, per_replica_batch_size)
+
+    def recommended_steps_per_execution(self):
+        return recommended_steps_per_execution(self)
+
+    def prepare_dataset(self, dataset, per_replica_batch_size=None, shuffle_buffer=None, seed=None):
+        return prepare_dataset(self, dataset, per_replica_batch_size, shuffle_buffer, seed)
+
+    @property
+    def is_chief(self):
+        return is_chief(self)
+
+    def chief_path(self, path):
+        return chief_path(self, path)
+
+
+# --- the strategies ---------------------------------------------------------------------
+class Mirrored(_Helpers, tf.distribute.MirroredStrategy):
+    """`tf.distribute.MirroredStrategy` (synchronous replicas on one machine)
+    with tfopt's helpers.
+
+    Args:
+        devices: device names; None for all GPUs (or the CPU if there is none).
+        cross_device_ops: as in `tf.distribute.MirroredStrategy`.
+
+    Example:
+    >>> strategy = Mirrored(["/cpu:0"])
+    >>> strategy.num_replicas_in_sync, strategy.global_batch_size(16)
+    (1, 16)
+    """
+
+    def __init__(self, devices=None, cross_device_ops=None):
+        super().__init__(devices=devices, cross_device_ops=cross_device_ops)
+
+
+_TPU_SYSTEMS = {}
+
+
+def _tpu_resolver(tpu=None):
+    """A connected, initialized TPU cluster resolver (each TPU system is
+    initialized once per process: initializing again wipes its memory)."""
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    key = resolver.master() or str(tpu)
+    if key not in _TPU_SYSTEMS:
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        _TPU_SYSTEMS[key] = resolver
+    return _TPU_SYSTEMS[key]
+
+
+class TPU(_Helpers, tf.distribute.TPUStrategy):
+    """`tf.distribute.TPUStrategy` that resolves, connects to and initializes the TPU itself.
+
+    Args:
+        tpu: the TPU's name or address; None finds Colab's (or a TPU VM's
+            with "local").
+    """
+
+    def __init__(self, tpu=None):
+        super().__init__(_tpu_resolver(tpu))
+
+
+def _multi_worker_fix():
+    """Makes Keras 3's TensorFlow trainer work under MultiWorkerMirroredStrategy.
+
+    Two narrow changes, applied once, only when Keras's trainer still has the
+    functions they replace:
+
+    1. `_maybe_symbolic_build` averages the first distributed batch across
+       workers just to learn its shapes (an extra collective, which fails for
+       integer labels); under multi-worker, take this worker's first replica's
+       batch instead. Other strategies keep Keras's code.
+    2. `reduce_per_replica` reduces scalar logs with `axis=0`, which fails
+       for scalars under multi-worker; reduce those with `axis=None`.
+
+    `tests/test_strategies.py` keeps a strict-xfail test of Keras without the
+    fix, so the suite says when an upstream release makes it unnecessary.
+    """
+    from keras import tree
+    from keras.src.backend.tensorflow import trainer
+
+    if getattr(trainer, "_tfopt_multi_worker_fix", False):
+        return
+    if not (hasattr(trainer, "reduce_per_replica") and hasattr(trainer.TensorFlowTrainer, "_maybe_symbolic_build")
+            and hasattr(trainer, "_collective_all_reduce_multi_worker")):
+        log.warning("tfopt: this Keras version's TensorFlow trainer has changed; not applying the multi-worker fix.")
+        return
+    original_build = trainer.TensorFlowTrainer._maybe_symbolic_build
+    original_reduce = trainer.reduce_per_replica
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if iterator is None or strategy is None or not trainer._collective_all_reduce_multi_worker(strategy):
+            return original_build(self, iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            batch = next(it)
+            data_batch = tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v,
+                batch,
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
+            return original_reduce(values, strategy, reduction)
+
+        def reduce(v):
+            local = strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
+            if getattr(local, "shape", None) is not None and local.shape.rank == 0:
+                return strategy.reduce("MEAN", v, axis=None)
+            return original_reduce(v, strategy, reduction)
+
+        return tree.map_structure(reduce, values)
+
+    trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+    trainer.reduce_per_replica = reduce_per_replica
+    trainer._tfopt_multi_worker_fix = True
+
+
+class MultiWorker(_Helpers, tf.distribute.MultiWorkerMirroredStrategy):
+    """`tf.distribute.MultiWorkerMirroredStrategy` (synchronous training over
+    several machines, configured by `TF_CONFIG`) with Keras 3's `fit` made to
+    work under it (see `_multi_worker_fix`) and tfopt's helpers.
+
+    Write checkpoints and exports to `strategy.chief_path(path)`: every worker
+    runs the same code, only the chief's files land at `path`.
+
+    Args:
+        cluster_resolver, communication_options: as in
+            `tf.distribute.MultiWorkerMirroredStrategy`.
+    """
+
+    def __init__(self, cluster_resolver=None, communication_options=None):
+        _multi_worker_fix()
+        super().__init__(cluster_resolver=cluster_resolver, communication_options=communication_options)
+
+
+# --- auto -------------------------------------------------------------------------------
+def _tf_config_workers():
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({e}): {os.environ.get('TF_CONFIG')!r}") from None
+    cluster = config.get("cluster") or {}
+    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def _tpu_available():
+    """A TPU is worth trying: Colab's TPU runtime or a TPU VM says so."""
+    return bool(os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_NAME")) or os.path.exists("/dev/accel0")
+
+
+def _choose():
+    """(kind, reason) for this machine: "tpu", "multi_worker", "mirrored" or "default"."""
+    if _tpu_available():
+        return "tpu", "a TPU is reachable"
+    workers = _tf_config_workers()
+    if workers > 1:
+        return "multi_worker", f"TF_CONFIG names {workers} workers"
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return "mirrored", f"{len(gpus)} GPUs"
+    return "default", "one device" + (" (a GPU)" if gpus else " (no GPU or TPU found)")
+
+
+def auto():
+    """The strategy for this machine, logged with the reason (logger "tfopt").
+
+    - `TPU()` when a TPU is reachable (Colab's TPU runtime, a TPU VM), resolved,
+      connected and initialized once per process;
+    - `MultiWorker()` when `TF_CONFIG` names several workers;
+    - `Mirrored()` over all GPUs when there are several;
+    - otherwise the default strategy (`tf.distribute.get_strategy()`: one
+      device, no overhead). Use the module functions (`global_batch_size(strategy,
+      32)`, ...) to write code that runs under any of them.
+
+    If a TPU is announced but cannot be reached, the error says so instead of
+    quietly training on the CPU.
+
+    Example:
+    >>> import tfopt
+    >>> strategy = tfopt.strategies.auto()
+    >>> strategy.num_replicas_in_sync
+    1
+    """
+    kind, reason = _choose()
+    if kind == "tpu":
+        try:
+            strategy = TPU()
+        except (ValueError, tf.errors.OpError) as e:
+            raise RuntimeError(
+                f"tfopt.strategies.auto: this machine announces a TPU (COLAB_TPU_ADDR, TPU_NAME or "
+                f"/dev/accel0) but it could not be reached: {e}. In Colab, pick Runtime > Change runtime "
+                "type > TPU, or unset the variable to train on the CPU."
+            ) from e
+    elif kind == "multi_worker":
+        strategy = MultiWorker()
+    elif kind == "mirrored":
+        strategy = Mirrored()
+    else:
+        strategy = tf.distribute.get_strategy()
+    log.info("tfopt.strategies.auto: %s with %d replica(s), because %s.", type(strategy).__name__,
+             strategy.num_replicas_in_sync, reason)
+    return strategy

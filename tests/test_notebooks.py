@@ -1,0 +1,34 @@
+"""The notebooks in notebooks/ execute top to bottom on CPU (small sizes), outputs stripped in git."""
+
+import glob
+import json
+import os
+import tempfile
+
+import pytest
+
+from tfopt import testing
+
+_NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           "notebooks", "*.ipynb")))
+
+
+@pytest.mark.slow
+class NotebooksTest(testing.TestCase):
+    def test_there_are_notebooks_and_their_outputs_are_stripped(self):
+        self.assertIn("colab_tpu.ipynb", [os.path.basename(p) for p in _NOTEBOOKS])
+        for path in _NOTEBOOKS:
+            with open(path) as f:
+                cells = json.load(f)["cells"]
+            for cell in cells:
+                self.assertFalse(cell.get("outputs"), f"{path}: outputs not stripped")
+
+    def test_notebooks_execute(self):
+        import nbclient
+        import nbformat
+
+        for path in _NOTEBOOKS:
+            notebook = nbformat.read(path, as_version=4)
+            client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                                             resources={"metadata": {"path": tempfile.mkdtemp()}})
+            client.execute()  # raises CellExecutionError naming the failing cell

@@ -1,0 +1,255 @@
+"""tfopt.strategies: auto() choices, helpers, up-front checks, jit readiness, MultiWorker on loopback."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfopt
+from tfopt import strategies as S
+from tfopt import testing
+from tests.test_distributed import _strategy
+
+
+class AutoTest(testing.TestCase):
+    def setUp(self):
+        super().setUp()
+        self._env = mock.patch.dict(os.environ, {}, clear=False)
+        self._env.start()
+        for key in ("TF_CONFIG", "COLAB_TPU_ADDR", "TPU_NAME"):
+            os.environ.pop(key, None)
+
+    def tearDown(self):
+        self._env.stop()
+        super().tearDown()
+
+    def test_no_accelerator_gives_the_default_strategy(self):
+        with mock.patch("os.path.exists", return_value=False):
+            self.assertEqual(S._choose()[0], "default")
+            with self.assertLogs("tfopt", level="INFO") as logs:
+                strategy = S.auto()
+        self.assertIs(strategy, tf.distribute.get_strategy())
+        self.assertIn("because one device", logs.output[0])
+
+    def test_several_gpus_give_mirrored(self):
+        gpus = [tf.config.LogicalDevice("/device:GPU:0", "GPU"), tf.config.LogicalDevice("/device:GPU:1", "GPU")]
+        real = tf.config.list_logical_devices
+        with mock.patch("os.path.exists", return_value=False), \
+                mock.patch.object(tf.config, "list_logical_devices",
+                                  side_effect=lambda kind=None: gpus if kind == "GPU" else real(kind)), \
+                mock.patch.object(S, "Mirrored", return_value=mock.Mock(num_replicas_in_sync=2)) as mirrored:
+            self.assertEqual(S._choose(), ("mirrored", "2 GPUs"))
+            S.auto()
+        mirrored.assert_called_once_with()
+
+    def test_tf_config_with_two_workers_gives_multi_worker(self):
+        os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                                              "task": {"type": "worker", "index": 0}})
+        with mock.patch("os.path.exists", return_value=False), \
+                mock.patch.object(S, "MultiWorker", return_value=mock.Mock(num_replicas_in_sync=2)) as multi:
+            self.assertEqual(S._choose(), ("multi_worker", "TF_CONFIG names 2 workers"))
+            S.auto()
+        multi.assert_called_once_with()
+        os.environ["TF_CONFIG"] = "{not json"
+        with self.assertRaisesRegex(ValueError, "TF_CONFIG is not valid JSON"):
+            S._choose()
+
+    def test_faked_tpu_resolver_connects_and_initializes_once(self):
+        os.environ["COLAB_TPU_ADDR"] = "10.0.0.2:8470"
+        resolver = mock.Mock()
+        resolver.master.return_value = "grpc://10.0.0.2:8470"
+        with mock.patch.object(tf.distribute.cluster_resolver, "TPUClusterResolver", return_value=resolver), \
+                mock.patch.object(tf.config, "experimental_connect_to_cluster") as connect, \
+                mock.patch.object(tf.tpu.experimental, "initialize_tpu_system") as initialize, \
+                mock.patch.dict(S._TPU_SYSTEMS, clear=True), \
+                mock.patch.object(tf.distribute.TPUStrategy, "__init__", return_value=None) as tpu_init:
+            self.assertEqual(S._choose()[0], "tpu")
+            S._tpu_resolver()
+            S._tpu_resolver()
+            connect.assert_called_once_with(resolver)
+            initialize.assert_called_once_with(resolver)
+            with mock.patch.object(S.TPU, "num_replicas_in_sync", 8, create=True):
+                strategy = S.auto()
+            self.assertIsInstance(strategy, S.TPU)
+            tpu_init.assert_called_with(resolver)
+            self.assertEqual(S.recommended_steps_per_execution(strategy), 32)
+
+    def test_unreachable_tpu_is_an_error_not_a_silent_cpu_run(self):
+        os.environ["TPU_NAME"] = "nowhere"
+        with mock.patch.object(tf.distribute.cluster_resolver, "TPUClusterResolver",
+                               side_effect=ValueError("Please provide a TPU Name")), \
+                mock.patch.dict(S._TPU_SYSTEMS, clear=True):
+            with self.assertRaisesRegex(RuntimeError, "announces a TPU .* could not be reached.*Change runtime type"):
+                S.auto()
+
+
+class HelpersTest(testing.TestCase):
+    def test_mirrored_helpers(self):
+        strategy = _strategy("mirrored")
+        self.assertEqual(S.global_batch_size(strategy, 16), 32)
+        self.assertTrue(S.is_chief(strategy))
+        self.assertEqual(S.chief_path(strategy, "/x/m.keras"), "/x/m.keras")
+        self.assertEqual(S.recommended_steps_per_execution(strategy), 1)
+        data = S.prepare_dataset(strategy, tf.data.Dataset.from_tensor_slices(np.arange(10)), 2)
+        self.assertEqual([int(b.shape[0]) for b in data], [4, 4, 2])
+        with self.assertRaisesRegex(ValueError, r"`per_replica_batch_size` must be an int >= 1. Received: 0"):
+            S.global_batch_size(strategy, 0)
+        with self.assertRaisesRegex(TypeError, "takes a tf.data.Dataset"):
+            S.prepare_dataset(strategy, np.arange(3))
+
+    def test_wrapper_is_a_tf_distribute_strategy(self):
+        strategy = S.Mirrored([d.name for d in tf.config.list_logical_devices("CPU")[:1]])
+        self.assertIsInstance(strategy, tf.distribute.MirroredStrategy)
+        self.assertEqual(strategy.global_batch_size(8), 8)
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((4,)), tfopt.layers.Dense(2, pruning_schedule="baseline")])
+            model.compile("sgd", "mse")
+        model.fit(np.ones((8, 4)), np.ones((8, 2)), verbose=0)
+
+    def test_known_upstream_failures_are_refused_up_front(self):
+        strategy = _strategy("mirrored")
+        x, y = np.ones((8, 4), "float32"), np.ones((8, 2), "float32")
+        for kwargs, needle in ((dict(steps_per_execution=2), "steps_per_execution=2"),
+                               (dict(jit_compile=True), "jit_compile=True")):
+            with strategy.scope():
+                model = keras.Sequential([keras.Input((4,)), tfopt.layers.Dense(2, quantization_aware="int8")])
+                model.compile("sgd", "mse", **kwargs)
+            with self.assertRaisesRegex(ValueError, rf"{needle} under a MirroredStrategy over several CPU devices"):
+                model.fit(x, y, verbose=0, callbacks=[tfopt.callbacks.QuantizationSchedule()])
+
+
+class JitReadinessTest(testing.TestCase):
+    """Every tfopt path compiles with jit_compile=True on one device (what TPUs need)."""
+
+    def _fit(self, model, x, y, **fit_kwargs):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, **fit_kwargs)
+        self.assertTrue(model.jit_compile)
+
+    def test_every_path_under_xla(self):
+        from tfopt import distillation as D
+        from tfopt.demo import build_cnn
+
+        rng = np.random.default_rng(0)
+        x, y = rng.uniform(0, 1, (32, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 32)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        # pruning: layers and callback
+        pruned = tfopt.prune(build_cnn(widths=(4, 4, 8)), tfopt.schedules.ConstantSparsity(0.5, 0, frequency=1))
+        pruned.compile("adam", loss, jit_compile=True)
+        self._fit(pruned, x, y)
+        self.assertAllClose(tfopt.summary(pruned, print_fn=None)[-1]["sparsity"], 0.5, atol=0.05)
+        plain = build_cnn(widths=(4, 4, 8))
+        plain.compile("adam", loss, jit_compile=True)
+        self._fit(plain, x, y, callbacks=[tfopt.callbacks.Pruning(tfopt.schedules.ConstantSparsity(0.5, 0, frequency=1))])
+        # QAT with BN folding and a schedule
+        inputs = keras.Input((8, 8, 1))
+        h = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, use_bias=False)(inputs))
+        base = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(keras.layers.ReLU()(h))))
+        qat = tfopt.quantize_model(base)
+        qat.compile("adam", loss, jit_compile=True)
+        self._fit(qat, x, y, callbacks=[tfopt.callbacks.QuantizationSchedule(start=2, freeze_batch_norm=3)])
+        # cached and online distillation
+        teacher = build_cnn(widths=(8, 8, 16))
+        teacher.trainable = False
+        student = build_cnn(widths=(4, 4, 8))
+        student.compile("adam", D.DistillationLoss(), jit_compile=True)
+        self._fit(student, *D.attach_teacher((x, y), teacher))
+        distiller = D.Distiller(teacher, build_cnn(widths=(4, 4, 8)))
+        distiller.compile("adam", jit_compile=True)
+        self._fit(distiller, x, y)
+
+
+class KnownUpstreamFailure(Exception):
+    """Keras's symbolic build or log reduction failed under multi-worker, as reported upstream."""
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+_JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi_worker_job.py")
+
+
+def _run_workers(out, extra=(), crash=None, timeout=240):
+    """Starts both workers; returns their exit codes (killing the survivor of a crash)."""
+    ports = ",".join(map(str, _free_ports(2)))
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(_JOB))}
+    env.pop("TF_CONFIG", None)
+    procs = []
+    for i in range(2):
+        args = [sys.executable, _JOB, str(i), ports, out, *extra]
+        if crash is not None and i == 1:
+            args += ["--crash-after-epoch", str(crash)]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        if crash is not None and procs[1].poll() is not None:
+            time.sleep(2)  # let the survivor finish its own backup, then it waits on a collective forever
+            break
+        time.sleep(0.5)
+    codes = []
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        out_text, err_text = p.communicate()
+        codes.append((p.returncode, err_text[-3000:]))
+    return codes
+
+
+def _weights(out, i):
+    with np.load(os.path.join(out, f"weights-{i}.npz")) as f:
+        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+@pytest.mark.slow
+class MultiWorkerTest(testing.TestCase):
+    def test_two_workers_train_identically_and_resume_after_a_crash(self):
+        clean = tempfile.mkdtemp()
+        codes = _run_workers(clean)
+        self.assertEqual([c for c, _ in codes], [0, 0], codes)
+        a, b = _weights(clean, 0), _weights(clean, 1)
+        for u, v in zip(a, b):
+            self.assertAllClose(u, v, atol=0, rtol=0)
+
+        crashed = tempfile.mkdtemp()
+        codes = _run_workers(crashed, crash=1)
+        self.assertEqual(codes[1][0], 3, codes)
+        self.assertFalse(os.path.exists(os.path.join(crashed, "weights-0.npz")))
+        codes = _run_workers(crashed)  # restart both: BackupAndRestore resumes after epoch 1
+        self.assertEqual([c for c, _ in codes], [0, 0], codes)
+        c, d = _weights(crashed, 0), _weights(crashed, 1)
+        for u, v in zip(c, d):
+            self.assertAllClose(u, v, atol=0, rtol=0)
+        # the schedule resumed: same sparsity and steps as the uninterrupted run
+        for u, v in zip(a, c):
+            if u.dtype == np.int64 or set(np.unique(u)) <= {0.0, 1.0}:
+                self.assertAllEqual(u, v)
+        masks = [w for w in c if w.ndim >= 2 and set(np.unique(w)) <= {0.0, 1.0}]
+        self.assertEqual(len(masks), 2)
+        for mask in masks:
+            self.assertAllClose(1.0 - mask.mean(), 0.75, atol=0.02)
+
+    @pytest.mark.xfail(strict=True, raises=KnownUpstreamFailure,
+                       reason="Keras 3 fit under MultiWorkerMirroredStrategy fails without tfopt's fix "
+                              "(tensorflow/tensorflow#72388); if this passes, upstream fixed it and the fix can go.")
+    def test_unpatched_keras_fails_under_multi_worker(self):
+        out = tempfile.mkdtemp()
+        codes = _run_workers(out, extra=["--unpatched"], timeout=120)
+        if any(c != 0 for c, _ in codes):
+            # Only the known failure counts as expected: anything else fails the test.
+            self.assertTrue(any("PerReplica" in err or "axis" in err for _, err in codes), codes)
+            raise KnownUpstreamFailure(codes[0][1][-300:])
