@@ -38,3 +38,112 @@ class CliTest(testing.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertIn("--sparsity must be in [0, 1). Received: 1.5", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+
+def _saved_models(directory):
+    """A pruned model, a QAT model, and a model with a Lambda layer, saved as .keras files."""
+    import keras
+    import numpy as np
+
+    import tfopt
+
+    x = np.random.default_rng(0).standard_normal((32, 8)).astype("float32")
+    pruned = keras.Sequential([keras.Input((8,)), tfopt.layers.Dense(16, pruning_schedule=tfopt.schedules.ConstantSparsity(
+        0.5, 0, frequency=1), name="hidden"), keras.layers.Dense(3, name="head")])
+    pruned.compile("adam", "mse")
+    pruned.fit(x, np.zeros((32, 3)), verbose=0)
+    qat = tfopt.quantize_model(keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="relu"),
+                                                 keras.layers.Dense(3)]))
+    qat(x, training=True)
+    lam = keras.Sequential([keras.Input((8,)), keras.layers.Lambda(lambda t: t * 2.0), keras.layers.Dense(3)])
+    paths = {}
+    for name, model in (("pruned", pruned), ("qat", qat), ("lambda", lam)):
+        paths[name] = os.path.join(directory, f"{name}.keras")
+        model.save(paths[name])
+    paths["data"] = os.path.join(directory, "data.npy")
+    np.save(paths["data"], x)
+    return paths
+
+
+class CliCommandsTest(testing.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.dir = tempfile.mkdtemp()
+        cls.paths = _saved_models(cls.dir)
+
+    def _main(self, *argv):
+        import contextlib
+        import io
+
+        from tfopt.__main__ import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    def test_inspect_and_export_in_a_subprocess(self):
+        result = subprocess.run([sys.executable, "-m", "tfopt", "inspect", self.paths["pruned"]],
+                                capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("hidden", result.stdout)
+        self.assertIn("total", result.stdout)
+        out = os.path.join(self.dir, "qat.tflite")
+        result = subprocess.run([sys.executable, "-m", "tfopt", "export", self.paths["qat"], "-o", out,
+                                 "--precision", "int8"], capture_output=True, text=True, timeout=300)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("float ops left: none", result.stdout)
+        self.assertGreater(os.path.getsize(out), 0)
+
+    def test_export_float16_and_post_training_int8(self):
+        out = os.path.join(self.dir, "p16.tflite")
+        code, stdout, _ = self._main("export", self.paths["pruned"], "-o", out, "--precision", "float16")
+        self.assertEqual(code, 0)
+        self.assertIn("bytes", stdout)
+        out8 = os.path.join(self.dir, "p8.tflite")
+        code, _, err = self._main("export", self.paths["pruned"], "-o", out8, "--precision", "int8")
+        self.assertEqual(code, 1)
+        self.assertIn("representative_data", err)
+        self.assertNotIn("Traceback", err)
+        code, stdout, err = self._main("export", self.paths["pruned"], "-o", out8, "--precision", "int8",
+                                       "--representative-data", self.paths["data"])
+        self.assertEqual(code, 0, err)
+        self.assertIn("float ops left: none", stdout)
+
+    def test_user_mistakes_are_one_line_and_exit_1(self):
+        text = os.path.join(self.dir, "notes.txt")
+        with open(text, "w") as f:
+            f.write("hello")
+        import zipfile
+
+        bare_zip = os.path.join(self.dir, "bare.keras")
+        with zipfile.ZipFile(bare_zip, "w") as z:
+            z.writestr("x.txt", "x")
+        cases = [
+            (("inspect", os.path.join(self.dir, "missing.keras")), "no such file"),
+            (("inspect", text), "is not a Keras file"),
+            (("inspect", bare_zip), "not a Keras model (no config.json"),
+            (("inspect", self.dir), "is a directory"),
+            (("export", self.paths["pruned"], "-o", os.path.join(self.dir, "x.bin")), "-o should name a .tflite"),
+            (("inspect", self.paths["lambda"]), "pass --unsafe"),
+        ]
+        for argv, needle in cases:
+            code, _, err = self._main(*argv)
+            self.assertEqual(code, 1, argv)
+            self.assertIn(needle, err, argv)
+            self.assertNotIn("Traceback", err, argv)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_unsafe_flag_loads_trusted_code(self):
+        code, stdout, err = self._main("inspect", self.paths["lambda"], "--unsafe")
+        self.assertEqual(code, 0, err)
+
+    def test_failed_export_keeps_the_previous_file(self):
+        out = os.path.join(self.dir, "keep.tflite")
+        with open(out, "wb") as f:
+            f.write(b"previous good file")
+        code, _, _ = self._main("export", self.paths["pruned"], "-o", out, "--precision", "int8")
+        self.assertEqual(code, 1)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), b"previous good file")

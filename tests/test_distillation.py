@@ -280,3 +280,14 @@ class CombinedRecipeTest(testing.TestCase):
 
         keras_acc = float(np.mean(np.argmax(student.predict(x_test, verbose=0), -1) == y_test))
         self.assertLessEqual(abs(_litert_accuracy(path, x_test, y_test) - keras_acc), 0.005)
+
+
+class UnevenBatchesTest(testing.TestCase):
+    def test_last_partial_batch(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data(50)  # 50 = 3 x 16 + 2: the batch dimension is dynamic
+        distiller = D.Distiller(teacher, student)
+        distiller.compile("adam")
+        distiller.fit(x, y, batch_size=16, verbose=0)
+        student.compile("adam", D.DistillationLoss())
+        student.fit(*D.attach_teacher((x, y), teacher), batch_size=16, verbose=0)

@@ -181,3 +181,44 @@ class MirroredDistillationTest(testing.TestCase):
         for path in ("cached", "online"):
             self.assertAllClose(results[("mirrored", path)], results[("one", path)], atol=1e-5, rtol=1e-5)
         self.assertAllClose(results[("one", "cached")], results[("one", "online")], atol=1e-5, rtol=1e-5)
+
+
+class MirroredEverythingTest(testing.TestCase, parameterized.TestCase):
+    """Pruning + QAT (BN folded) + cached distillation in one fit: every variable equal on
+    every replica, and equal to a single-device run with the same global batch."""
+
+    def _run(self, strategy):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 1))
+        h = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+        h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(h))
+        base = keras.Model(inputs, keras.layers.Dense(10, name="head")(keras.layers.Flatten()(h)))
+        teacher = keras.models.clone_model(base)
+        teacher.trainable = False
+        schedule = tfopt.schedules.PolynomialDecay(0.0, 0.5, 0, 4, power=1, frequency=1)
+        rng = np.random.default_rng(0)
+        x, y = rng.uniform(0, 1, (64, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 64)
+        import contextlib
+
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = tfopt.quantize_model(tfopt.prune(base, schedule), "int8")
+            model.compile(keras.optimizers.SGD(0.05), tfopt.distillation.DistillationLoss())
+            x_fit, y_fit = tfopt.distillation.attach_teacher((x, y), teacher)
+        model.fit(x_fit, y_fit, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[tfopt.callbacks.QuantizationSchedule(freeze_batch_norm=6)])
+        return model
+
+    @parameterized.named_parameters(("two_cpus", "mirrored", 2), ("four_cpus", "mirrored4", 4))
+    def test_matches_single_device(self, kind, replicas):
+        single = self._run(None)
+        mirrored = self._run(_strategy(kind))
+        names = set()
+        for s, m in zip(single.weights, mirrored.weights):
+            values = _replica_values(m)
+            self.assertEqual(len(values), replicas)
+            for v in values[1:]:
+                self.assertAllEqual(v, values[0], msg=m.path)
+            self.assertAllClose(values[0], keras.ops.convert_to_numpy(s), atol=2e-4, rtol=2e-4, msg=m.path)
+            names.add(m.path.split("/")[-1])
+        for state in ("kernel_mask", "pruning_step", "output_range_max", "bn_moving_variance", "range_min"):
+            self.assertIn(state, names)

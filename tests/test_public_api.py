@@ -7,7 +7,7 @@ from tfopt import testing
 
 _PUBLIC = {
     "tfopt": ["callbacks", "distillation", "layers", "quantizers", "schedules", "sparsity", "strategies", "prune", "strip", "load_model", "quantize_model",
-              "summary", "export", "ExportReport"],
+              "summary", "export", "ExportReport", "plot_sparsity", "plot_accuracy_vs_size"],
     "tfopt.layers": ["Prunable", "QuantizeActivation", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
                      "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",
                      "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"],

@@ -13,6 +13,7 @@ Public API:
   quantization-aware training to a full-integer LiteRT model.
 - `tfopt.distillation`: teacher-student distillation, cached (`attach_teacher` +
   `DistillationLoss`) or online (`Distiller`).
+- `tfopt.plot_sparsity(model, path)`, `tfopt.plot_accuracy_vs_size(rows, path)`: PNG plots.
 - `tfopt.strategies`: `auto()`, `Mirrored`, `TPU`, `MultiWorker` and their helpers.
 """
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 from tfopt import callbacks, distillation, layers, quantizers, schedules, sparsity, strategies  # noqa: E402
 from tfopt.exporting import ExportReport, export  # noqa: E402
+from tfopt.plots import plot_accuracy_vs_size, plot_sparsity  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
 from tfopt.transforms import load_model, prune, quantize_model, strip  # noqa: E402
 
@@ -38,4 +40,6 @@ __all__ = [
     "summary",
     "export",
     "ExportReport",
+    "plot_sparsity",
+    "plot_accuracy_vs_size",
 ]

@@ -1,8 +1,19 @@
-"""The `tfopt` command line (`python -m tfopt ...`)."""
+"""The `tfopt` command line (`tfopt ...` or `python -m tfopt ...`).
+
+Commands: `demo`, `inspect MODEL.keras`, `export MODEL.keras -o OUT.tflite`.
+User mistakes (missing or non-Keras files, unsafe files, bad arguments) print
+one clear message to stderr and exit with status 2 (arguments) or 1 (files and
+models), without a traceback.
+"""
 
 import argparse
 import os
 import sys
+import zipfile
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed without a traceback, exit status 1."""
 
 
 def _parser():
@@ -18,29 +29,128 @@ def _parser():
                       help="epochs of the distill + prune + int8 student (default 8; 0 skips that part)")
     demo.add_argument("--transfer", type=int, default=5000,
                       help="unlabelled perturbed digits the teacher labels for the student (default 5000)")
+    demo.add_argument("--plot", default=None,
+                      help="write an accuracy-vs-size PNG here (default: OUT/accuracy_vs_size.png "
+                           "when matplotlib is installed)")
     demo.add_argument("--seed", type=int, default=0)
+
+    inspect = sub.add_parser("inspect", help="per-layer sparsity, bits and sizes of a saved .keras model")
+    inspect.add_argument("model", help="a .keras file")
+    inspect.add_argument("--unsafe", action="store_true",
+                         help="load files containing Python code (Lambda layers). Only for files you trust.")
+
+    export = sub.add_parser("export", help="strip and export a saved .keras model to LiteRT, with a report")
+    export.add_argument("model", help="a .keras file")
+    export.add_argument("-o", "--output", required=True, help="the .tflite file to write")
+    export.add_argument("--precision", choices=["float32", "float16", "int8"], default="float32")
+    export.add_argument("--representative-data", default=None,
+                        help="a .npy file of typical inputs, for int8 export of a model trained without QAT")
+    export.add_argument("--unsafe", action="store_true",
+                        help="load files containing Python code (Lambda layers). Only for files you trust.")
     return parser
+
+
+def _load(path, unsafe):
+    if not os.path.exists(path):
+        raise UserError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory; expected a .keras file (a SavedModel directory is not supported).")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a Keras file (.keras files are zip archives written by `model.save`).")
+    with zipfile.ZipFile(path) as archive:
+        if "config.json" not in archive.namelist():
+            raise UserError(f"{path} is a zip archive but not a Keras model (no config.json inside).")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tfopt
+
+    try:
+        return tfopt.load_model(path, safe_mode=not unsafe)
+    except ValueError as e:
+        if "safe_mode" in str(e) or "unsafe" in str(e).lower():
+            raise UserError(
+                f"{path} contains Python code (e.g. a Lambda layer), which Keras will not load in safe mode: "
+                "it could run anything. If you trust the file, pass --unsafe."
+            ) from None
+        raise UserError(f"cannot load {path}: {e}") from None
+
+
+def _inspect(args):
+    import tfopt
+
+    model = _load(args.model, args.unsafe)
+    print(f"{args.model}: model '{model.name}' ({type(model).__name__})")
+    tfopt.summary(model)
+
+
+def _export(args):
+    import numpy as np
+
+    import tfopt
+
+    if not args.output.endswith(".tflite"):
+        raise UserError(f"-o should name a .tflite file. Received: {args.output}")
+    model = _load(args.model, args.unsafe)
+    data = None
+    if args.representative_data:
+        if not os.path.exists(args.representative_data):
+            raise UserError(f"no such file: {args.representative_data}")
+        try:
+            data = np.load(args.representative_data)
+        except (ValueError, OSError) as e:
+            raise UserError(f"cannot read {args.representative_data} as a .npy array: {e}") from None
+    try:
+        report = tfopt.export(model, args.output, precision=args.precision, representative_data=data,
+                              inputs=data[:64] if data is not None else None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(report)
+    if args.precision == "int8":
+        print(f"float ops left: {', '.join(sorted(set(report.float_ops))) or 'none'}")
+
+
+def _demo(args):
+    from tfopt import demo
+
+    if not 0.0 <= args.sparsity < 1.0:
+        print(f"tfopt demo: --sparsity must be in [0, 1). Received: {args.sparsity}", file=sys.stderr)
+        return 2
+    if args.epochs < 1 or args.finetune_epochs < 1 or args.recipe_epochs < 0 or args.transfer < 0:
+        print("tfopt demo: --epochs and --finetune-epochs must be >= 1, --recipe-epochs and "
+              "--transfer >= 0.", file=sys.stderr)
+        return 2
+    rows = demo.run(epochs=args.epochs, finetune_epochs=args.finetune_epochs, sparsity=args.sparsity,
+                    out_dir=args.out, seed=args.seed)
+    if args.recipe_epochs:
+        print("\nDistilled, pruned and int8 in one fit, vs the float teacher:\n")
+        recipe_rows, _ = demo.combined_recipe(epochs=args.recipe_epochs, sparsity=args.sparsity,
+                                              transfer=args.transfer, seed=args.seed, out_dir=args.out)
+        rows = rows + [{**r, "accuracy": r["litert accuracy"]} for r in recipe_rows]
+    plot = args.plot or (os.path.join(args.out, "accuracy_vs_size.png") if args.out else None)
+    if plot:
+        from tfopt import plots
+
+        try:
+            plots.plot_accuracy_vs_size(rows, plot)
+            print(f"\nplot: {plot}")
+        except ImportError as e:
+            if args.plot:
+                raise UserError(str(e)) from None
+    return 0
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if args.command == "demo":
-        from tfopt import demo
-
-        if not 0.0 <= args.sparsity < 1.0:
-            print(f"tfopt demo: --sparsity must be in [0, 1). Received: {args.sparsity}", file=sys.stderr)
-            return 2
-        if args.epochs < 1 or args.finetune_epochs < 1 or args.recipe_epochs < 0 or args.transfer < 0:
-            print("tfopt demo: --epochs and --finetune-epochs must be >= 1, --recipe-epochs and "
-                  "--transfer >= 0.", file=sys.stderr)
-            return 2
-        demo.run(epochs=args.epochs, finetune_epochs=args.finetune_epochs, sparsity=args.sparsity,
-                 out_dir=args.out, seed=args.seed)
-        if args.recipe_epochs:
-            print("\nDistilled, pruned and int8 in one fit, vs the float teacher:\n")
-            demo.combined_recipe(epochs=args.recipe_epochs, sparsity=args.sparsity, transfer=args.transfer,
-                                 seed=args.seed, out_dir=args.out)
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "inspect":
+            _inspect(args)
+        elif args.command == "export":
+            _export(args)
+    except UserError as e:
+        print(f"tfopt {args.command}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

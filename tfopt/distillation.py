@@ -135,6 +135,8 @@ def _label_loss(labels, student, sparse, from_logits):
 def _unpack(y_true, classes, who):
     """(labels, has_label, teacher or None, sparse) from packed or plain targets."""
     width = y_true.shape[-1] if len(y_true.shape) > 1 else 1
+    if width is None:
+        raise ValueError(f"{who}: the targets' last dimension must be known; received shape {tuple(y_true.shape)}.")
     y = ops.cast(ops.reshape(y_true, (-1, width)), "float32")
     if width == 1:
         labels = y[:, 0]
@@ -647,7 +649,12 @@ class Distiller(keras.Model):
         else:
             teacher_out, teacher_feats = self.teacher(x, training=False), None
         teacher_out = ops.stop_gradient(teacher_out)
-        labels = ops.cast(ops.reshape(y, (ops.shape(y)[0], -1)), "float32")
+        y = ops.convert_to_tensor(y)
+        if len(y.shape) == 1:
+            y = ops.expand_dims(y, -1)
+        elif len(y.shape) > 2:
+            y = ops.reshape(y, (-1, int(np.prod(y.shape[1:]))))
+        labels = ops.cast(y, "float32")
         packed = ops.concatenate([labels, ops.cast(teacher_out, "float32")], axis=-1)
         per_sample = distillation_per_sample(packed, y_pred, self.temperature, self.alpha, self.method,
                                              self.from_logits, self._step(), who="Distiller")
