@@ -29,8 +29,10 @@ class CliTest(testing.TestCase):
         self.assertLess(nonzeros, 0.3 * params)
         student = next(line for line in lines if line.startswith("student distilled + 80% pruned + int8"))
         self.assertTrue(any(line.startswith("teacher (float32)") for line in lines), result.stdout)
-        self.assertEqual(len(student.split()), 12)  # name (6 words) + 6 figures
-        self.assertEqual(sorted(os.listdir(out)), ["dense.tflite", "pruned.tflite", "student.tflite", "teacher.tflite"])
+        self.assertEqual(len(student.split()), 13)  # name (7 words) + 6 figures
+        self.assertEqual(sorted(os.listdir(out)), ["accuracy_vs_size.png", "dense.tflite", "pruned.tflite",
+                                                  "student.tflite", "teacher.tflite"])
+        self.assertGreater(os.path.getsize(os.path.join(out, "accuracy_vs_size.png")), 1000)
 
     def test_bad_arguments_exit_2_without_traceback(self):
         result = subprocess.run([sys.executable, "-m", "tfopt", "demo", "--sparsity", "1.5"],

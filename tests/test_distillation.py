@@ -264,13 +264,14 @@ class CombinedRecipeTest(testing.TestCase):
         keras.utils.set_random_seed(0)
         teacher = build_cnn()
         _compile(teacher)
-        teacher.fit(x_train, y_train, epochs=4, verbose=0)
+        teacher.fit(x_train, y_train, epochs=6, verbose=0)
         teacher.trainable = False
         x_fit, y_fit = D.attach_teacher((x_train, y_train), teacher)
         schedule = tfopt.schedules.PolynomialDecay(0.0, 0.8, "0%", "50%", frequency="10%")
         student = tfopt.quantize_model(tfopt.prune(build_cnn(), schedule), "int8")
-        student.compile(keras.optimizers.Adam(1e-3), D.DistillationLoss(), metrics=[D.LabelAccuracy()])
-        student.fit(x_fit, y_fit, batch_size=32, epochs=4, verbose=0, callbacks=[tfopt.callbacks.Pruning()])
+        student.compile(keras.optimizers.Adam(2e-3), D.DistillationLoss(), metrics=[D.LabelAccuracy()])
+        student.fit(x_fit, y_fit, batch_size=32, epochs=8, verbose=0,
+                    callbacks=[tfopt.callbacks.Pruning(), tfopt.callbacks.QuantizationSchedule(freeze_ranges=0.75)])
         path = os.path.join(tempfile.mkdtemp(), "combined.tflite")
         report = tfopt.export(student, path, inputs=x_test, precision="int8")
         self.assertEqual(report.float_ops, [])

@@ -485,7 +485,7 @@ def _batch_norm_folds(model, chosen_ids):
             continue
         producer = inputs[0]._keras_history.operation
         if (
-            type(producer) in _TWINS
+            (type(producer) in _TWINS or isinstance(producer, tfopt_layers.Prunable))
             and id(producer) in chosen_ids
             and len(producer._inbound_nodes) == 1
             and consumers.get(id(producer)) == [bn]
