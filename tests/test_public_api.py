@@ -6,12 +6,12 @@ import tfopt
 from tfopt import testing
 
 _PUBLIC = {
-    "tfopt": ["callbacks", "distillation", "layers", "quantizers", "schedules", "sparsity", "strategies", "prune", "strip", "load_model", "quantize_model",
+    "tfopt": ["callbacks", "distillation", "layers", "quantizers", "schedules", "sparsity", "strategies", "compat", "prune", "strip", "load_model", "quantize_model",
               "summary", "export", "ExportReport", "plot_sparsity", "plot_accuracy_vs_size"],
     "tfopt.layers": ["Prunable", "QuantizeActivation", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
                      "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",
                      "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"],
-    "tfopt.callbacks": ["Pruning", "QuantizationSchedule"],
+    "tfopt.callbacks": ["Pruning", "QuantizationSchedule", "TensorBoardSummaries"],
     "tfopt.schedules": ["SparsitySchedule", "ConstantSparsity", "PolynomialDecay", "constant_sparsity",
                         "polynomial_decay", "PRESETS", "get"],
     "tfopt.strategies": ["auto", "Mirrored", "TPU", "MultiWorker", "global_batch_size",

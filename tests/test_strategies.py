@@ -253,3 +253,18 @@ class MultiWorkerTest(testing.TestCase):
             # Only the known failure counts as expected: anything else fails the test.
             self.assertTrue(any("PerReplica" in err or "axis" in err for _, err in codes), codes)
             raise KnownUpstreamFailure(codes[0][1][-300:])
+
+
+class ChiefOnlyExportTest(testing.TestCase):
+    def test_non_chief_workers_export_to_a_temporary_directory(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        target = os.path.join(tempfile.mkdtemp(), "m.tflite")
+        elsewhere = os.path.join(tempfile.mkdtemp(), "m.tflite")
+        model._distribute_strategy = mock.Mock()
+        with mock.patch.object(S, "is_chief", return_value=False), \
+                mock.patch.object(S, "chief_path", return_value=elsewhere) as chief_path:
+            report = tfopt.export(model, target, check=False)
+        chief_path.assert_called_once_with(model._distribute_strategy, target)
+        self.assertEqual(report.path, elsewhere)
+        self.assertTrue(os.path.exists(elsewhere))
+        self.assertFalse(os.path.exists(target))

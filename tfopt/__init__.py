@@ -14,12 +14,13 @@ Public API:
 - `tfopt.distillation`: teacher-student distillation, cached (`attach_teacher` +
   `DistillationLoss`) or online (`Distiller`).
 - `tfopt.plot_sparsity(model, path)`, `tfopt.plot_accuracy_vs_size(rows, path)`: PNG plots.
+- `tfopt.compat.tfmot`, `tfopt.compat.from_tfmot`: tfmot's names on Keras 3, and tfmot models converted.
 - `tfopt.strategies`: `auto()`, `Mirrored`, `TPU`, `MultiWorker` and their helpers.
 """
 
 __version__ = "0.1.0"
 
-from tfopt import callbacks, distillation, layers, quantizers, schedules, sparsity, strategies  # noqa: E402
+from tfopt import callbacks, compat, distillation, layers, quantizers, schedules, sparsity, strategies  # noqa: E402
 from tfopt.exporting import ExportReport, export  # noqa: E402
 from tfopt.plots import plot_accuracy_vs_size, plot_sparsity  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "schedules",
     "sparsity",
     "strategies",
+    "compat",
     "prune",
     "strip",
     "load_model",

@@ -269,7 +269,9 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     """Strips `model`, writes it as a LiteRT `.tflite` file, checks it, reports sizes.
 
     The file is written atomically: if conversion or writing fails, an existing
-    file at `path` is left as it was. With `check=True` the written bytes run in
+    file at `path` is left as it was. Under `tfopt.strategies.MultiWorker`,
+    only the chief writes `path`; other workers write to a temporary
+    directory (`report.path` says where), so every worker can run the same code. With `check=True` the written bytes run in
     the `ai_edge_litert` interpreter on `inputs` (or on `num_check_samples`
     random inputs shaped like the model's) and the largest absolute difference
     from the Keras model's outputs is reported.
@@ -311,6 +313,12 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         )
     if precision not in _PRECISIONS:
         raise ValueError(f"`precision` must be one of {_PRECISIONS}. Received: precision={precision!r}")
+    from tfopt import strategies
+
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is not None and not strategies.is_chief(strategy):
+        # Multi-worker: every worker runs the same script; only the chief's file lands at `path`.
+        path = strategies.chief_path(strategy, path)
     quantized = _has_quantization(model)
     if precision == "int8" and not quantized and representative_data is None:
         raise ValueError(
