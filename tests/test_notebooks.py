@@ -16,7 +16,8 @@ _NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.pa
 @pytest.mark.slow
 class NotebooksTest(testing.TestCase):
     def test_there_are_notebooks_and_their_outputs_are_stripped(self):
-        self.assertIn("colab_tpu.ipynb", [os.path.basename(p) for p in _NOTEBOOKS])
+        self.assertEqual([os.path.basename(p) for p in _NOTEBOOKS],
+                         ["colab_tpu.ipynb", "distillation.ipynb", "quickstart.ipynb"])
         for path in _NOTEBOOKS:
             with open(path) as f:
                 cells = json.load(f)["cells"]
