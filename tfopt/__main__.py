@@ -124,13 +124,13 @@ def _demo(args):
         print("\nDistilled, pruned and int8 in one fit, vs the float teacher:\n")
         recipe_rows, _ = demo.combined_recipe(epochs=args.recipe_epochs, sparsity=args.sparsity,
                                               transfer=args.transfer, seed=args.seed, out_dir=args.out)
-        rows = rows + [{**r, "accuracy": r["litert accuracy"]} for r in recipe_rows]
+        rows = rows + recipe_rows
     plot = args.plot or (os.path.join(args.out, "accuracy_vs_size.png") if args.out else None)
     if plot:
         from tfopt import plots
 
         try:
-            plots.plot_accuracy_vs_size(rows, plot)
+            plots.plot_accuracy_vs_size(rows, plot, accuracy_key="litert accuracy")
             print(f"\nplot: {plot}")
         except ImportError as e:
             if args.plot:

@@ -126,7 +126,11 @@ def _convert(model, optimizations=None, precision="float32", representative_data
     # the converter reads the ranges only from ops that feed their consumers.
     from tfopt.layers.quantize_activation import ignore_schedules
 
-    with contextlib.redirect_stdout(io.StringIO()), ignore_schedules():
+    import warnings
+
+    with contextlib.redirect_stdout(io.StringIO()), ignore_schedules(), warnings.catch_warnings():
+        # Printed for every QAT model: its input ranges come from the fake-quant ops instead.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         return converter.convert()
 
 
