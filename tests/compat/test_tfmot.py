@@ -128,8 +128,16 @@ model.save(os.path.join(out, "pruned.h5"))
 np.save(os.path.join(out, "x.npy"), x)
 np.save(os.path.join(out, "outputs.npy"), model.predict(x, verbose=0))
 if "--qat" in sys.argv:
-    q = tfmot.quantization.keras.quantize_model(tf_keras.Sequential([tf_keras.Input((16,)), tf_keras.layers.Dense(4)]))
+    float_model = tf_keras.Sequential([tf_keras.Input((16,)), tf_keras.layers.Dense(32, activation="relu", name="q1"),
+                                       tf_keras.layers.Dense(4, name="q2")])
+    q = tfmot.quantization.keras.quantize_model(float_model)
+    q.compile("adam", tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, y, batch_size=16, epochs=2, verbose=0)
     q.save(os.path.join(out, "qat.h5"))
+    np.save(os.path.join(out, "qat_outputs.npy"), q.predict(x, verbose=0))
+    functional_in = tf_keras.Input((16,))
+    functional = tf_keras.Model(functional_in, tf_keras.layers.Dense(4)(functional_in))
+    tfmot.quantization.keras.quantize_model(functional).save(os.path.join(out, "qat_functional.h5"))
 print("OK")
 '''
 
@@ -153,8 +161,14 @@ class FromTfmotTest(testing.TestCase):
         model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(x, np.zeros(len(x), "int64"), verbose=0)
         self.assertAllClose(float(np.mean(d1.kernel.numpy() == 0)), 0.75, atol=0.02)
-        with self.assertRaisesRegex(ValueError, "is quantized with tfmot"):
-            tfopt.compat.from_tfmot(os.path.join(out, "qat.h5"))
+        qat = tfopt.compat.from_tfmot(os.path.join(out, "qat.h5"))
+        self.assertIsNotNone(qat.get_layer("q1")._output_spec)
+        got, want = qat.predict(x, verbose=0), np.load(os.path.join(out, "qat_outputs.npy"))
+        step = (qat.get_layer("q2").output_range_max.numpy() - qat.get_layer("q2").output_range_min.numpy()) / 255
+        self.assertLessEqual(float(np.max(np.abs(got - want))), step + 1e-5)  # at most one int8 step apart
+        self.assertGreaterEqual(float(np.mean(got.argmax(-1) == want.argmax(-1))), 0.99)
+        with self.assertRaisesRegex(ValueError, "Functional model quantized with tfmot"):
+            tfopt.compat.from_tfmot(os.path.join(out, "qat_functional.h5"))
         with self.assertRaisesRegex(FileNotFoundError, "no such file"):
             tfopt.compat.from_tfmot(os.path.join(out, "missing.h5"))
         with self.assertRaisesRegex(TypeError, "needs no conversion"):

@@ -1,4 +1,4 @@
-"""`from_tfmot`: a tf_keras model pruned with tfmot, as the equivalent tfopt Keras 3 model.
+"""`from_tfmot`: a tf_keras model pruned or quantized with tfmot, as the equivalent tfopt Keras 3 model.
 
 tfmot and tf_keras run in a child process (importing tfmot switches the whole
 process to Keras 2, see DESIGN.md): it loads the model, records each
@@ -32,8 +32,40 @@ with tfmot.sparsity.keras.prune_scope(), tfmot.quantization.keras.quantize_scope
     model = tf_keras.models.load_model(src, compile=False)
 quantized = [l.name for l in model.layers if type(l).__name__ in ("QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer")]
 if quantized:
-    print("QUANTIZED " + json.dumps(quantized))
-    sys.exit(3)
+    if not isinstance(model, tf_keras.Sequential):
+        print("QUANTIZED " + json.dumps(quantized))
+        sys.exit(3)
+    ranges, inner = {}, []
+    for layer in model.layers:
+        values = {v.name.split("/")[-1].split(":")[0]: float(v.numpy()) for v in layer.weights if v.shape.rank == 0
+                  and ("_min" in v.name or "_max" in v.name) and "kernel" not in v.name}
+        kind = type(layer).__name__
+        if kind == "QuantizeLayer":
+            ranges["__input__"] = (values["quantize_layer_min"], values["quantize_layer_max"])
+            continue
+        target = layer.layer if kind.startswith("QuantizeWrapper") else layer
+        config = target.get_config()
+        activation = getattr(target, "activation", None)
+        if type(activation).__name__ == "QuantizeAwareActivation":  # tfmot's stand-in: restore the original
+            config["activation"] = tf_keras.activations.serialize(activation.activation)
+        fresh = type(target).from_config(config)
+        # The wrapper lists the inner layer's own weights first (kernel, bias, ...), then its quantizers'.
+        inner.append((fresh, [v.numpy() for v in layer.weights if v.shape.rank > 0 or not any(
+            k in v.name for k in ("_min", "_max", "optimizer_step"))]))
+        lo = [v for k, v in values.items() if k.endswith("_min")]
+        hi = [v for k, v in values.items() if k.endswith("_max")]
+        if lo and hi:
+            ranges[target.name] = (lo[0], hi[0])
+    float_model = tf_keras.Sequential([tf_keras.Input(model.input_shape[1:])] + [fresh for fresh, _ in inner])
+    for fresh, weight_values in inner:
+        if weight_values:
+            fresh.set_weights(weight_values)
+    float_model.save(os.path.join(out, "model.h5"))
+    with open(os.path.join(out, "info.json"), "w") as f:
+        json.dump({"quantized": ranges}, f)
+    np.savez(os.path.join(out, "masks.npz"))
+    print("OK")
+    sys.exit(0)
 info, masks = {}, {}
 for layer in model.layers:
     if type(layer).__name__ != "PruneLowMagnitude":
@@ -67,6 +99,40 @@ def _schedule(config):
                      "PolynomialDecay).")
 
 
+def _quantized(model, ranges):
+    """`tfopt.quantize_model(model)` with tfmot's activation ranges."""
+    import keras
+
+    import tfopt
+    from tfopt.layers import Prunable, QuantizeActivation
+
+    qat = tfopt.quantize_model(model, "int8", unsupported="float")
+    layers = {layer.name: layer for layer in tfopt.pruning.all_layers(qat)}
+    targets = {}  # tfmot range name -> (min, max, updates) variables in `qat`
+    for layer in layers.values():
+        if isinstance(layer, QuantizeActivation):
+            producer = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
+            if isinstance(producer, keras.layers.InputLayer):
+                targets["__input__"] = (layer.range_min, layer.range_max, layer.range_updates)
+            elif layer.name.endswith("_activation_quantize"):  # tfmot's range is after the activation
+                targets[layer.name[: -len("_activation_quantize")]] = (layer.range_min, layer.range_max,
+                                                                       layer.range_updates)
+            elif layer.name.endswith("_quantize"):
+                targets.setdefault(layer.name[: -len("_quantize")], (layer.range_min, layer.range_max,
+                                                                     layer.range_updates))
+    for layer in layers.values():
+        if isinstance(layer, Prunable) and layer._output_spec is not None:
+            targets.setdefault(layer.name, (layer.output_range_min, layer.output_range_max,
+                                            layer.output_range_updates))
+    for source, (lo, hi) in ranges.items():
+        if source in targets:
+            weights = targets[source]
+            weights[0].assign(lo)
+            weights[1].assign(hi)
+            weights[2].assign(1)  # set: the next training batch moves it, not replaces it
+    return qat
+
+
 def from_tfmot(model_or_path, timeout=600):
     """Converts a tf_keras model pruned with tfmot into the equivalent tfopt model.
 
@@ -82,10 +148,12 @@ def from_tfmot(model_or_path, timeout=600):
         pruning where tfmot left off. Needs the `tfmot` extra
         (`pip install 'tfopt[tfmot]'`).
 
-    Models quantized with tfmot are refused with a message: quantize the
-    converted float model with `tfopt.quantize_model` and fine-tune a few
-    steps to set its ranges (tfmot's range variables do not map one to one
-    onto tfopt's, whose BatchNorm folding differs).
+    A Sequential model quantized with tfmot (`quantize_model`) becomes
+    `tfopt.quantize_model` of its float layers, with tfmot's input and
+    per-layer output ranges: the same fake-quantized computation (tfmot's and
+    tfopt's default int8 schemes agree: weights symmetric per channel for
+    convolutions, per tensor for Dense; activations asymmetric per tensor).
+    Functional models quantized with tfmot are refused with a message.
     """
     import keras
 
@@ -113,9 +181,9 @@ def from_tfmot(model_or_path, timeout=600):
     if result.returncode == 3:
         layers = result.stdout.split("QUANTIZED ", 1)[1].strip()
         raise ValueError(
-            f"from_tfmot: {path} is quantized with tfmot (layers {layers}). tfopt converts pruned models. "
-            "Convert the float model before tfmot's quantize_model, then use tfopt.quantize_model and "
-            "fine-tune a few steps to set the ranges."
+            f"from_tfmot: {path} is a Functional model quantized with tfmot (layers {layers}); tfopt converts "
+            "tfmot-quantized Sequential models only. Convert the float model before tfmot's quantize_model, "
+            "then use tfopt.quantize_model and fine-tune a few steps to set the ranges."
         )
     if result.returncode != 0:
         if "No module named 'tensorflow_model_optimization'" in result.stderr:
@@ -126,6 +194,8 @@ def from_tfmot(model_or_path, timeout=600):
     model = keras.models.load_model(os.path.join(work, "model.h5"), compile=False)
     with np.load(os.path.join(work, "masks.npz")) as f:
         masks = {k.replace("|", "/"): f[k] for k in f.files}
+    if "quantized" in info:
+        return _quantized(model, info["quantized"])
     if not info:
         return model
     groups = []  # (schedule, [layer names]): one tfopt.prune per distinct schedule
