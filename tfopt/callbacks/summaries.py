@@ -51,12 +51,12 @@ class TensorBoardSummaries(keras.callbacks.Callback):
 
     def __init__(self, log_dir, histograms=True):
         super().__init__()
-        try:
-            import tensorboard  # noqa: F401  (tf.summary writes nothing without it)
-        except ImportError as e:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:  # tf.summary writes nothing without it
             raise ImportError(
                 "TensorBoardSummaries needs TensorBoard: pip install 'tfopt[tensorboard]' (or tensorboard)."
-            ) from e
+            )
         self.log_dir = str(log_dir)
         self.histograms = histograms
         self._writer = None
