@@ -20,7 +20,6 @@ Usage:
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -73,16 +72,6 @@ def worker(replicas, steps, out, plain=False):
     print("RESULT " + json.dumps({"ms": 1000 * statistics.median(warm), "steps": len(Timer.times)}))
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=64)
@@ -97,6 +86,7 @@ def main():
     import numpy as np
 
     from _common import table, write_section
+    from tfopt.testing import free_loopback_ports
 
     out_dir = tempfile.mkdtemp(prefix="tfopt-bench-strategies-")
     times = {n: [] for n in (1, 2, 4)}
@@ -129,7 +119,7 @@ def main():
                      "plain Keras ms/step": f"{plain_ms:.2f}",
                      "tfopt / plain": f"{statistics.median(ts) / plain_ms:.2f}x",
                      "max |weights - 1-device run|": f"{diff:.2e}", "masks and counters equal": masks_equal})
-    ports = ",".join(map(str, _free_ports(2)))
+    ports = ",".join(map(str, free_loopback_ports(2)))
     job = os.path.join(ROOT, "tests", "multi_worker_job.py")
     mw_dir = tempfile.mkdtemp(prefix="tfopt-bench-mw-")
     env = {**os.environ, "PYTHONPATH": ROOT}

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import tensorflow as tf
 import tfopt
 from tfopt import strategies as S
 from tfopt import testing
+from tfopt.testing import free_loopback_ports
 from tests.test_distributed import _strategy
 
 
@@ -171,22 +171,12 @@ class KnownUpstreamFailure(Exception):
     """Keras's symbolic build or log reduction failed under multi-worker, as reported upstream."""
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 _JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi_worker_job.py")
 
 
 def _run_workers(out, extra=(), crash=None, timeout=240):
     """Starts both workers; returns their exit codes (killing the survivor of a crash)."""
-    ports = ",".join(map(str, _free_ports(2)))
+    ports = ",".join(map(str, free_loopback_ports(2)))
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(_JOB))}
     env.pop("TF_CONFIG", None)
     procs = []
