@@ -15,3 +15,6 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 4
 )
+
+# A script run by the multi-worker tests in child processes, not a test module.
+collect_ignore = ["multi_worker_job.py"]
