@@ -176,6 +176,12 @@ def weight_range(weight, spec, axis=-1):
         reduce_axes = None
     if spec.symmetric:
         m = ops.max(ops.abs(weight), axis=reduce_axes)
+        if spec.per_channel:
+            # An all-zero channel (pruned away) gets the largest channel's
+            # range: its zeros stay zeros, and the converter's bias scale
+            # (input scale x weight scale) stays large enough for its bias to
+            # fit int32 (a 1e-8 range saturates it and corrupts the channel).
+            m = ops.where(ops.greater(m, 1e-8), m, ops.max(m))
         m = ops.maximum(m, 1e-8)
         return -m, m
     lo = ops.minimum(ops.min(weight, axis=reduce_axes), 0.0)

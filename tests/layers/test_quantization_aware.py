@@ -216,3 +216,20 @@ class Int8ExportTest(testing.TestCase):
                                   precision="int8")
             self.assertEqual(report.float_ops, [], precision)
             self.assertLess(report.max_abs_diff, 0.05, precision)
+
+    def test_fully_pruned_channel_with_a_bias_exports_exactly(self):
+        # A channel whose kernel is all zeros (pruned away) but whose bias is
+        # not: a 1e-8 weight range made the converter's int32 bias saturate.
+        conv = tfopt.layers.Conv2D(4, 3, activation="relu", quantization_aware="int8", name="c")
+        model = keras.Sequential([keras.Input((6, 6, 1)), tfopt.layers.QuantizeActivation(), conv,
+                                  keras.layers.Flatten(), tfopt.layers.Dense(3, quantization_aware="int8")])
+        x = self.make_input((16, 6, 6, 1))
+        model(x, training=True)
+        kernel = conv.kernel.numpy()
+        kernel[..., 1] = 0.0
+        conv.kernel.assign(kernel)
+        conv.bias.assign(np.array([0.1, 0.5, -0.2, 0.3], "float32"))
+        model(x, training=True)
+        report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "z.tflite"), inputs=x, precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertLess(report.max_abs_diff, 0.05)
