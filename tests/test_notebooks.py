@@ -28,8 +28,17 @@ class NotebooksTest(testing.TestCase):
         import nbclient
         import nbformat
 
+        # A line each notebook prints only when its last steps ran.
+        expected = {"colab_tpu.ipynb": "float ops left: none", "quickstart.ipynb": "top-1 agreement",
+                    "distillation.ipynb": "online-distilled small CNN:"}
         for path in _NOTEBOOKS:
             notebook = nbformat.read(path, as_version=4)
             client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                                              resources={"metadata": {"path": tempfile.mkdtemp()}})
             client.execute()  # raises CellExecutionError naming the failing cell
+            code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+            self.assertTrue(all(cell.execution_count for cell in code), f"{path}: a cell did not run")
+            outputs = [o for cell in code for o in cell.get("outputs", [])]
+            self.assertFalse([o for o in outputs if o.get("output_type") == "error"], path)
+            text = "".join(o.get("text", "") for o in outputs)
+            self.assertIn(expected[os.path.basename(path)], text, path)
