@@ -13,6 +13,7 @@ import gzip
 import io
 import os
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -125,8 +126,6 @@ def _convert(model, optimizations=None, precision="float32", representative_data
     # the user's console for the report. Traced with every fake-quant op on:
     # the converter reads the ranges only from ops that feed their consumers.
     from tfopt.layers.quantize_activation import ignore_schedules
-
-    import warnings
 
     with contextlib.redirect_stdout(io.StringIO()), ignore_schedules(), warnings.catch_warnings():
         # Printed for every QAT model: its input ranges come from the fake-quant ops instead.

@@ -18,7 +18,7 @@ def _ranges(model):
         for prefix in ("", "output_"):
             lo, hi = getattr(layer, f"{prefix}range_min", None), getattr(layer, f"{prefix}range_max", None)
             if lo is not None and hi is not None:
-                out.append((f"{layer.name}/{prefix or ''}range".replace("/_", "/"), lo, hi))
+                out.append((f"{layer.name}/{prefix}range", lo, hi))
         product = getattr(layer, "product_range", None)
         if product is not None:
             out.append((f"{layer.name}/product_range", product[0], product[1]))

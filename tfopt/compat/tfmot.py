@@ -101,7 +101,7 @@ def prune_low_magnitude(to_prune, pruning_schedule=None, block_size=(1, 1), bloc
         config.update(pruning_schedule=schedule, structure=structure)
         layer = twin.from_config(config)
         if to_prune.built:
-            layer.build(to_prune.input.shape if hasattr(to_prune, "input") else None)
+            layer.build_from_config(to_prune.get_build_config())
             layer.set_weights(to_prune.get_weights() + layer.get_weights()[len(to_prune.get_weights()):])
         return layer
     _pruning.check_keras3(to_prune)

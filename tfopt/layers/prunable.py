@@ -309,30 +309,27 @@ class Prunable(QuantizationSchedulable):
             spec = self._weight_spec
             if spec.per_channel and not per_channel:
                 spec = quantizers.QuantSpec(**{**spec.get_config(), "per_channel": False})
+
             def read(variable=variable, fold=self.folded_batch_norm is not None and name == attr):
                 weight = ops.cast(ops.convert_to_tensor(variable), "float32")
                 return self._folded_kernel(weight) if fold else weight
 
             weight = read()
 
-            def quantize(read=read, s=spec, flatten=depthwise and per_channel):
-                def compute(w):
-                    shape = tuple(w.shape)
-                    flat = ops.reshape(w, shape[:-2] + (shape[-2] * shape[-1],)) if flatten else w
-                    return flat, shape
+            def quantize(w=weight, read=read, s=spec, flatten=depthwise and per_channel):
+                shape = tuple(w.shape)
+
+                def flat(x):
+                    return ops.reshape(x, shape[:-2] + (shape[-2] * shape[-1],)) if flatten else x
 
                 if s.mode != "affine" and exporting():
-                    # The converter cannot fold the sign/threshold graph of
-                    # binary and ternary weights: give it their values.
-                    def values():
-                        flat, _ = compute(read())
-                        return ops.convert_to_numpy(quantizers.quantize_weight(flat, s, -1))
-
-                    flat, shape = compute(weight)
-                    q = quantizers.carry_int8(ops.convert_to_tensor(_backend.in_init_scope(values)), s, -1)
+                    # The converter cannot fold the sign/threshold graph of binary
+                    # and ternary weights: give it their values, computed eagerly.
+                    values = _backend.in_init_scope(
+                        lambda: ops.convert_to_numpy(quantizers.quantize_weight(flat(read()), s, -1)))
+                    q = quantizers.carry_int8(ops.convert_to_tensor(values), s, -1)
                 else:
-                    flat, shape = compute(weight)
-                    q = quantizers.quantize_weight(flat, s, -1)
+                    q = quantizers.quantize_weight(flat(w), s, -1)
                 return ops.reshape(q, shape) if flatten else q
 
             value = when_started(step, self.quantization_start, quantize, weight)

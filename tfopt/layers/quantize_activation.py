@@ -31,7 +31,7 @@ def exporting():
 
 def when_started(step, start, quantized_fn, value):
     """`quantized_fn()` once `step >= start`, else `value` (in-graph)."""
-    if not start or _SCHEDULES_IGNORED[-1]:
+    if not start or exporting():
         return quantized_fn()
     return ops.cond(ops.greater_equal(step, start), quantized_fn, lambda: value)
 
