@@ -53,11 +53,11 @@ def pretrained_digits_cnn(seed, epochs):
     weights and `(x_train, y_train, x_test, y_test)` (the split of seed 0)."""
     import keras
 
-    from tfopt.demo import _compile, build_cnn, load_digits
+    from tfopt.testing.fixtures import compile_classifier, build_cnn, load_digits
 
     keras.utils.set_random_seed(seed)
     data = load_digits(seed=0)
     base = build_cnn()
-    _compile(base)
+    compile_classifier(base)
     base.fit(data[0], data[1], batch_size=32, epochs=epochs, verbose=0)
     return base.get_weights(), data

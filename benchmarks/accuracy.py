@@ -1,6 +1,6 @@
 """Digits accuracy and LiteRT size: dense vs 50/80/90% unstructured and 2:4.
 
-For each seed: train the demo CNN (`tfopt.demo.build_cnn`) for `--epochs`,
+For each seed: train the demo CNN (`tfopt.testing.fixtures.build_cnn`) for `--epochs`,
 then from that checkpoint either keep training it dense for `--finetune-epochs`
 (the dense baseline, same total epochs) or prune a copy with
 `PolynomialDecay(0 -> target, "0%" -> "50%")` while fine-tuning for the same
@@ -27,14 +27,14 @@ CONFIGS = [("unstructured 50%", 0.5, None), ("unstructured 80%", 0.8, None),
 def run_seed(seed, epochs, finetune_epochs, out_dir):
 
     import tfopt
-    from tfopt.demo import _compile, build_cnn
+    from tfopt.testing.fixtures import compile_classifier, build_cnn
 
     from _common import pretrained_digits_cnn
 
     snapshot, (x_train, y_train, x_test, y_test) = pretrained_digits_cnn(seed, epochs)
 
     def finish(model, callbacks):
-        _compile(model, learning_rate=5e-4)
+        compile_classifier(model, learning_rate=5e-4)
         model.fit(x_train, y_train, batch_size=32, epochs=finetune_epochs, verbose=0, callbacks=callbacks)
         accuracy = float(model.evaluate(x_test, y_test, verbose=0)[1])
         return accuracy

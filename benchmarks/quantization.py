@@ -1,7 +1,7 @@
 """Quantization-aware training: digits accuracy by precision, and MobileNetV2
 LiteRT int8 vs float32 (size, interpreter latency), tfopt vs tfmot.
 
-`--part accuracy`: for each seed, train the demo CNN (`tfopt.demo.build_cnn`)
+`--part accuracy`: for each seed, train the demo CNN (`tfopt.testing.fixtures.build_cnn`)
 in float for `--epochs`, then from that checkpoint fine-tune for
 `--finetune-epochs` either in float (the baseline, same total epochs) or as a
 `tfopt.quantize_model` copy at int8, int4 and binary weights (8-bit
@@ -40,7 +40,7 @@ PRECISIONS = [("int8 QAT", "int8", None), ("int4 QAT", "int4", None), ("binary Q
 def run_seed(seed, epochs, finetune_epochs, out_dir):
 
     import tfopt
-    from tfopt.demo import _compile, _litert_accuracy, build_cnn
+    from tfopt.testing.fixtures import compile_classifier, litert_accuracy, build_cnn
 
     from _common import pretrained_digits_cnn
 
@@ -53,7 +53,7 @@ def run_seed(seed, epochs, finetune_epochs, out_dir):
 
     results = {}
     dense = start()
-    _compile(dense, 5e-4)
+    compile_classifier(dense, 5e-4)
     dense.fit(x_train, y_train, batch_size=32, epochs=finetune_epochs, verbose=0)
     report = tfopt.export(dense, os.path.join(out_dir, f"float-{seed}.tflite"), check=False)
     results["float"] = (float(dense.evaluate(x_test, y_test, verbose=0)[1]), None, report.size_bytes,
@@ -64,12 +64,12 @@ def run_seed(seed, epochs, finetune_epochs, out_dir):
             schedule = tfopt.schedules.PolynomialDecay(0.0, sparsity, "0%", "50%", frequency="5%")
             model, callbacks = tfopt.prune(model, schedule), [tfopt.callbacks.Pruning()]
         qat = tfopt.quantize_model(model, precision)
-        _compile(qat, 5e-4)
+        compile_classifier(qat, 5e-4)
         qat.fit(x_train, y_train, batch_size=32, epochs=finetune_epochs, verbose=0, callbacks=callbacks)
         path = os.path.join(out_dir, f"{precision}-{sparsity}-{seed}.tflite")
         report = tfopt.export(qat, path, inputs=x_test, precision="int8")
         assert report.float_ops == [], report.float_ops
-        results[name] = (float(qat.evaluate(x_test, y_test, verbose=0)[1]), _litert_accuracy(path, x_test, y_test),
+        results[name] = (float(qat.evaluate(x_test, y_test, verbose=0)[1]), litert_accuracy(path, x_test, y_test),
                          report.size_bytes, report.gzip_bytes, report.sparsity or 0.0)
     return results
 

@@ -40,7 +40,7 @@ def worker(replicas, steps, out, plain=False):
     import numpy as np
 
     import tfopt
-    from tfopt.demo import load_digits
+    from tfopt.testing.fixtures import load_digits
 
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:replicas]
     strategy = tfopt.strategies.Mirrored(devices) if replicas > 1 else tf.distribute.get_strategy()

@@ -258,12 +258,12 @@ class BadInputTest(testing.TestCase, parameterized.TestCase):
 @pytest.mark.slow
 class CombinedRecipeTest(testing.TestCase):
     def test_distill_prune_quantize_exports_int8_with_parity(self):
-        from tfopt.demo import _compile, build_cnn, load_digits
+        from tfopt.testing.fixtures import compile_classifier, build_cnn, load_digits
 
         x_train, y_train, x_test, y_test = load_digits(0)
         keras.utils.set_random_seed(0)
         teacher = build_cnn()
-        _compile(teacher)
+        compile_classifier(teacher)
         teacher.fit(x_train, y_train, epochs=6, verbose=0)
         teacher.trainable = False
         x_fit, y_fit = D.attach_teacher((x_train, y_train), teacher)
@@ -277,10 +277,10 @@ class CombinedRecipeTest(testing.TestCase):
         self.assertEqual(report.float_ops, [])
         self.assertGreaterEqual(report.top1_agreement, 0.99)
         self.assertAllClose(report.sparsity, 0.8, atol=0.01)
-        from tfopt.demo import _litert_accuracy
+        from tfopt.testing.fixtures import litert_accuracy
 
         keras_acc = float(np.mean(np.argmax(student.predict(x_test, verbose=0), -1) == y_test))
-        self.assertLessEqual(abs(_litert_accuracy(path, x_test, y_test) - keras_acc), 0.005)
+        self.assertLessEqual(abs(litert_accuracy(path, x_test, y_test) - keras_acc), 0.005)
 
 
 class UnevenBatchesTest(testing.TestCase):

@@ -82,7 +82,7 @@ class MirroredPruningTest(testing.TestCase, parameterized.TestCase):
                   callbacks=[tfopt.callbacks.Pruning(tfopt.schedules.ConstantSparsity(0.5, frequency=1))])
         for layer in model.layers:
             kernels = _replica_values(layer.kernel)
-            masks = _replica_values(layer.kernel._tfopt_prune_info["mask"])
+            masks = _replica_values(tfopt.pruning.record_of(layer.kernel).mask)
             self.assertEqual(len(kernels), 2)
             self.assertEqual(len(masks), 2)  # the mask is a mirrored variable
             self.assertAllEqual(masks[1], masks[0])
@@ -148,7 +148,7 @@ class MirroredQuantizationTest(testing.TestCase):
 
 class MirroredDistillationTest(testing.TestCase):
     def _models(self):
-        from tfopt.demo import build_cnn
+        from tfopt.testing.fixtures import build_cnn
 
         keras.utils.set_random_seed(0)
         teacher = build_cnn(widths=(8, 8, 16), name="teacher")

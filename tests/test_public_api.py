@@ -6,11 +6,15 @@ import tfopt
 from tfopt import testing
 
 _PUBLIC = {
-    "tfopt": ["callbacks", "distillation", "layers", "quantizers", "schedules", "sparsity", "strategies", "compat", "prune", "strip", "load_model", "quantize_model",
+    "tfopt": ["callbacks", "distillation", "geometry", "layers", "quantizers", "schedules", "sparsity", "strategies", "compat", "prune", "strip", "load_model", "quantize_model",
               "summary", "export", "ExportReport", "plot_sparsity", "plot_accuracy_vs_size"],
     "tfopt.layers": ["Prunable", "QuantizeActivation", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
                      "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",
-                     "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"],
+                     "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D", "QuantizedRescaling", "LSTM", "GRU",
+                     "SimpleRNN"],
+    "tfopt.geometry": ["WeightSpec", "Geometry", "PASS_THROUGH", "NEEDS_RANGE", "BATCH_NORM", "WEIGHTS", "register",
+                       "register_twin", "of", "weights_of", "prunable_weights", "quantized_weights", "fold_weight",
+                       "twin_of", "twins", "role", "is_twin"],
     "tfopt.callbacks": ["Pruning", "QuantizationSchedule", "TensorBoardSummaries"],
     "tfopt.schedules": ["SparsitySchedule", "ConstantSparsity", "PolynomialDecay", "constant_sparsity",
                         "polynomial_decay", "PRESETS", "get"],

@@ -34,10 +34,10 @@ class PruneTest(testing.TestCase):
         pruned = tfopt.prune(model, "baseline")
         x = self.make_input((4, 8, 8, 3))
         self.assertAllEqual(pruned(x), model(x))
-        names = [layer.name for layer in tfopt.pruning.all_layers(pruned)]
-        self.assertEqual(names, [layer.name for layer in tfopt.pruning.all_layers(model)])
+        names = [layer.name for layer in tfopt._keras_internal.all_layers(pruned)]
+        self.assertEqual(names, [layer.name for layer in tfopt._keras_internal.all_layers(model)])
         self.assertEqual(pruned.name, model.name)
-        by_name = {layer.name: layer for layer in tfopt.pruning.all_layers(pruned)}
+        by_name = {layer.name: layer for layer in tfopt._keras_internal.all_layers(pruned)}
         for name in ("conv", "dw", "inner_dense", "shared", "side", "head"):
             self.assertIsInstance(by_name[name], tfopt.layers.Prunable, name)
         # The shared layer is still one layer, called twice.
@@ -51,7 +51,7 @@ class PruneTest(testing.TestCase):
         by_pred = tfopt.prune(model, "baseline", layers=lambda layer: layer.name.startswith("s"))
 
         def pruned_names(m):
-            return sorted(layer.name for layer in tfopt.pruning.all_layers(m) if isinstance(layer, tfopt.layers.Prunable))
+            return sorted(layer.name for layer in tfopt._keras_internal.all_layers(m) if isinstance(layer, tfopt.layers.Prunable))
 
         self.assertEqual(pruned_names(by_name), ["conv", "head"])
         self.assertEqual(pruned_names(by_type), ["head", "inner_dense", "shared", "side"])
@@ -109,7 +109,7 @@ class StripTest(testing.TestCase):
         pruned.fit(x, np.ones((8, 10)), batch_size=4, verbose=0)
         stripped = tfopt.strip(pruned)
         self.assertAllClose(stripped(x), pruned(x), atol=1e-6)
-        for layer in tfopt.pruning.all_layers(stripped):
+        for layer in tfopt._keras_internal.all_layers(stripped):
             self.assertTrue(type(layer).__module__.startswith("keras."), type(layer))
         self.assertEqual(len(stripped.weights), len(_functional().weights))
         path = os.path.join(tempfile.mkdtemp(), "stripped.keras")
@@ -159,11 +159,11 @@ class StripTest(testing.TestCase):
 
 class QuantizeModelTest(testing.TestCase):
     def test_sequential_cnn_int8_export_parity(self):
-        from tfopt.demo import _compile, build_cnn, load_digits
+        from tfopt.testing.fixtures import compile_classifier, build_cnn, load_digits
 
         x_train, y_train, x_test, y_test = load_digits(0)
         model = build_cnn()
-        _compile(model)
+        compile_classifier(model)
         model.fit(x_train, y_train, epochs=3, verbose=0)
         qat = tfopt.quantize_model(model)
         self.assertEqual([type(layer).__name__ for layer in qat.layers],
@@ -172,7 +172,7 @@ class QuantizeModelTest(testing.TestCase):
         for old, new in zip(model.layers, qat.layers[2:]):
             for a, b in zip(old.weights, new.weights):
                 self.assertAllEqual(a, b)
-        _compile(qat, 5e-4)
+        compile_classifier(qat, 5e-4)
         qat.fit(x_train, y_train, epochs=2, verbose=0)
         report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "q.tflite"), inputs=x_test, precision="int8")
         self.assertEqual(report.float_ops, [])
@@ -188,11 +188,11 @@ class QuantizeModelTest(testing.TestCase):
         head = keras.Sequential([keras.Input((16,)), keras.layers.Dense(10, name="head_dense")], name="head")
         model = keras.Model(inputs, head(x))
         qat = tfopt.quantize_model(model)
-        names = [layer.name for layer in tfopt.pruning.all_layers(qat)]
+        names = [layer.name for layer in tfopt._keras_internal.all_layers(qat)]
         for name in ("image_quantize", "add_quantize", "cat_quantize", "gap_quantize"):
             self.assertIn(name, names)
-        by_name = {layer.name: layer for layer in tfopt.pruning.all_layers(qat)}
-        self.assertIsNotNone(by_name["head_dense"]._output_spec)
+        by_name = {layer.name: layer for layer in tfopt._keras_internal.all_layers(qat)}
+        self.assertIsNotNone(by_name["head_dense"].output_quant_spec)
         qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         x_data = self.make_input((32, 8, 8, 1))
         qat.fit(x_data, np.arange(32) % 10, verbose=0)
@@ -255,7 +255,7 @@ class QuantizeModelTest(testing.TestCase):
 
 class BatchNormFoldingTest(testing.TestCase):
     def test_conv_bn_is_folded_trains_exports_and_reloads(self):
-        from tfopt.demo import load_digits
+        from tfopt.testing.fixtures import load_digits
 
         x_train, y_train, x_test, _ = load_digits(0)
         inputs = keras.Input((8, 8, 1))

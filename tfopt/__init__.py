@@ -16,11 +16,15 @@ Public API:
 - `tfopt.plot_sparsity(model, path)`, `tfopt.plot_accuracy_vs_size(rows, path)`: PNG plots.
 - `tfopt.compat.tfmot`, `tfopt.compat.from_tfmot`: tfmot's names on Keras 3, and tfmot models converted.
 - `tfopt.strategies`: `auto()`, `Mirrored`, `TPU`, `MultiWorker` and their helpers.
+- `tfopt.geometry`: which weights of each Keras layer type tfopt optimizes, along
+  which axes; `tfopt.geometry.register` adds your own layer type.
 """
 
 __version__ = "0.1.0"
 
-from tfopt import callbacks, compat, distillation, layers, quantizers, schedules, sparsity, strategies  # noqa: E402
+from tfopt import (  # noqa: E402
+    callbacks, compat, distillation, geometry, layers, quantizers, schedules, sparsity, strategies,
+)
 from tfopt.exporting import ExportReport, export  # noqa: E402
 from tfopt.plots import plot_accuracy_vs_size, plot_sparsity  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
@@ -29,6 +33,7 @@ from tfopt.transforms import load_model, prune, quantize_model, strip  # noqa: E
 __all__ = [
     "callbacks",
     "distillation",
+    "geometry",
     "layers",
     "quantizers",
     "schedules",

@@ -30,8 +30,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from tfopt import _keras_internal, strategies
 from tfopt._config import Configurable
-from tfopt.transforms import _is_graph_model
+from tfopt.callbacks import _common
 
 __all__ = [
     "DistillationLoss",
@@ -238,11 +239,15 @@ class DistillationLoss(keras.losses.Loss):
         self.alpha = _check_alpha(alpha, "DistillationLoss")
         self.method = _check_method(method, "DistillationLoss")
         self.from_logits = bool(from_logits)
-        self._step = None  # bound by DistillationSchedule
+        self.step = None  # the optimizer's step, bound by DistillationSchedule
+
+    def bind_step(self, step):
+        """Makes temperature/alpha schedules read `step` (a variable) in-graph."""
+        self.step = step
 
     def call(self, y_true, y_pred):
         return distillation_per_sample(y_true, y_pred, self.temperature, self.alpha, self.method,
-                                       self.from_logits, self._step)
+                                       self.from_logits, self.step)
 
     def get_config(self):
         def ser(v):
@@ -587,12 +592,11 @@ class Distiller(keras.Model):
         self.projections = []
         if self.feature_losses:
             self._build_feature_models()
-        self._stash = None
 
     def _check_outputs(self):
         outs = []
         for role, model in (("teacher", self.teacher), ("student", self.student)):
-            out = getattr(model, "outputs", None) if _is_graph_model(model) else None
+            out = getattr(model, "outputs", None) if _keras_internal.is_graph_network(model) else None
             if out is not None and len(out) != 1:
                 raise ValueError(f"Distiller: the {role} has {len(out)} outputs; distillation needs one.")
             outs.append(out[0] if out else None)
@@ -612,7 +616,7 @@ class Distiller(keras.Model):
 
     def _build_feature_models(self):
         for role, model in (("teacher", self.teacher), ("student", self.student)):
-            if not _is_graph_model(model):
+            if not _keras_internal.is_graph_network(model):
                 raise ValueError(
                     f"Distiller: feature losses need the {role}'s intermediate layer outputs, which a "
                     f"subclassed model ({type(model).__name__}) does not expose. Build the {role} as a "
@@ -630,11 +634,21 @@ class Distiller(keras.Model):
             self.projections.append(projection)
 
     def call(self, inputs, training=None):
+        """The student's output; while training with feature losses, the tuple
+        `(output, *student features)`, which `compute_loss` and
+        `compute_metrics` unpack (one forward pass gives both)."""
         if self.feature_losses and training:
-            outputs = self._student_features(inputs, training=training)
-            self._stash = outputs[1:]
-            return outputs[0]
+            return tuple(self._student_features(inputs, training=training))
         return self.student(inputs, training=training)
+
+    def _split(self, y_pred):
+        """`(student output, student features or None)` from what `call` returned."""
+        if isinstance(y_pred, (tuple, list)):
+            return y_pred[0], list(y_pred[1:])
+        return y_pred, None
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return super().compute_metrics(x, y, self._split(y_pred)[0], sample_weight)
 
     def _step(self):
         optimizer = getattr(self, "optimizer", None)
@@ -643,6 +657,7 @@ class Distiller(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if y_pred is None:
             y_pred = self(x, training=training)
+        y_pred, student_feats = self._split(y_pred)
         if self.feature_losses and training:
             teacher_all = self._teacher_features(x, training=False)
             teacher_out, teacher_feats = teacher_all[0], teacher_all[1:]
@@ -661,12 +676,11 @@ class Distiller(keras.Model):
         if sample_weight is not None:
             per_sample = per_sample * ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
         total = ops.mean(per_sample)
-        if teacher_feats is not None and self._stash is not None:
-            for f, projection, t, s in zip(self.feature_losses, self.projections, teacher_feats, self._stash):
+        if teacher_feats is not None and student_feats is not None:
+            for f, projection, t, s in zip(self.feature_losses, self.projections, teacher_feats, student_feats):
                 if projection is not None:
                     s = projection(s)
                 total = total + f.weight * f(ops.stop_gradient(t), s)
-            self._stash = None
         if self.student.losses:  # the student's regularizers (not the frozen teacher's)
             total = total + ops.sum(self.student.losses)
         return total
@@ -679,8 +693,6 @@ class Distiller(keras.Model):
             )
         kwargs.pop("loss", None)
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
-        from tfopt import strategies
-
         strategies.check(self)
 
     def get_config(self):
@@ -725,8 +737,6 @@ class DistillationSchedule(keras.callbacks.Callback):
     """
 
     def on_train_begin(self, logs=None):
-        from tfopt import strategies
-
         strategies.check(self.model)
         losses = [loss for loss in keras.tree.flatten(getattr(self.model, "loss", None) or [])
                   if isinstance(loss, DistillationLoss)]
@@ -737,7 +747,8 @@ class DistillationSchedule(keras.callbacks.Callback):
                 "DistillationSchedule: the model is not compiled with a `DistillationLoss` "
                 "(and is not a `Distiller`), so there is no schedule to drive."
             )
-        for loss in losses:
-            loss._step = self.model.optimizer.iterations
-        if getattr(self.model, "train_function", None) is not None:
-            self.model.make_train_function(force=True)
+        step = self.model.optimizer.iterations
+        if any(loss.step is not step for loss in losses):
+            for loss in losses:
+                loss.bind_step(step)
+            _common.retrace(self.model)  # the losses now read the step: a new graph

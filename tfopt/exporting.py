@@ -18,7 +18,9 @@ import warnings
 import keras
 import numpy as np
 
-from tfopt import transforms
+from tfopt import _keras_internal, _state, strategies, transforms
+from tfopt.layers.quantize_activation import QuantizingLayer
+from tfopt.reporting import prunable_values, zero_fraction
 
 __all__ = ["export", "ExportReport", "atomic_write_bytes", "litert_latency_ms"]
 
@@ -125,9 +127,7 @@ def _convert(model, optimizations=None, precision="float32", representative_data
     # The converter goes through a SavedModel and prints its signature; keep
     # the user's console for the report. Traced with every fake-quant op on:
     # the converter reads the ranges only from ops that feed their consumers.
-    from tfopt.layers.quantize_activation import ignore_schedules
-
-    with contextlib.redirect_stdout(io.StringIO()), ignore_schedules(), warnings.catch_warnings():
+    with contextlib.redirect_stdout(io.StringIO()), _state.export_scope(), warnings.catch_warnings():
         # Printed for every QAT model: its input ranges come from the fake-quant ops instead.
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         return converter.convert()
@@ -229,27 +229,18 @@ def _flat_outputs(outputs):
 
 
 def _kernel_sparsity(model):
-    from tfopt import pruning
-
-    zeros = total = 0
-    for layer in pruning.all_layers(model):
-        for pw in pruning.prunable_weights(layer):
-            value = keras.ops.convert_to_numpy(pw.variable)
-            zeros += int(np.sum(value == 0))
-            total += value.size
-    return zeros / total if total else None
+    return zero_fraction([value for _, _, value in prunable_values(model)])
 
 
 def float_ops(model_content):
     """Names of the ops in a LiteRT flatbuffer that take float32 inputs (QUANTIZE
     and DEQUANTIZE excluded): what did not become integer in an int8 export."""
-    import numpy as np  # noqa: F401  (the interpreter returns numpy dtypes)
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=model_content)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     out = []
-    for op in interpreter._get_ops_details():
+    for op in _keras_internal.litert_ops(interpreter):
         if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
             continue
         if any(i >= 0 and tensors[i]["dtype"] == np.float32 for i in op["inputs"]):
@@ -258,13 +249,8 @@ def float_ops(model_content):
 
 
 def _has_quantization(model):
-    from tfopt import pruning
-    from tfopt.layers import Prunable, QuantizeActivation
-
-    return any(
-        isinstance(layer, QuantizeActivation) or (isinstance(layer, Prunable) and layer._output_spec is not None)
-        for layer in pruning.all_layers(model)
-    )
+    return any(isinstance(layer, QuantizingLayer) and layer.is_quantizing()
+               for layer in _keras_internal.all_layers(model))
 
 
 def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, optimizations=None,
@@ -316,9 +302,7 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         )
     if precision not in _PRECISIONS:
         raise ValueError(f"`precision` must be one of {_PRECISIONS}. Received: precision={precision!r}")
-    from tfopt import strategies
-
-    strategy = getattr(model, "_distribute_strategy", None)
+    strategy = _keras_internal.distribute_strategy(model)
     if strategy is not None and not strategies.is_chief(strategy):
         # Multi-worker: every worker runs the same script; only the chief's file lands at `path`.
         path = strategies.chief_path(strategy, path)
@@ -339,7 +323,7 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         arrays = _check_inputs(stripped, inputs, num_check_samples, seed)
         expected = [np.asarray(o) for o in _flat_outputs(stripped(arrays if len(arrays) > 1 else arrays[0]))]
         model_inputs = getattr(stripped, "inputs", None) or []
-        names = [t._keras_history.operation.name for t in model_inputs] or None
+        names = [_keras_internal.input_name(t) for t in model_inputs] or None
         got = run_litert(content, arrays, input_names=names)
         if len(got) != len(expected):
             raise RuntimeError(

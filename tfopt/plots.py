@@ -1,6 +1,10 @@
 """PNG plots: sparsity per layer, accuracy against size (matplotlib, an optional extra)."""
 
+import io
 import os
+
+from tfopt.exporting import atomic_write_bytes
+from tfopt.reporting import summary
 
 __all__ = ["plot_sparsity", "plot_accuracy_vs_size"]
 
@@ -17,10 +21,6 @@ def _pyplot():
 
 
 def _save(fig, path):
-    from tfopt.exporting import atomic_write_bytes
-
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
@@ -38,8 +38,6 @@ def plot_sparsity(model, path):
     >>> os.path.getsize(path) > 0
     True
     """
-    from tfopt.reporting import summary
-
     plt = _pyplot()
     rows = [r for r in summary(model, print_fn=None) if r["layer"] != "total"]
     if not rows:

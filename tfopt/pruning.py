@@ -19,12 +19,21 @@ import logging
 import keras
 from keras import ops
 
-from tfopt import _backend
+from tfopt import _backend, _state, geometry
 from tfopt._compat import reject_keras2
 from tfopt import schedules as schedules_lib
 from tfopt import sparsity as sparsity_lib
 
-__all__ = ["PrunableWeight", "prunable_weights", "make_constraint", "check_keras3"]
+__all__ = [
+    "PrunableWeight",
+    "prunable_weights",
+    "make_constraint",
+    "check_keras3",
+    "attach",
+    "record_of",
+    "masked_value",
+    "bake",
+]
 
 log = logging.getLogger("tfopt")
 
@@ -41,39 +50,13 @@ class PrunableWeight:
         return f"PrunableWeight({self.variable.path}, in_axis={self.in_axis}, out_axis={self.out_axis})"
 
 
-# (layer type, weight attribute, input axis, output axis); first isinstance match wins.
-_REGISTRY = [
-    (keras.layers.SeparableConv1D, "pointwise_kernel", -2, -1),
-    (keras.layers.SeparableConv2D, "pointwise_kernel", -2, -1),
-    (keras.layers.DepthwiseConv1D, "kernel", -2, -2),
-    (keras.layers.DepthwiseConv2D, "kernel", -2, -2),
-    (keras.layers.Conv1DTranspose, "kernel", -1, -2),
-    (keras.layers.Conv2DTranspose, "kernel", -1, -2),
-    (keras.layers.Conv3DTranspose, "kernel", -1, -2),
-    (keras.layers.Embedding, "embeddings", -1, -1),
-    (keras.layers.EinsumDense, "kernel", 0, -1),
-    (keras.layers.Dense, "kernel", 0, -1),
-    (keras.layers.Conv1D, "kernel", -2, -1),
-    (keras.layers.Conv2D, "kernel", -2, -1),
-    (keras.layers.Conv3D, "kernel", -2, -1),
-]
-
-
-def weight_spec(layer):
-    """Returns `(attribute, in_axis, out_axis)` for a known Keras layer type, else None."""
-    for cls, attr, in_axis, out_axis in _REGISTRY:
-        if isinstance(layer, cls):
-            return attr, in_axis, out_axis
-    return None
-
-
 def prunable_weights(layer):
     """Returns the `PrunableWeight`s of a built layer (empty if there are none).
 
     Order of lookup: the layer's own `prunable_weights()` method (for custom
     layers; it returns variables, whose input axis is taken as 0 for matrices
-    and -2 otherwise), the registry of Keras layer types (subclasses included),
-    then any trainable float variable attribute named `kernel`.
+    and -2 otherwise), the `tfopt.geometry` entry of its type (subclasses
+    included), then any trainable float variable attribute named `kernel`.
     """
     custom = getattr(layer, "prunable_weights", None)
     if callable(custom):
@@ -83,33 +66,67 @@ def prunable_weights(layer):
         ]
     if not layer.built:
         return []
-    spec = weight_spec(layer)
-    if spec is not None:
-        attr, in_axis, out_axis = spec
-        return [PrunableWeight(getattr(layer, attr), in_axis, out_axis)]
+    if geometry.of(layer) is not None:
+        return [PrunableWeight(v, spec.in_axis, spec.out_axis) for spec, v in geometry.prunable_weights(layer)]
     kernel = getattr(layer, "kernel", None)
     if isinstance(kernel, keras.Variable) and kernel.trainable and len(kernel.shape) >= 2:
         return [PrunableWeight(kernel, 0 if len(kernel.shape) == 2 else -2, -1)]
     return []
 
 
-def make_constraint(mask, step_fn, schedule_fn, structure, in_axis, out_axis, inner=None, after=None):
+# --- the pruning state of a variable ----------------------------------------------------
+def attach(variable, record):
+    """Records that `record` (a `tfopt._state.PruneRecord`) prunes `variable`."""
+    _state.PRUNED.set(variable, record)
+
+
+def record_of(variable):
+    """The `PruneRecord` of a pruned variable, or None."""
+    return _state.PRUNED.get(variable)
+
+
+def masked_value(variable):
+    """The variable's value (numpy) with its mask applied, if it has one."""
+    value = ops.convert_to_numpy(variable)
+    record = record_of(variable)
+    if record is not None:
+        value = value * ops.convert_to_numpy(record.mask)
+    return value
+
+
+def bake(variable):
+    """Multiplies a pruned variable by its mask and detaches pruning from it
+    (its constraint goes back to the user's own)."""
+    if record_of(variable) is None:
+        return
+    variable.assign(masked_value(variable))
+    if is_pruning_constraint(variable.constraint):
+        variable.constraint = inner_constraint(variable)
+    _state.PRUNED.pop(variable)
+
+
+def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner=None, after=None,
+                    length_fn=None):
     """Returns a weight constraint that updates `mask` on schedule and applies it.
 
     Args:
         mask: the mask variable (same shape and dtype as the weight).
         step_fn: returns the current step (a tensor) when called in the train step.
-        schedule_fn: returns the schedule to use; called at trace time, so a
-            schedule resolved from `fit`'s length is picked up.
+        schedule: the `SparsitySchedule`.
         structure: a `tfopt.sparsity.Structure`.
         inner: the user's constraint, applied first.
         after: called after the mask is assigned (for example to count steps).
+        length_fn: for a schedule in percentages of training, returns the
+            variable holding the length of the running `fit` (read in-graph,
+            so a new length needs no retrace); called while tracing, it may
+            raise to say that nothing gave the length.
     """
 
     def apply(weight):
         if inner is not None:
             weight = inner(weight)
-        should_prune, sparsity = schedule_fn()(step_fn())
+        total = ops.convert_to_tensor(length_fn()) if schedule.is_relative else None
+        should_prune, sparsity = schedule(step_fn(), total)
         current = ops.convert_to_tensor(mask)
 
         def recompute():
@@ -147,7 +164,7 @@ class _PruningConstraint(keras.constraints.Constraint):
 
     def __init__(self, fn, inner):
         self._fn = fn
-        self._tfopt_inner = inner
+        self.inner = inner
 
     def __call__(self, weight):
         return self._fn(weight)
@@ -156,11 +173,11 @@ class _PruningConstraint(keras.constraints.Constraint):
 def inner_constraint(variable):
     """The user's constraint under a tfopt pruning constraint (or the constraint itself)."""
     c = variable.constraint
-    return getattr(c, "_tfopt_inner", c)
+    return c.inner if isinstance(c, _PruningConstraint) else c
 
 
 def is_pruning_constraint(constraint):
-    return constraint is not None and hasattr(constraint, "_tfopt_inner")
+    return isinstance(constraint, _PruningConstraint)
 
 
 def check_keras3(obj, arg="model"):
@@ -173,23 +190,28 @@ def check_keras3(obj, arg="model"):
         )
 
 
-def resolve_schedule(schedule, total_steps):
-    return schedule.resolve(total_steps) if schedule.is_relative else schedule
-
-
 def get_schedule(identifier):
     if identifier is not None and not isinstance(identifier, (str, dict, schedules_lib.SparsitySchedule)):
         reject_keras2(identifier, "pruning_schedule")
     return schedules_lib.get(identifier)
 
 
-def get_structure(identifier):
+def get_structure(identifier, schedule=None, where=None):
+    """The `Structure` for `identifier`; with `where` (who asks), refuses a
+    structure given without a schedule (it would never prune) and gives None
+    when there is no schedule."""
+    if where is not None and schedule is None:
+        if identifier is not None:
+            raise ValueError(
+                f"{where} got structure={identifier!r} but no `pruning_schedule`, so it would never "
+                "prune. Pass `pruning_schedule=` too (for example 'baseline')."
+            )
+        return None
     if identifier is not None and not isinstance(
         identifier, (str, dict, tuple, list, sparsity_lib.Structure)
     ):
         reject_keras2(identifier, "structure")
     return sparsity_lib.get(identifier)
-
 
 def _matches(selector, layer):
     if isinstance(selector, str):
@@ -245,12 +267,15 @@ def select_targets(candidates, selector, structure, who):
     left out with a warning naming them, from `who`.
     """
     chosen, named = select_layers(candidates, selector)
-    targets, skipped = [], []
+    targets, skipped, seen = [], [], set()
     for layer in chosen:
         weights = prunable_weights(layer)
         if not weights and named:
             raise no_prunable_weights_error(layer)
         for pw in weights:
+            if id(pw.variable) in seen:
+                continue  # reached twice (an RNN's cell and the RNN itself)
+            seen.add(id(pw.variable))
             where = f"Layer '{layer.name}' ({type(layer).__name__}) weight '{pw.variable.name}'"
             try:
                 structure.validate(pw.variable.shape, pw.in_axis, pw.out_axis, where)
@@ -277,12 +302,3 @@ def no_prunable_weights_error(layer):
         f"out of `layers`. Received: layer={layer.name!r}"
     )
 
-
-def all_layers(model):
-    """Every layer inside `model`, nested models' layers included, each once."""
-    seen, out = set(), []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            out.append(layer)
-    return out

@@ -14,7 +14,14 @@ full-integer int8 without representative data.
 Defaults follow the TFLite int8 specification: weights per-channel (last
 axis), symmetric, narrow range ([-127, 127]); activations per-tensor,
 asymmetric ([-128, 127]).
+
+Two registries make a new precision or mode one registration, not a branch:
+`register_mode` (how weights of a `QuantSpec.mode` are fake-quantized, how
+many levels and stored bits they have, whether the converter can fold the
+graph) and `register_precision` (a name such as "int4" for a pair of specs).
 """
+
+import dataclasses
 
 import keras
 from keras import ops
@@ -32,9 +39,58 @@ __all__ = [
     "binary",
     "ternary",
     "carry_int8",
+    "QuantizationMode",
+    "register_mode",
+    "get_mode",
+    "register_precision",
 ]
 
-_MODES = ("affine", "binary", "ternary")
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationMode:
+    """How weights of one `QuantSpec.mode` are quantized.
+
+    Attributes:
+        name: the `mode` string.
+        quantize: `fn(weight, spec, axis) -> fake-quantized weight` (values on
+            the grid, straight-through gradient), per channel along `axis`
+            when `spec.per_channel`.
+        levels: `fn(spec) -> number of representable values`.
+        bits: `fn(spec) -> bits per weight once exported` (reporting).
+        min_bits: the smallest `spec.bits` the mode accepts.
+        converter_folds: False when the TFLite converter cannot fold the
+            mode's graph into constants (sign/threshold ops): `tfopt.export`
+            then computes the weights' values eagerly and hands them over
+            behind an exact int8 fake-quant.
+    """
+
+    name: str
+    quantize: object
+    levels: object
+    bits: object
+    min_bits: int = 1
+    converter_folds: bool = True
+
+
+_MODES = {}
+
+
+def register_mode(mode):
+    """Registers a `QuantizationMode` (replacing one of the same name) and returns it."""
+    if not isinstance(mode, QuantizationMode):
+        raise TypeError(f"`register_mode` takes a QuantizationMode. Received: {mode!r}")
+    _MODES[mode.name] = mode
+    return mode
+
+
+def get_mode(name):
+    """The registered `QuantizationMode` called `name`."""
+    if name not in _MODES:
+        raise ValueError(
+            f"Unknown quantization mode. Expected one of {sorted(_MODES)} (or a mode added "
+            f"with `tfopt.quantizers.register_mode`). Received: mode={name!r}"
+        )
+    return _MODES[name]
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
@@ -60,16 +116,16 @@ class QuantSpec(Configurable):
 
     def __init__(self, bits=8, per_channel=False, symmetric=False, narrow_range=False, mode="affine"):
         if mode not in _MODES:
-            raise ValueError(f"QuantSpec: `mode` must be one of {_MODES}. Received: mode={mode!r}")
+            raise ValueError(f"QuantSpec: `mode` must be one of {tuple(_MODES)}. Received: mode={mode!r}")
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
             raise ValueError(
                 f"QuantSpec: `bits` must be an int from 1 to 16. Received: bits={bits!r}. "
                 "For 1-bit weights use mode='binary' (or precision 'binary')."
             )
-        if mode == "affine" and bits < 2:
+        if bits < _MODES[mode].min_bits:
             raise ValueError(
-                "QuantSpec: affine quantization needs at least 2 bits. Received: bits=1. "
-                "For 1-bit weights use mode='binary'."
+                f"QuantSpec: {mode} quantization needs at least {_MODES[mode].min_bits} bits. "
+                f"Received: bits={bits}. For 1-bit weights use mode='binary'."
             )
         self.bits = bits
         self.per_channel = bool(per_channel)
@@ -80,11 +136,12 @@ class QuantSpec(Configurable):
     @property
     def levels(self):
         """Number of representable values."""
-        if self.mode == "binary":
-            return 2
-        if self.mode == "ternary":
-            return 3
-        return 2**self.bits - (1 if self.narrow_range else 0)
+        return _MODES[self.mode].levels(self)
+
+    @property
+    def stored_bits(self):
+        """Bits per weight once exported (1 for binary, 2 for ternary)."""
+        return _MODES[self.mode].bits(self)
 
     def get_config(self):
         return {
@@ -106,15 +163,25 @@ def _activations(bits=8):
 
 #: Named precisions: `(weight spec, activation spec)`. `"float16"` is an
 #: export-only precision (no fake quantization in training): both are None.
-PRECISIONS = {
-    "int8": (_weights(8), _activations(8)),
-    "int4": (_weights(4), _activations(8)),
-    "int2": (_weights(2), _activations(8)),
-    "ternary": (_weights(2, "ternary"), _activations(8)),
-    "binary": (_weights(1, "binary"), _activations(8)),
-    "bool": (_weights(1, "binary"), _activations(8)),
-    "float16": (None, None),
-}
+PRECISIONS = {}
+
+
+def register_precision(name, weight_spec, activation_spec):
+    """Names a `(weight spec, activation spec)` pair, usable wherever a precision
+    is taken (`quantization_aware=`, `quantize_model`, `overrides`).
+
+    Example:
+    >>> register_precision("int6", QuantSpec(6, per_channel=True, symmetric=True, narrow_range=True),
+    ...                    QuantSpec(8))
+    >>> get_precision("int6")[0].bits
+    6
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`register_precision`: `name` must be a non-empty string. Received: name={name!r}")
+    for arg, spec in (("weight_spec", weight_spec), ("activation_spec", activation_spec)):
+        if spec is not None and not isinstance(spec, QuantSpec):
+            raise TypeError(f"`register_precision`: `{arg}` must be a QuantSpec or None. Received: {spec!r}")
+    PRECISIONS[name.lower()] = (weight_spec, activation_spec)
 
 
 def get_precision(identifier):
@@ -251,11 +318,14 @@ def ternary(w, axis=-1):
 
 
 def quantize_weight(w, spec, axis=-1):
-    """Fake-quantizes a weight per `spec` (per-channel ranges along `axis`)."""
+    """Fake-quantizes a weight per `spec` (per-channel ranges along `axis`),
+    with the function of its registered mode."""
     if spec is None:
         return w
-    if spec.mode in ("binary", "ternary"):
-        return carry_int8(binary(w, axis) if spec.mode == "binary" else ternary(w, axis), spec, axis)
+    return _MODES[spec.mode].quantize(w, spec, axis)
+
+
+def _quantize_affine(w, spec, axis=-1):
     w = _read(w)
     w_dtype, shape = w.dtype, w.shape
     x = ops.cast(w, "float32")
@@ -293,3 +363,24 @@ def quantize_activation(x, min_value, max_value, spec):
     dtype = x.dtype
     out = fake_quant(ops.cast(x, "float32"), min_value, max_value, spec)
     return ops.cast(out, dtype)
+
+
+# --- the registered modes and precisions ----------------------------------------------------
+def _affine_levels(spec):
+    return 2**spec.bits - (1 if spec.narrow_range else 0)
+
+
+register_mode(QuantizationMode("affine", quantize=_quantize_affine, levels=_affine_levels,
+                               bits=lambda spec: spec.bits, min_bits=2))
+register_mode(QuantizationMode("binary", quantize=lambda w, spec, axis: carry_int8(binary(w, axis), spec, axis),
+                               levels=lambda spec: 2, bits=lambda spec: 1, converter_folds=False))
+register_mode(QuantizationMode("ternary", quantize=lambda w, spec, axis: carry_int8(ternary(w, axis), spec, axis),
+                               levels=lambda spec: 3, bits=lambda spec: 2, converter_folds=False))
+
+register_precision("int8", _weights(8), _activations(8))
+register_precision("int4", _weights(4), _activations(8))
+register_precision("int2", _weights(2), _activations(8))
+register_precision("ternary", _weights(2, "ternary"), _activations(8))
+register_precision("binary", _weights(1, "binary"), _activations(8))
+register_precision("bool", _weights(1, "binary"), _activations(8))
+register_precision("float16", None, None)

@@ -3,15 +3,25 @@
 import numpy as np
 from keras import ops
 
-from tfopt import pruning
+from tfopt import _keras_internal, pruning
 
-__all__ = ["summary", "overall_sparsity"]
+__all__ = ["summary", "overall_sparsity", "prunable_values", "zero_fraction"]
 
 
-def _pruned_weights(model):
-    for layer in pruning.all_layers(model):
+def prunable_values(model, pruned_only=False):
+    """`(layer, PrunableWeight, numpy value)` for every prunable weight of
+    `model` (only those a mask prunes, with `pruned_only`)."""
+    for layer in _keras_internal.all_layers(model):
         for pw in pruning.prunable_weights(layer):
-            yield layer, pw
+            if pruned_only and pruning.record_of(pw.variable) is None:
+                continue
+            yield layer, pw, ops.convert_to_numpy(pw.variable)
+
+
+def zero_fraction(values):
+    """Fraction of zeros over a list of arrays, or None if they hold nothing."""
+    total = sum(int(v.size) for v in values)
+    return None if total == 0 else sum(int(np.sum(v == 0)) for v in values) / total
 
 
 def overall_sparsity(model):
@@ -23,14 +33,7 @@ def overall_sparsity(model):
     >>> overall_sparsity(model)
     0.0
     """
-    zeros = total = 0
-    for _, pw in _pruned_weights(model):
-        if getattr(pw.variable, "_tfopt_prune_info", None) is None:
-            continue
-        value = ops.convert_to_numpy(pw.variable)
-        zeros += int(np.sum(value == 0))
-        total += value.size
-    return None if total == 0 else zeros / total
+    return zero_fraction([value for _, _, value in prunable_values(model, pruned_only=True)])
 
 
 def summary(model, print_fn=print):
@@ -64,9 +67,8 @@ def summary(model, print_fn=print):
     """
     rows = []
     state = _state_ids(model)
-    for layer, pw in _pruned_weights(model):
-        value = ops.convert_to_numpy(pw.variable)
-        info = getattr(pw.variable, "_tfopt_prune_info", None)
+    for layer, pw, value in prunable_values(model):
+        info = pruning.record_of(pw.variable)
         nonzeros = int(np.count_nonzero(value))
         rows.append(
             {
@@ -77,10 +79,10 @@ def summary(model, print_fn=print):
                 "size": int(value.size),
                 "nonzeros": nonzeros,
                 "sparsity": 1.0 - nonzeros / value.size,
-                "structure": "-" if info is None else _describe(info["structure"]),
+                "structure": "-" if info is None else _describe(info.structure),
                 "bits": _weight_bits(layer, value),
                 "est_bytes": int(np.ceil(value.size * _weight_bits(layer, value) / 8)),
-                "schedule": "-" if info is None or info["schedule"] is None else repr(info["schedule"]),
+                "schedule": "-" if info is None or info.schedule is None else repr(info.schedule),
             }
         )
     params = _model_params(model)
@@ -106,14 +108,12 @@ def summary(model, print_fn=print):
 
 
 def _state_ids(model):
-    """ids of tfopt's own variables (masks, steps), which are not model parameters."""
-    from tfopt.layers.prunable import Prunable
-
+    """ids of tfopt's own variables (masks, steps, ranges, folded BN), which
+    are not model parameters (tfopt layers list them in `tfopt_variables()`)."""
     return {
         id(v)
-        for layer in pruning.all_layers(model)
-        if isinstance(layer, Prunable)
-        for v in layer._tfopt_state()
+        for layer in _keras_internal.all_layers(model)
+        for _, v in (layer.tfopt_variables() if hasattr(layer, "tfopt_variables") else [])
     }
 
 
@@ -128,9 +128,9 @@ def _layer_params(layer, state):
 
 def _weight_bits(layer, value):
     """Bits per weight once exported: the QAT spec's, else the variable's dtype."""
-    spec = getattr(layer, "_weight_spec", None)
+    spec = getattr(layer, "weight_quant_spec", None)
     if spec is not None:
-        return {"binary": 1, "ternary": 2}.get(spec.mode, spec.bits)
+        return spec.stored_bits
     return value.dtype.itemsize * 8
 
 

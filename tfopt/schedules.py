@@ -7,7 +7,10 @@ whose config is exactly the function's arguments.
 
 Steps may be given relative to the length of training as strings such as
 `"75%"`. They are resolved from `model.fit`'s `epochs` and `steps_per_epoch`
-by `tfopt.callbacks.Pruning`, which must then be in the callback list.
+by `tfopt.callbacks.Pruning`, which must then be in the callback list: it
+keeps the length of the running `fit` in a variable, and the schedule is
+resolved against it inside the train step (`schedule(step, total_steps)`), so
+a new `fit` of another length needs no retrace.
 """
 
 import re
@@ -36,11 +39,13 @@ def _in_range_and_turn(step, begin_step, end_step, frequency):
     `end_step` (forever when `end_step` is -1), plus `end_step` itself so that
     the final sparsity is always reached."""
     step = ops.cast(step, "int64")
+    begin_step = ops.cast(begin_step, "int64")
+    open_end = isinstance(end_step, int) and end_step < 0
     in_range = ops.greater_equal(step, begin_step)
-    if end_step >= 0:
+    if not open_end:
         in_range = ops.logical_and(in_range, ops.less_equal(step, end_step))
-    turn = ops.equal(ops.mod(step - begin_step, frequency), 0)
-    if end_step >= 0:
+    turn = ops.equal(ops.mod(step - begin_step, ops.cast(frequency, "int64")), 0)
+    if not open_end:
         turn = ops.logical_or(turn, ops.equal(step, end_step))
     return ops.logical_and(in_range, turn)
 
@@ -71,7 +76,8 @@ def polynomial_decay(
     0.4
     """
     should = _in_range_and_turn(step, begin_step, end_step, frequency)
-    progress = (ops.cast(step, "float32") - float(begin_step)) / float(end_step - begin_step)
+    begin = ops.cast(begin_step, "float32")
+    progress = (ops.cast(step, "float32") - begin) / (ops.cast(end_step, "float32") - begin)
     progress = ops.clip(progress, 0.0, 1.0)
     sparsity = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power
     return should, ops.cast(sparsity, "float32")
@@ -110,10 +116,32 @@ def _check_step(name, value, schedule, allow_minus_one=False):
 
 
 def _resolve(value, total_steps):
-    if isinstance(value, str):
-        fraction = float(_PERCENT.match(value).group(1)) / 100.0
+    """A percentage of `total_steps` (a Python int, or an int tensor in-graph) as a step."""
+    if not isinstance(value, str):
+        return value
+    fraction = float(_PERCENT.match(value).group(1)) / 100.0
+    if isinstance(total_steps, int):
         return int(round(fraction * total_steps))
-    return value
+    return ops.cast(ops.round(fraction * ops.cast(total_steps, "float32")), "int64")
+
+
+def _resolve_config(config, step_args, total_steps):
+    """`config` with percentages turned into steps of a `total_steps` run (at
+    least one step between begin and end, a frequency of at least 1)."""
+    config = dict(config)
+    relative = {arg for arg in step_args if isinstance(config[arg], str)}
+    for arg in step_args:
+        config[arg] = _resolve(config[arg], total_steps)
+    if isinstance(total_steps, int):
+        config["frequency"] = max(1, config["frequency"])
+        if config["end_step"] != -1 and config["end_step"] <= config["begin_step"]:
+            config["end_step"] = config["begin_step"] + 1
+        return config
+    if "frequency" in relative:
+        config["frequency"] = ops.maximum(config["frequency"], 1)
+    if "end_step" in relative:
+        config["end_step"] = ops.maximum(config["end_step"], ops.cast(config["begin_step"], "int64") + 1)
+    return config
 
 
 def _steps_order(begin_step, end_step, schedule, allow_open_end):
@@ -146,6 +174,17 @@ class SparsitySchedule(Configurable):
     """
 
     _step_args = ("begin_step", "end_step", "frequency")
+    _function = None  # the pure function of `(step, **get_config())`
+
+    def __call__(self, step, total_steps=None):
+        """`(should_prune, sparsity)` at `step`; `total_steps` (an int or an int
+        tensor) resolves percentages, in-graph when it is a tensor."""
+        config = self.get_config()
+        if self.is_relative:
+            if total_steps is None:
+                self._check_resolved()
+            config = _resolve_config(config, self._step_args, total_steps)
+        return type(self)._function(step, **config)
 
     @property
     def is_relative(self):
@@ -159,13 +198,7 @@ class SparsitySchedule(Configurable):
         >>> PolynomialDecay(0.0, 0.8, "0%", "50%", frequency="10%").resolve(1000).end_step
         500
         """
-        config = self.get_config()
-        for arg in self._step_args:
-            config[arg] = _resolve(config[arg], total_steps)
-        config["frequency"] = max(1, config["frequency"])
-        if config["end_step"] != -1 and config["end_step"] <= config["begin_step"]:
-            config["end_step"] = config["begin_step"] + 1
-        return type(self)(**config)
+        return type(self)(**_resolve_config(self.get_config(), self._step_args, int(total_steps)))
 
     def _check_resolved(self):
         if self.is_relative:
@@ -220,9 +253,7 @@ class ConstantSparsity(SparsitySchedule):
     def final_sparsity(self):
         return self.target_sparsity
 
-    def __call__(self, step):
-        self._check_resolved()
-        return constant_sparsity(step, **self.get_config())
+    _function = staticmethod(constant_sparsity)
 
     def get_config(self):
         return {
@@ -282,9 +313,7 @@ class PolynomialDecay(SparsitySchedule):
     def final_sparsity(self):
         return self.final_sparsity_
 
-    def __call__(self, step):
-        self._check_resolved()
-        return polynomial_decay(step, **self.get_config())
+    _function = staticmethod(polynomial_decay)
 
     def get_config(self):
         return {

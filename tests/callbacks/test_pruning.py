@@ -55,7 +55,7 @@ class KernelLayer(keras.layers.Layer):
 
 def _kernels(model):
     return {layer.name: keras.ops.convert_to_numpy(pw.variable).copy()
-            for layer in tfopt.pruning.all_layers(model) for pw in tfopt.pruning.prunable_weights(layer)}
+            for layer in tfopt._keras_internal.all_layers(model) for pw in tfopt.pruning.prunable_weights(layer)}
 
 
 class PruningCallbackTest(testing.TestCase, parameterized.TestCase):
@@ -223,7 +223,9 @@ class PruningCallbackTest(testing.TestCase, parameterized.TestCase):
         model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         history = model.fit(x, y, epochs=4, batch_size=16, verbose=0, callbacks=[tfopt.callbacks.Pruning()])
         self.assertAlmostEqual(history.history["sparsity"][-1], 0.8, places=2)
-        self.assertEqual(model.layers[0]._resolved_schedule.end_step, 12)
+        # The length of the fit (4 epochs x 4 steps) is tfopt state, read in-graph.
+        length = int(tfopt._state.TRAINING_LENGTH.get(model.layers[0]).numpy())
+        self.assertEqual(model.layers[0].pruning_schedule.resolve(length).end_step, 12)
 
     def test_errors_at_attach(self):
         model = _cnn()

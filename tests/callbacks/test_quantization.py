@@ -81,7 +81,8 @@ class QuantizationScheduleTest(testing.TestCase, parameterized.TestCase):
         model.fit(x, y, batch_size=2, epochs=2, verbose=0,
                   callbacks=[tfopt.callbacks.QuantizationSchedule(start=0.5, freeze_ranges=0.9)])
         layer = model.get_layer("d")
-        self.assertEqual((layer.quantization_start, layer.ranges_freeze), (5, 9))
+        times = layer.quantization_times()
+        self.assertEqual((int(times.start.numpy()), int(times.freeze_ranges.numpy())), (5, 9))
 
     def test_folded_batch_norm_statistics_track_keras(self):
         base = _conv_bn_model()

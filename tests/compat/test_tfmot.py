@@ -99,10 +99,10 @@ class QuantizationGuideTest(testing.TestCase):
         annotated_model = keras.models.clone_model(base, clone_function=apply_quantization_to_dense)
         with tfmot.quantization.keras.quantize_scope():
             quant_aware_model = tfmot.quantization.keras.quantize_apply(annotated_model)
-        self.assertIsNotNone(quant_aware_model.get_layer("d1")._output_spec)
+        self.assertIsNotNone(quant_aware_model.get_layer("d1").output_quant_spec)
         self.assertIs(type(quant_aware_model.get_layer("d2")), keras.layers.Dense)
         whole = tfmot.quantization.keras.quantize_apply(tfmot.quantization.keras.quantize_annotate_model(_base()))
-        self.assertIsNotNone(whole.get_layer("d2")._output_spec)
+        self.assertIsNotNone(whole.get_layer("d2").output_quant_spec)
         with self.assertRaisesRegex(ValueError, "no layer of the model is annotated"):
             tfmot.quantization.keras.quantize_apply(_base())
         with self.assertRaisesRegex(ValueError, "not a tfmot QuantizeConfig"):
@@ -162,7 +162,7 @@ class FromTfmotTest(testing.TestCase):
         model.fit(x, np.zeros(len(x), "int64"), verbose=0)
         self.assertAllClose(float(np.mean(d1.kernel.numpy() == 0)), 0.75, atol=0.02)
         qat = tfopt.compat.from_tfmot(os.path.join(out, "qat.h5"))
-        self.assertIsNotNone(qat.get_layer("q1")._output_spec)
+        self.assertIsNotNone(qat.get_layer("q1").output_quant_spec)
         got, want = qat.predict(x, verbose=0), np.load(os.path.join(out, "qat_outputs.npy"))
         step = (qat.get_layer("q2").output_range_max.numpy() - qat.get_layer("q2").output_range_min.numpy()) / 255
         self.assertLessEqual(float(np.max(np.abs(got - want))), step + 1e-5)  # at most one int8 step apart

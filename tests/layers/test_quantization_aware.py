@@ -79,8 +79,8 @@ class QuantizationAwareLayersTest(testing.TestCase, parameterized.TestCase):
                   (tfopt.quantizers.QuantSpec(4), tfopt.quantizers.QuantSpec(8))):
             layer = tfopt.layers.Dense(3, quantization_aware=q)
             revived = tfopt.layers.Dense.from_config(layer.get_config())
-            self.assertEqual(revived._weight_spec, layer._weight_spec, q)
-            self.assertEqual(revived._output_spec, layer._output_spec, q)
+            self.assertEqual(revived.weight_quant_spec, layer.weight_quant_spec, q)
+            self.assertEqual(revived.output_quant_spec, layer.output_quant_spec, q)
 
     @parameterized.parameters(("int8",), ("int4",), ("binary",))
     def test_training_reduces_loss(self, precision):
@@ -104,8 +104,8 @@ class QuantizationAwareLayersTest(testing.TestCase, parameterized.TestCase):
         model.compile("adam", "mse")
         model.fit(np.random.rand(16, 32), np.random.rand(16, 16), verbose=0)
         kernel = layer.kernel.numpy()
-        quantized = np.asarray(tfopt.quantizers.quantize_weight(kernel, layer._weight_spec.__class__(
-            **{**layer._weight_spec.get_config(), "per_channel": False})))
+        quantized = np.asarray(tfopt.quantizers.quantize_weight(kernel, layer.weight_quant_spec.__class__(
+            **{**layer.weight_quant_spec.get_config(), "per_channel": False})))
         self.assertEqual(float(np.mean(kernel == 0)), 0.75)
         self.assertAllEqual(quantized == 0, kernel == 0)
         self.assertEqual([w.name for w in layer.weights][-5:], _RANGE_NAMES + ["kernel_mask", "pruning_step"])
@@ -131,11 +131,11 @@ def _digits_qat_cnn():
 
 class Int8ExportTest(testing.TestCase):
     def test_qat_cnn_exports_full_integer_with_parity(self):
-        from tfopt.demo import _compile, load_digits
+        from tfopt.testing.fixtures import compile_classifier, load_digits
 
         x_train, y_train, x_test, y_test = load_digits(0)
         model = _digits_qat_cnn()
-        _compile(model)
+        compile_classifier(model)
         model.fit(x_train, y_train, batch_size=32, epochs=6, verbose=0)
         keras_accuracy = model.evaluate(x_test, y_test, verbose=0)[1]
         path = os.path.join(tempfile.mkdtemp(), "int8.tflite")

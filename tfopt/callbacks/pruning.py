@@ -4,9 +4,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _backend, pruning
+from tfopt import _backend, _keras_internal, _state, pruning, strategies
 from tfopt import sparsity as sparsity_lib
-from tfopt.layers.prunable import Prunable
+from tfopt.callbacks import _common
+from tfopt.layers.base import Prunable
+from tfopt.reporting import overall_sparsity
 
 __all__ = ["Pruning"]
 
@@ -22,7 +24,9 @@ class Pruning(keras.callbacks.Callback):
     weights are sparse at every step.
 
     It also resolves schedules given in percentages of training (from `fit`'s
-    `epochs` and steps per epoch) for `tfopt.layers`, and writes the current
+    `epochs` and steps per epoch) for `tfopt.layers` (the length of the
+    running `fit` is a variable read in-graph: a new `fit` of another length
+    needs no retrace), and writes the current
     overall sparsity to the epoch logs as `sparsity` (progress bar, History,
     CSVLogger and TensorBoard when they come after it in `callbacks`).
 
@@ -66,16 +70,11 @@ class Pruning(keras.callbacks.Callback):
     def __init__(self, pruning_schedule=None, structure=None, layers=None, log_sparsity=True):
         super().__init__()
         self.pruning_schedule = pruning.get_schedule(pruning_schedule)
-        if structure is not None and self.pruning_schedule is None:
-            raise ValueError(
-                f"Pruning callback got structure={structure!r} but no `pruning_schedule`. "
-                "Pass `pruning_schedule=` too (for example 'baseline')."
-            )
-        self.structure = pruning.get_structure(structure) if self.pruning_schedule else None
+        self.structure = pruning.get_structure(structure, self.pruning_schedule, "Pruning callback")
         pruning.check_layers_arg(layers)
         self.layers = layers
         self.log_sparsity = log_sparsity
-        self._resolved = self.pruning_schedule
+        self._length = None  # int64 variable: steps of the running fit
         self._masks = {}  # id(variable) -> (variable, mask, constraint)
         self._attach_pending = False
 
@@ -85,13 +84,8 @@ class Pruning(keras.callbacks.Callback):
         super().set_model(model)
 
     def on_train_begin(self, logs=None):
-        from tfopt import strategies
-
         strategies.check(self.model)
-        total = None
-        if self.params and self.params.get("steps") and self.params.get("epochs"):
-            total = int(self.params["epochs"]) * int(self.params["steps"])
-        self._resolve_all(total)
+        self._resolve_all(_common.total_steps(self.params))
         self._attach_pending = self.pruning_schedule is not None
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -103,7 +97,7 @@ class Pruning(keras.callbacks.Callback):
             # Weights (and a restored optimizer) are in place; retrace so that
             # the train step applies the new constraints.
             if self._attach():
-                self.model.make_train_function(force=True)
+                _common.retrace(self.model)
         else:
             # Subclassed models build their layers during the first trace, just
             # before the optimizer builds: attach then, every variable existing.
@@ -117,36 +111,48 @@ class Pruning(keras.callbacks.Callback):
             optimizer.build = build
 
     def _resolve_all(self, total):
-        def resolve(schedule, where):
-            if schedule is None or not schedule.is_relative:
-                return schedule
-            if total is None:
-                raise ValueError(
-                    f"{where} has a pruning schedule in percentages of training "
-                    f"({schedule!r}), but `fit` does not know how many steps an epoch has "
-                    "(an infinite or unsized dataset). Pass `steps_per_epoch=` to `fit`, or "
-                    "give the schedule's steps as ints."
-                )
-            return schedule.resolve(total)
-
-        self._resolved = resolve(self.pruning_schedule, "tfopt.callbacks.Pruning")
-        for layer in pruning.all_layers(self.model):
-            if isinstance(layer, Prunable) and layer.pruning_schedule is not None:
-                if layer.pruning_schedule.is_relative:
-                    resolved = resolve(layer.pruning_schedule, f"Layer '{layer.name}'")
-                    if resolved != layer._resolved_schedule:
-                        layer._resolved_schedule = resolved
-                        if getattr(self.model, "train_function", None) is not None:
-                            self.model.make_train_function(force=True)
+        """Sets the length of this fit on every schedule in percentages (the
+        callback's and the tfopt layers'): variables read in the train step."""
+        relative = [(layer, f"Layer '{layer.name}'") for layer in _keras_internal.all_layers(self.model)
+                    if isinstance(layer, Prunable) and layer.pruning_schedule is not None
+                    and layer.pruning_schedule.is_relative]
+        if self.pruning_schedule is not None and self.pruning_schedule.is_relative:
+            relative.append((self, "tfopt.callbacks.Pruning"))
+        if not relative:
+            return
+        if total is None:
+            schedule = relative[0][0].pruning_schedule
+            raise ValueError(
+                f"{relative[0][1]} has a pruning schedule in percentages of training "
+                f"({schedule!r}), but `fit` does not know how many steps an epoch has "
+                "(an infinite or unsized dataset). Pass `steps_per_epoch=` to `fit`, or "
+                "give the schedule's steps as ints."
+            )
+        created = False
+        for owner, _ in relative:
+            length = self._length if owner is self else _state.TRAINING_LENGTH.get(owner)
+            if length is None:
+                length = _common.state_variable(self.model, total, f"{getattr(owner, 'name', 'pruning')}_training_length")
+                created = True
+                if owner is self:
+                    self._length = length
+                else:
+                    _state.TRAINING_LENGTH.set(owner, length)
+            length.assign(total)
+        if created:
+            _common.retrace(self.model)  # a layer that raised while tracing can trace now
 
     def _targets(self):
         candidates = [
             layer
-            for layer in pruning.all_layers(self.model)
+            for layer in _keras_internal.all_layers(self.model)
             if not isinstance(layer, keras.Model)
             and not (isinstance(layer, Prunable) and layer.pruning_schedule is not None)
         ]
-        return pruning.select_targets(candidates, self.layers, self.structure, "tfopt.callbacks.Pruning")[0]
+        targets = pruning.select_targets(candidates, self.layers, self.structure, "tfopt.callbacks.Pruning")[0]
+        # Weights a tfopt layer prunes itself (an LSTM twin's cell) stay its own.
+        return [(layer, pw) for layer, pw in targets
+                if getattr(pruning.record_of(pw.variable), "owner", self) is self]
 
     def _attach(self):
         """Creates masks and wraps constraints; returns True if anything was attached."""
@@ -171,20 +177,16 @@ class Pruning(keras.callbacks.Callback):
             constraint = pruning.make_constraint(
                 mask,
                 step_fn=lambda: optimizer.iterations,
-                schedule_fn=lambda: self._resolved,
+                schedule=self.pruning_schedule,
                 structure=self.structure,
                 in_axis=pw.in_axis,
                 out_axis=pw.out_axis,
                 inner=pruning.inner_constraint(variable),
+                length_fn=lambda: self._length,
             )
             variable.constraint = constraint
-            variable._tfopt_prune_info = {
-                "mask": mask,
-                "structure": self.structure,
-                "schedule": self.pruning_schedule,
-                "in_axis": pw.in_axis,
-                "out_axis": pw.out_axis,
-            }
+            pruning.attach(variable, _state.PruneRecord(mask, self.structure, self.pruning_schedule,
+                                                        pw.in_axis, pw.out_axis, owner=self))
             self._masks[id(variable)] = (variable, mask, constraint)
             attached = True
         return attached
@@ -192,8 +194,6 @@ class Pruning(keras.callbacks.Callback):
     # --- report ---------------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
         if self.log_sparsity and logs is not None:
-            from tfopt.reporting import overall_sparsity
-
             value = overall_sparsity(self.model)
             if value is not None:
                 logs["sparsity"] = value

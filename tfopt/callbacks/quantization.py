@@ -5,8 +5,9 @@ import numbers
 
 import keras
 
-from tfopt import pruning
-from tfopt.layers.quantize_activation import QuantizationSchedulable
+from tfopt import _keras_internal, _state, strategies
+from tfopt.callbacks import _common
+from tfopt.layers.quantize_activation import QuantizingLayer
 
 __all__ = ["QuantizationSchedule"]
 
@@ -48,9 +49,11 @@ class QuantizationSchedule(keras.callbacks.Callback):
     and scales that the int8 file will use. Without this callback,
     quantization is on from the first step and nothing freezes.
 
-    Layers trace their schedule into the train function, so this callback
-    retraces it when a schedule changes. A `tfopt.export` ignores the schedule
-    (the converter needs every fake-quant op), so export after `start`.
+    The points are int64 variables kept by tfopt for each layer and compared
+    in-graph, so a new schedule in a later `fit` needs no retrace (the first
+    one does, once, since it adds the comparisons to the graph). A
+    `tfopt.export` ignores the schedule (the converter needs every fake-quant
+    op), so export after `start`.
 
     Args:
         start: the step from which weights and activations are fake-quantized.
@@ -81,35 +84,37 @@ class QuantizationSchedule(keras.callbacks.Callback):
     def _resolve(self, name, value):
         if value is None or isinstance(value, numbers.Integral):
             return value
-        if not (self.params and self.params.get("steps") and self.params.get("epochs")):
+        total = _common.total_steps(self.params)
+        if total is None:
             raise ValueError(
                 f"QuantizationSchedule: `{name}={value!r}` is a fraction of training, but `fit` "
                 "does not know how many steps an epoch has (an infinite or unsized dataset). "
                 "Pass `steps_per_epoch=` to `fit`, or give the step as an int."
             )
-        return int(round(value * int(self.params["epochs"]) * int(self.params["steps"])))
+        return int(round(value * total))
 
     def on_train_begin(self, logs=None):
-        from tfopt import strategies
-
         strategies.check(self.model)
         points = [self._resolve(n, getattr(self, n)) for n in ("start", "freeze_ranges", "freeze_batch_norm")]
-        layers = [layer for layer in pruning.all_layers(self.model) if isinstance(layer, QuantizationSchedulable)]
-        quantizing = [layer for layer in layers if getattr(layer, "_output_spec", True) is not None]
+        quantizing = [layer for layer in _keras_internal.all_layers(self.model)
+                      if isinstance(layer, QuantizingLayer) and layer.is_quantizing()]
         if not quantizing:
             raise ValueError(
                 f"QuantizationSchedule: model '{self.model.name}' has no quantization-aware layers, "
                 "so there is nothing to schedule. Make it quantization-aware first, with "
                 "`tfopt.quantize_model(model)` or `quantization_aware=` on tfopt layers."
             )
-        changed = False
+        values = [_state.QuantizationTimes.NEVER if p is None else p for p in points]
+        created = False
         for layer in quantizing:
-            before = (layer.quantization_start, layer.ranges_freeze, layer.batch_norm_freeze)
-            layer.set_quantization_schedule(*points)
-            changed |= before != tuple(points)
-        if changed:
-            for attr in ("test_function", "predict_function"):
-                if getattr(self.model, attr, None) is not None:
-                    setattr(self.model, attr, None)
-            if getattr(self.model, "train_function", None) is not None:
-                self.model.make_train_function(force=True)
+            times = _state.QUANTIZATION_TIMES.get(layer)
+            if times is None:
+                times = _state.QuantizationTimes(*(
+                    _common.state_variable(self.model, v, f"{layer.name}_{n}")
+                    for v, n in zip(values, ("quantization_start", "freeze_ranges", "freeze_batch_norm"))))
+                _state.QUANTIZATION_TIMES.set(layer, times)
+                created = True
+            for variable, value in zip((times.start, times.freeze_ranges, times.freeze_batch_norm), values):
+                variable.assign(value)
+        if created:
+            _common.retrace(self.model)  # the comparisons are new to the graph

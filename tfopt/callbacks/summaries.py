@@ -1,12 +1,14 @@
 """`TensorBoardSummaries`: sparsity per weight and activation ranges in TensorBoard."""
 
+import importlib.util
 import os
 
 import keras
 import numpy as np
 from keras import ops
 
-from tfopt import pruning
+from tfopt import _keras_internal
+from tfopt.reporting import prunable_values, zero_fraction
 
 __all__ = ["TensorBoardSummaries"]
 
@@ -14,7 +16,7 @@ __all__ = ["TensorBoardSummaries"]
 def _ranges(model):
     """(name, min variable, max variable) for every tracked activation range."""
     out = []
-    for layer in pruning.all_layers(model):
+    for layer in _keras_internal.all_layers(model):
         for prefix in ("", "output_"):
             lo, hi = getattr(layer, f"{prefix}range_min", None), getattr(layer, f"{prefix}range_max", None)
             if lo is not None and hi is not None:
@@ -51,8 +53,6 @@ class TensorBoardSummaries(keras.callbacks.Callback):
 
     def __init__(self, log_dir, histograms=True):
         super().__init__()
-        import importlib.util
-
         if importlib.util.find_spec("tensorboard") is None:  # tf.summary writes nothing without it
             raise ImportError(
                 "TensorBoardSummaries needs TensorBoard: pip install 'tfopt[tensorboard]' (or tensorboard)."
@@ -71,18 +71,16 @@ class TensorBoardSummaries(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         import tensorflow as tf
 
-        zeros = total = 0
+        values = []
         with self._get_writer().as_default(step=epoch):
-            for layer in pruning.all_layers(self.model):
-                for pw in pruning.prunable_weights(layer):
-                    value = ops.convert_to_numpy(pw.variable)
-                    name = f"{layer.name}/{pw.variable.name}"
-                    tf.summary.scalar(f"sparsity/{name}", float(np.mean(value == 0)))
-                    zeros, total = zeros + int(np.sum(value == 0)), total + value.size
-                    if self.histograms:
-                        tf.summary.histogram(f"weights/{name}", value[value != 0])
-            if total:
-                tf.summary.scalar("sparsity/total", zeros / total)
+            for layer, pw, value in prunable_values(self.model):
+                name = f"{layer.name}/{pw.variable.name}"
+                tf.summary.scalar(f"sparsity/{name}", zero_fraction([value]))
+                values.append(value)
+                if self.histograms:
+                    tf.summary.histogram(f"weights/{name}", value[value != 0])
+            if values:
+                tf.summary.scalar("sparsity/total", zero_fraction(values))
             for name, lo, hi in _ranges(self.model):
                 tf.summary.scalar(f"range/{name}/min", float(ops.convert_to_numpy(lo)))
                 tf.summary.scalar(f"range/{name}/max", float(ops.convert_to_numpy(hi)))

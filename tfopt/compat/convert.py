@@ -15,7 +15,12 @@ import subprocess
 import sys
 import tempfile
 
+import keras
 import numpy as np
+
+from tfopt import _keras_internal, schedules
+from tfopt.layers import Prunable, QuantizeActivation
+from tfopt.transforms import prune, quantize_model
 
 __all__ = ["from_tfmot"]
 
@@ -88,8 +93,6 @@ print("OK")
 
 
 def _schedule(config):
-    from tfopt import schedules
-
     name, args = config["class_name"], dict(config["config"])
     if name == "ConstantSparsity":
         return schedules.ConstantSparsity(**args)
@@ -101,18 +104,13 @@ def _schedule(config):
 
 def _quantized(model, ranges):
     """`tfopt.quantize_model(model)` with tfmot's activation ranges."""
-    import keras
-
-    import tfopt
-    from tfopt.layers import Prunable, QuantizeActivation
-
-    qat = tfopt.quantize_model(model, "int8", unsupported="float")
-    layers = {layer.name: layer for layer in tfopt.pruning.all_layers(qat)}
+    qat = quantize_model(model, "int8", unsupported="float")
+    layers = {layer.name: layer for layer in _keras_internal.all_layers(qat)}
     targets = {}  # tfmot range name -> (min, max, updates) variables in `qat`
     for layer in layers.values():
         if isinstance(layer, QuantizeActivation):
-            producer = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
-            if isinstance(producer, keras.layers.InputLayer):
+            producer = _keras_internal.producer(_keras_internal.node_inputs(_keras_internal.call_nodes(layer)[0])[0])
+            if _keras_internal.is_input_layer(producer):
                 targets["__input__"] = (layer.range_min, layer.range_max, layer.range_updates)
             elif layer.name.endswith("_activation_quantize"):  # tfmot's range is after the activation
                 targets[layer.name[: -len("_activation_quantize")]] = (layer.range_min, layer.range_max,
@@ -121,7 +119,7 @@ def _quantized(model, ranges):
                 targets.setdefault(layer.name[: -len("_quantize")], (layer.range_min, layer.range_max,
                                                                      layer.range_updates))
     for layer in layers.values():
-        if isinstance(layer, Prunable) and layer._output_spec is not None:
+        if isinstance(layer, Prunable) and layer.output_quant_spec is not None:
             targets.setdefault(layer.name, (layer.output_range_min, layer.output_range_max,
                                             layer.output_range_updates))
     for source, (lo, hi) in ranges.items():
@@ -155,10 +153,6 @@ def from_tfmot(model_or_path, timeout=600):
     convolutions, per tensor for Dense; activations asymmetric per tensor).
     Functional models quantized with tfmot are refused with a message.
     """
-    import keras
-
-    import tfopt
-
     work = tempfile.mkdtemp(prefix="tfopt-from-tfmot-")
     if isinstance(model_or_path, (str, os.PathLike)):
         path = os.fspath(model_or_path)
@@ -209,7 +203,7 @@ def from_tfmot(model_or_path, timeout=600):
             groups.append((schedule, [name]))
     converted = model
     for schedule, names in groups:
-        converted = tfopt.prune(converted, schedule, layers=names)
+        converted = prune(converted, schedule, layers=names)
     for name, entry in info.items():
         layer = converted.get_layer(name)
         for key in entry["weights"]:

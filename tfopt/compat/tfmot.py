@@ -25,7 +25,9 @@ import types
 import keras
 
 from tfopt import callbacks as _callbacks
+from tfopt import _keras_internal, _state
 from tfopt import pruning as _pruning
+from tfopt import quantizers as _quantizers
 from tfopt import schedules as _schedules
 from tfopt import transforms as _transforms
 
@@ -137,9 +139,6 @@ def prune_scope():
 
 
 # --- quantization.keras -------------------------------------------------------------------
-_ANNOTATION = "_tfopt_quantize_annotation"
-
-
 def quantize_annotate_layer(to_annotate, quantize_config=None):
     """Marks a layer for `quantize_apply` (returns the layer itself).
     `quantize_config` is a tfopt precision ("int8", "int4", a QuantSpec, ...),
@@ -147,23 +146,21 @@ def quantize_annotate_layer(to_annotate, quantize_config=None):
     if not isinstance(to_annotate, keras.layers.Layer):
         raise TypeError(f"quantize_annotate_layer takes a Keras layer. Received: {type(to_annotate).__name__}")
     if quantize_config is not None and not isinstance(quantize_config, str):
-        from tfopt import quantizers
-
-        if not isinstance(quantize_config, (quantizers.QuantSpec, tuple, list)):
+        if not isinstance(quantize_config, (_quantizers.QuantSpec, tuple, list)):
             raise ValueError(
                 "quantize_annotate_layer: tfopt takes a precision ('int8', 'int4', 'binary', a "
                 "tfopt.quantizers.QuantSpec, or a (weights, activations) pair) as `quantize_config`, not "
                 f"a tfmot QuantizeConfig. Received: {type(quantize_config).__name__}"
             )
-    setattr(to_annotate, _ANNOTATION, quantize_config or "default")
+    _state.ANNOTATIONS.set(to_annotate, quantize_config or "default")
     return to_annotate
 
 
 def quantize_annotate_model(to_annotate):
     """Marks every layer of a Sequential or Functional model for `quantize_apply`."""
-    for layer in _pruning.all_layers(to_annotate):
-        if not isinstance(layer, keras.Model) and not hasattr(layer, _ANNOTATION):
-            setattr(layer, _ANNOTATION, "default")
+    for layer in _keras_internal.all_layers(to_annotate):
+        if not isinstance(layer, keras.Model) and layer not in _state.ANNOTATIONS:
+            _state.ANNOTATIONS.set(layer, "default")
     return to_annotate
 
 
@@ -173,14 +170,14 @@ def quantize_apply(model, scheme=None, quantized_layer_name_prefix=None):
     layers stay in float."""
     if scheme is not None:
         raise ValueError("quantize_apply: tfopt has one scheme (TFLite int8 defaults); pass scheme=None.")
-    layers = [layer for layer in _pruning.all_layers(model) if hasattr(layer, _ANNOTATION)]
+    layers = [layer for layer in _keras_internal.all_layers(model) if layer in _state.ANNOTATIONS]
     if not layers:
         raise ValueError(
             "quantize_apply: no layer of the model is annotated. Use quantize_annotate_layer / "
             "quantize_annotate_model first, or quantize_model(model) for the whole model."
         )
-    overrides = {layer.name: getattr(layer, _ANNOTATION) for layer in layers
-                 if getattr(layer, _ANNOTATION) != "default"}
+    overrides = {layer.name: _state.ANNOTATIONS.get(layer) for layer in layers
+                 if _state.ANNOTATIONS.get(layer) != "default"}
     chosen = {layer.name for layer in layers}
     return _transforms.quantize_model(model, "int8", layers=lambda layer: layer.name in chosen,
                                       unsupported="float", overrides=overrides or None)

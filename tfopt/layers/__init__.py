@@ -1,10 +1,13 @@
-"""Drop-in Keras layers that prune (and, later, quantize) during `fit`.
+"""Drop-in Keras layers that prune and quantize during `fit`.
 
 Each class takes every argument of its Keras namesake plus
-`pruning_schedule=` and `structure=`, keeps the same weight names, and with
-no schedule computes exactly what the Keras layer computes.
+`pruning_schedule=`, `structure=`, `quantization_aware=` and
+`folded_batch_norm=`, keeps the same weight names, and with none of them
+computes exactly what the Keras layer computes. Each twin is registered in
+`tfopt.geometry` when its class is made (`tfopt.layers.base.twin`).
 """
 
+from tfopt.layers.base import Prunable
 from tfopt.layers.convolutional import (
     Conv1D,
     Conv1DTranspose,
@@ -18,12 +21,13 @@ from tfopt.layers.convolutional import (
     SeparableConv2D,
 )
 from tfopt.layers.core import Dense, EinsumDense, Embedding
-from tfopt.layers.prunable import Prunable
-from tfopt.layers.quantize_activation import QuantizeActivation
+from tfopt.layers.quantize_activation import QuantizeActivation, QuantizedRescaling
+from tfopt.layers.recurrent import GRU, LSTM, SimpleRNN
 
 __all__ = [
     "Prunable",
     "QuantizeActivation",
+    "QuantizedRescaling",
     "Dense",
     "EinsumDense",
     "Embedding",
@@ -37,4 +41,7 @@ __all__ = [
     "DepthwiseConv2D",
     "SeparableConv1D",
     "SeparableConv2D",
+    "LSTM",
+    "GRU",
+    "SimpleRNN",
 ]

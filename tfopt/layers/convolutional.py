@@ -1,8 +1,8 @@
-"""tfopt twins of Keras's convolution layers."""
+"""tfopt twins of Keras's convolution layers (axes in `tfopt.geometry`)."""
 
 import keras
 
-from tfopt.layers.prunable import Prunable, with_keras_signature
+from tfopt.layers.base import twin
 
 __all__ = [
     "Conv1D",
@@ -17,30 +17,16 @@ __all__ = [
     "SeparableConv2D",
 ]
 
-
-def _twin(keras_cls, weight, nm_axis):
-    doc = f"""Drop-in `keras.layers.{keras_cls.__name__}` that can prune `{weight}` during `fit`.
-
-    Takes every argument of `keras.layers.{keras_cls.__name__}`, plus
-    `pruning_schedule=` and `structure=` (see `tfopt.layers.Prunable`).
-    N:M groups run along {nm_axis}.
-    """
-    cls = type(keras_cls.__name__, (Prunable, keras_cls), {"__doc__": doc, "__module__": __name__})
-    cls = keras.saving.register_keras_serializable(package="tfopt")(cls)
-    return with_keras_signature(cls)
-
-
-_IN = "the input-channel axis (-2) of the kernel"
-Conv1D = _twin(keras.layers.Conv1D, "kernel", _IN)
-Conv2D = _twin(keras.layers.Conv2D, "kernel", _IN)
-Conv3D = _twin(keras.layers.Conv3D, "kernel", _IN)
-Conv1DTranspose = _twin(keras.layers.Conv1DTranspose, "kernel", "the input-channel axis (-1) of the kernel")
-Conv2DTranspose = _twin(keras.layers.Conv2DTranspose, "kernel", "the input-channel axis (-1) of the kernel")
-Conv3DTranspose = _twin(keras.layers.Conv3DTranspose, "kernel", "the input-channel axis (-1) of the kernel")
-DepthwiseConv1D = _twin(keras.layers.DepthwiseConv1D, "kernel", "the channel axis (-2)")
-DepthwiseConv2D = _twin(keras.layers.DepthwiseConv2D, "kernel", "the channel axis (-2)")
-SeparableConv1D = _twin(keras.layers.SeparableConv1D, "pointwise_kernel", _IN)
-SeparableConv2D = _twin(keras.layers.SeparableConv2D, "pointwise_kernel", _IN)
+Conv1D = twin(keras.layers.Conv1D, module=__name__)
+Conv2D = twin(keras.layers.Conv2D, module=__name__)
+Conv3D = twin(keras.layers.Conv3D, module=__name__)
+Conv1DTranspose = twin(keras.layers.Conv1DTranspose, module=__name__)
+Conv2DTranspose = twin(keras.layers.Conv2DTranspose, module=__name__)
+Conv3DTranspose = twin(keras.layers.Conv3DTranspose, module=__name__)
+DepthwiseConv1D = twin(keras.layers.DepthwiseConv1D, module=__name__)
+DepthwiseConv2D = twin(keras.layers.DepthwiseConv2D, module=__name__)
+SeparableConv1D = twin(keras.layers.SeparableConv1D, module=__name__)
+SeparableConv2D = twin(keras.layers.SeparableConv2D, module=__name__)
 
 Conv2D.__doc__ += """
     Example:

@@ -2,19 +2,16 @@
 
 import keras
 
-from tfopt.layers.prunable import Prunable, with_keras_signature
+from tfopt.layers.base import twin
 
 __all__ = ["Dense", "EinsumDense", "Embedding"]
 
+Dense = twin(keras.layers.Dense, doc="""Drop-in `keras.layers.Dense` that can prune and quantize its `kernel` during `fit`.
 
-@with_keras_signature
-@keras.saving.register_keras_serializable(package="tfopt")
-class Dense(Prunable, keras.layers.Dense):
-    """Drop-in `keras.layers.Dense` that can prune its `kernel` during `fit`.
-
-    Takes every argument of `keras.layers.Dense`, plus `pruning_schedule=` and
-    `structure=` (see `tfopt.layers.Prunable`). N:M groups run along the input
-    dimension (axis 0 of the `(in, out)` kernel).
+    Takes every argument of `keras.layers.Dense`, plus `pruning_schedule=`,
+    `structure=`, `quantization_aware=` and `folded_batch_norm=` (see
+    `tfopt.layers.Prunable`). N:M groups run along the input dimension (axis 0
+    of the `(in, out)` kernel).
 
     Example:
     >>> import keras, numpy as np, tfopt
@@ -23,13 +20,9 @@ class Dense(Prunable, keras.layers.Dense):
     (2, 4)
     >>> [w.name for w in layer.weights]
     ['kernel', 'bias', 'kernel_mask', 'pruning_step']
-    """
+    """, module=__name__)
 
-
-@with_keras_signature
-@keras.saving.register_keras_serializable(package="tfopt")
-class EinsumDense(Prunable, keras.layers.EinsumDense):
-    """Drop-in `keras.layers.EinsumDense` that can prune its `kernel` during `fit`.
+EinsumDense = twin(keras.layers.EinsumDense, doc="""Drop-in `keras.layers.EinsumDense` that can prune and quantize its `kernel` during `fit`.
 
     N:M groups and blocks use axis 0 of the kernel as the input dimension.
 
@@ -38,13 +31,9 @@ class EinsumDense(Prunable, keras.layers.EinsumDense):
     >>> layer = tfopt.layers.EinsumDense("ab,bc->ac", output_shape=4, pruning_schedule="baseline")
     >>> tuple(layer(np.ones((2, 8), "float32")).shape)
     (2, 4)
-    """
+    """, module=__name__)
 
-
-@with_keras_signature
-@keras.saving.register_keras_serializable(package="tfopt")
-class Embedding(Prunable, keras.layers.Embedding):
-    """Drop-in `keras.layers.Embedding` that can prune its `embeddings` during `fit`.
+Embedding = twin(keras.layers.Embedding, doc="""Drop-in `keras.layers.Embedding` that can prune and quantize its `embeddings` during `fit`.
 
     N:M groups run along the embedding dimension; "channel" removes whole
     embedding dimensions.
@@ -54,4 +43,4 @@ class Embedding(Prunable, keras.layers.Embedding):
     >>> layer = tfopt.layers.Embedding(100, 8, pruning_schedule="baseline")
     >>> tuple(layer(np.array([[1, 2, 3]])).shape)
     (1, 3, 8)
-    """
+    """, module=__name__)

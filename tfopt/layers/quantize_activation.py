@@ -1,56 +1,41 @@
 """`QuantizeActivation`: fake-quantizes a tensor to a range tracked during training."""
 
-import contextlib
-
 import keras
 from keras import ops
 
-from tfopt import _backend
+from tfopt import _backend, _state, geometry
 from tfopt import quantizers
 
-__all__ = ["QuantizeActivation", "add_range_weights", "track_and_quantize", "QuantizationSchedulable"]
-
-_SCHEDULES_IGNORED = [False]
-
-
-@contextlib.contextmanager
-def ignore_schedules():
-    """Within it, layers trace with fake quantization always on (export: the
-    converter must see each fake-quant op feed its consumer directly)."""
-    _SCHEDULES_IGNORED.append(True)
-    try:
-        yield
-    finally:
-        _SCHEDULES_IGNORED.pop()
+__all__ = ["QuantizeActivation", "QuantizedRescaling", "QuantizingLayer", "add_range_weights",
+           "track_and_quantize", "when_started"]
 
 
-def exporting():
-    """True while `tfopt.export` traces the model for the converter."""
-    return _SCHEDULES_IGNORED[-1]
+class QuantizingLayer:
+    """Marks tfopt layers that fake-quantize (what
+    `tfopt.callbacks.QuantizationSchedule` schedules). The schedule itself is
+    tfopt state (`tfopt._state.QUANTIZATION_TIMES`): int64 variables compared
+    in-graph with the layer's own step count, so changing it needs no retrace."""
+
+    def is_quantizing(self):
+        return True
+
+    def quantization_times(self):
+        """This layer's `QuantizationTimes`, or None (quantize from the first
+        step, never freeze)."""
+        return _state.QUANTIZATION_TIMES.get(self)
 
 
-def when_started(step, start, quantized_fn, value):
-    """`quantized_fn()` once `step >= start`, else `value` (in-graph)."""
-    if not start or exporting():
+def when_started(step, times, quantized_fn, value):
+    """`quantized_fn()` once `step >= times.start`, else `value` (in-graph).
+    Without a schedule (`times` None), or while exporting, just `quantized_fn()`."""
+    if times is None or _state.exporting():
         return quantized_fn()
-    return ops.cond(ops.greater_equal(step, start), quantized_fn, lambda: value)
+    return ops.cond(ops.greater_equal(step, times.start), quantized_fn, lambda: value)
 
 
-class QuantizationSchedulable:
-    """What `tfopt.callbacks.QuantizationSchedule` sets on a quantizing layer:
-    the step (this layer's count of training calls) from which its fake
-    quantization is on, and the steps from which its ranges and folded
-    BatchNormalization statistics stop updating. Not part of the config: the
-    callback sets it at the start of every `fit`."""
-
-    quantization_start = 0
-    ranges_freeze = None
-    batch_norm_freeze = None
-
-    def set_quantization_schedule(self, start=0, freeze_ranges=None, freeze_batch_norm=None):
-        self.quantization_start = int(start)
-        self.ranges_freeze = None if freeze_ranges is None else int(freeze_ranges)
-        self.batch_norm_freeze = None if freeze_batch_norm is None else int(freeze_batch_norm)
+def frozen(count, freeze):
+    """True (a tensor) once `count` reaches the freeze step `freeze` (a variable), None without one."""
+    return None if freeze is None else ops.greater_equal(count, freeze)
 
 
 def add_range_weights(layer, prefix=""):
@@ -68,11 +53,11 @@ def add_range_weights(layer, prefix=""):
     return lo, hi, updates
 
 
-def track_and_quantize(inputs, range_weights, spec, momentum, update, start=0, freeze=None, step=None):
+def track_and_quantize(inputs, range_weights, spec, momentum, update, times=None, step=None):
     """Updates a tracked range from `inputs` (if `update`, and while the
-    range's update count is below `freeze`) and fake-quantizes `inputs` to it
-    (once the count `step`, by default the range's own, reaches `start`). The
-    range always includes 0, as TFLite requires."""
+    range's update count is below `times.freeze_ranges`) and fake-quantizes
+    `inputs` to it (once the count `step`, by default the range's own, reaches
+    `times.start`). The range always includes 0, as TFLite requires."""
     range_min, range_max, range_updates = range_weights
     lo, hi = ops.convert_to_tensor(range_min), ops.convert_to_tensor(range_max)
     count = ops.convert_to_tensor(range_updates)
@@ -85,20 +70,20 @@ def track_and_quantize(inputs, range_weights, spec, momentum, update, start=0, f
             ops.cast(ops.min(x), "float32"), ops.cast(ops.max(x), "float32"))
         old = ops.where(ops.equal(count, 0), 0.0, momentum)  # the first batch sets the range
         new_lo, new_hi = batch_lo + old * (lo - batch_lo), batch_hi + old * (hi - batch_hi)
-        if freeze is not None:
-            frozen = ops.greater_equal(count, freeze)
-            new_lo, new_hi = ops.where(frozen, lo, new_lo), ops.where(frozen, hi, new_hi)
+        stop = frozen(count, None if times is None else times.freeze_ranges)
+        if stop is not None:
+            new_lo, new_hi = ops.where(stop, lo, new_lo), ops.where(stop, hi, new_hi)
         lo, hi = new_lo, new_hi
         range_min.assign(lo)
         range_max.assign(hi)
         range_updates.assign_add(1)
     # TFLite needs 0 inside the range; lo <= 0 < 1e-6 <= hi keeps it non-empty.
     lo, hi = ops.minimum(lo, 0.0), ops.maximum(hi, 1e-6)
-    return when_started(step, start, lambda: quantizers.quantize_activation(inputs, lo, hi, spec), inputs)
+    return when_started(step, times, lambda: quantizers.quantize_activation(inputs, lo, hi, spec), inputs)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
-class QuantizeActivation(QuantizationSchedulable, keras.layers.Layer):
+class QuantizeActivation(QuantizingLayer, keras.layers.Layer):
     """Fake-quantizes its input to a per-tensor range tracked in-graph.
 
     Put it where an int8 model needs a range the layers around it do not
@@ -146,8 +131,7 @@ class QuantizeActivation(QuantizationSchedulable, keras.layers.Layer):
     def call(self, inputs, training=None):
         return track_and_quantize(
             inputs, (self.range_min, self.range_max, self.range_updates), self.spec,
-            self.momentum, update=bool(training) and not self.freeze,
-            start=self.quantization_start, freeze=self.ranges_freeze,
+            self.momentum, update=bool(training) and not self.freeze, times=self.quantization_times(),
         )
 
     def compute_output_shape(self, input_shape):
@@ -157,8 +141,9 @@ class QuantizeActivation(QuantizationSchedulable, keras.layers.Layer):
         return {**super().get_config(), "bits": self.bits, "momentum": self.momentum, "freeze": self.freeze}
 
 
+@geometry.register_twin(keras.layers.Rescaling)
 @keras.saving.register_keras_serializable(package="tfopt")
-class QuantizedRescaling(QuantizationSchedulable, keras.layers.Rescaling):
+class QuantizedRescaling(QuantizingLayer, keras.layers.Rescaling):
     """`keras.layers.Rescaling` whose scale and offset constants are
     fake-quantized, so that the int8 converter can quantize its MUL and ADD
     (in quantization-aware conversion, only constants behind a fake-quant op
@@ -185,15 +170,16 @@ class QuantizedRescaling(QuantizationSchedulable, keras.layers.Rescaling):
         spec = quantizers.QuantSpec(8, symmetric=True, narrow_range=True)
 
         step = ops.convert_to_tensor(self.product_range[2])
+        times = self.quantization_times()
 
         def constant(value):
             c = ops.cast(ops.convert_to_tensor(value), "float32")
             m = ops.maximum(ops.max(ops.abs(c)), 1e-8)
-            return when_started(step, self.quantization_start, lambda: quantizers.fake_quant(c, -m, m, spec), c)
+            return when_started(step, times, lambda: quantizers.fake_quant(c, -m, m, spec), c)
 
         product = track_and_quantize(
             x * constant(self.scale), self.product_range, quantizers.QuantSpec(8), momentum=0.99,
-            update=bool(training), start=self.quantization_start, freeze=self.ranges_freeze, step=step,
+            update=bool(training), times=times, step=step,
         )
         out = product + constant(self.offset) if self.offset != 0 else product
         return ops.cast(out, dtype)

@@ -33,6 +33,8 @@ import tempfile
 
 import tensorflow as tf
 
+from tfopt import _keras_internal
+
 __all__ = [
     "auto",
     "Mirrored",
@@ -71,8 +73,7 @@ def _is_tpu(strategy):
 
 
 def _is_multi_worker(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
-        strategy.extended._in_multi_worker_mode()
+    return _keras_internal.is_multi_worker(strategy)
 
 
 def _cpu_mirrored(strategy):
@@ -248,63 +249,9 @@ class TPU(_Helpers, tf.distribute.TPUStrategy):
 
 
 def _multi_worker_fix():
-    """Makes Keras 3's TensorFlow trainer work under MultiWorkerMirroredStrategy.
-
-    Two narrow changes, applied once, only when Keras's trainer still has the
-    functions they replace:
-
-    1. `_maybe_symbolic_build` averages the first distributed batch across
-       workers just to learn its shapes (an extra collective, which fails for
-       integer labels); under multi-worker, take this worker's first replica's
-       batch instead. Other strategies keep Keras's code.
-    2. `reduce_per_replica` reduces scalar logs with `axis=0`, which fails
-       for scalars under multi-worker; reduce those with `axis=None`.
-
-    `tests/test_strategies.py` keeps a strict-xfail test of Keras without the
-    fix, so the suite says when an upstream release makes it unnecessary.
-    """
-    from keras import tree
-    from keras.src.backend.tensorflow import trainer
-
-    if getattr(trainer, "_tfopt_multi_worker_fix", False):
-        return
-    if not (hasattr(trainer, "reduce_per_replica") and hasattr(trainer.TensorFlowTrainer, "_maybe_symbolic_build")
-            and hasattr(trainer, "_collective_all_reduce_multi_worker")):
-        log.warning("tfopt: this Keras version's TensorFlow trainer has changed; not applying the multi-worker fix.")
-        return
-    original_build = trainer.TensorFlowTrainer._maybe_symbolic_build
-    original_reduce = trainer.reduce_per_replica
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if iterator is None or strategy is None or not trainer._collective_all_reduce_multi_worker(strategy):
-            return original_build(self, iterator=iterator, data_batch=data_batch)
-        for _, _, it in iterator:
-            batch = next(it)
-            data_batch = tree.map_structure(
-                lambda v: strategy.experimental_local_results(v)[0]
-                if isinstance(v, tf.distribute.DistributedValues) else v,
-                batch,
-            )
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
-            return original_reduce(values, strategy, reduction)
-
-        def reduce(v):
-            local = strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
-            if getattr(local, "shape", None) is not None and local.shape.rank == 0:
-                return strategy.reduce("MEAN", v, axis=None)
-            return original_reduce(v, strategy, reduction)
-
-        return tree.map_structure(reduce, values)
-
-    trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
-    trainer.reduce_per_replica = reduce_per_replica
-    trainer._tfopt_multi_worker_fix = True
+    """Makes Keras 3's `fit` work under MultiWorkerMirroredStrategy (see
+    `tfopt._keras_internal.patch_multi_worker_trainer`)."""
+    _keras_internal.patch_multi_worker_trainer()
 
 
 class MultiWorker(_Helpers, tf.distribute.MultiWorkerMirroredStrategy):

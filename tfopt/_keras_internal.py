@@ -1,0 +1,265 @@
+"""The one module that touches Keras, TensorFlow and LiteRT private attributes.
+
+Everything tfopt needs that Keras does not offer publicly is here, behind a
+small function: the model walk, a tensor's producing layer, a layer's call
+nodes, whether a model is a graph network, a model's strategy, the weight
+substitution that quantization-aware layers use while calling their Keras
+parent, the multi-worker fix of Keras's TensorFlow trainer, and the LiteRT
+interpreter's op list. When a Keras release moves one of them, this is the
+file to mend, and each function fails with `KerasInternalsMoved`, naming the
+attribute and the Keras version, instead of an AttributeError deep in a trace.
+
+Checked against Keras 3.11.3 and 3.15.1 (TensorFlow 2.20 and 2.21).
+"""
+
+import contextlib
+import logging
+
+import keras
+
+__all__ = [
+    "CHECKED_KERAS_VERSIONS",
+    "KerasInternalsMoved",
+    "all_layers",
+    "producer",
+    "producing_node",
+    "graph_calls",
+    "is_input_layer",
+    "input_name",
+    "call_nodes",
+    "node_inputs",
+    "is_graph_network",
+    "distribute_strategy",
+    "substituted_weights",
+    "weight_holder",
+    "is_multi_worker",
+    "patch_multi_worker_trainer",
+    "litert_ops",
+]
+
+CHECKED_KERAS_VERSIONS = ("3.11.3", "3.15.1")
+
+log = logging.getLogger("tfopt")
+
+
+class KerasInternalsMoved(RuntimeError):
+    """A Keras (or TensorFlow, LiteRT) private attribute tfopt relies on is gone."""
+
+
+def _moved(what, obj, error=None):
+    return KerasInternalsMoved(
+        f"tfopt relies on {what} of {type(obj).__name__}, which this Keras version "
+        f"({keras.__version__}) no longer has (tfopt was checked against Keras "
+        f"{', '.join(CHECKED_KERAS_VERSIONS)}). Please report this at tfopt's issue tracker with "
+        f"your Keras and TensorFlow versions; pinning keras=={CHECKED_KERAS_VERSIONS[-1]} works meanwhile."
+        + (f" ({error})" if error else "")
+    )
+
+
+def _get(obj, attr, what=None):
+    try:
+        return getattr(obj, attr)
+    except AttributeError as e:
+        raise _moved(what or f"`{attr}`", obj, e) from None
+
+
+# --- the model graph --------------------------------------------------------------------
+def all_layers(model):
+    """Every layer inside `model` (nested models and their layers included), each once.
+
+    Example:
+    >>> import keras
+    >>> inner = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, name="d")], name="inner")
+    >>> outer = keras.Sequential([keras.Input((2,)), inner])
+    >>> [layer.name for layer in all_layers(outer)]
+    ['inner', 'd']
+    """
+    seen, out = set(), []
+    flatten = _get(model, "_flatten_layers", "`Layer._flatten_layers` (the recursive layer walk)")
+    for layer in flatten(include_self=False, recursive=True):
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            out.append(layer)
+    return out
+
+
+def producer(tensor):
+    """The layer (operation) that produced a symbolic tensor of a Functional model."""
+    history = _get(tensor, "_keras_history", "`KerasTensor._keras_history`")
+    return history.operation
+
+
+def producing_node(tensor):
+    """`(layer, node)`: the layer that produced a symbolic tensor and the call
+    node (of that layer's calls) that did."""
+    history = _get(tensor, "_keras_history", "`KerasTensor._keras_history`")
+    operation, node_index = history.operation, history.node_index
+    return operation, call_nodes(operation)[node_index]
+
+
+def graph_calls(model):
+    """`[(layer, node)]` for every layer call in the graph of a Functional or
+    Sequential `model`, nested graph models' calls included (each node once).
+    Unlike `call_nodes`, it leaves out calls of the same layer in other models."""
+    out, seen, stack = [], set(), list(model.outputs)
+    while stack:
+        layer, node = producing_node(stack.pop())
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        out.append((layer, node))
+        stack.extend(node_inputs(node))
+        if isinstance(layer, keras.Model) and is_graph_network(layer) and layer.outputs:
+            stack.extend(layer.outputs)
+    return out
+
+
+def is_input_layer(layer):
+    """True for the `InputLayer` behind a model input."""
+    return isinstance(layer, keras.layers.InputLayer)
+
+
+def input_name(tensor):
+    """The name of the `InputLayer` a model input comes from (the name LiteRT signatures use)."""
+    return producer(tensor).name
+
+
+def call_nodes(layer):
+    """The nodes recording each call of `layer` in Functional graphs."""
+    return list(_get(layer, "_inbound_nodes", "`Operation._inbound_nodes`"))
+
+
+def node_inputs(node):
+    """The input tensors of one call node."""
+    return list(node.input_tensors)
+
+
+def is_graph_network(model):
+    """True for Sequential and Functional models (whose layers can be rewired)."""
+    if isinstance(model, keras.Sequential):
+        return True
+    return isinstance(model, keras.Model) and (
+        bool(getattr(model, "_is_graph_network", False)) or type(model).__name__ == "Functional"
+    )
+
+
+def distribute_strategy(model):
+    """The `tf.distribute` strategy `model` was built under, or None."""
+    return getattr(model, "_distribute_strategy", None)
+
+
+# --- calling a Keras layer with other weights -------------------------------------------
+def weight_holder(layer, name):
+    """The attribute of `layer` that holds the variable Keras's `call` reads as
+    `layer.<name>`: `_kernel` behind Dense's `kernel` property, `kernel` itself
+    for convolutions."""
+    variable = getattr(layer, name)
+    for attr in (f"_{name}", name):
+        if layer.__dict__.get(attr) is variable:
+            return attr
+    raise _moved(f"the attribute holding `{name}`", layer)
+
+
+@contextlib.contextmanager
+def substituted_weights(layer, values):
+    """Within it, `layer.call` reads the tensors `values` (`{weight name: tensor}`)
+    in place of its variables: how a quantization-aware twin runs its Keras
+    parent's `call` on fake-quantized weights without copying that `call`.
+    The variables are put back on exit, even on error."""
+    swapped = [(weight_holder(layer, name), getattr(layer, name), value) for name, value in values.items()]
+    try:
+        for holder, _, value in swapped:
+            # Layer.__setattr__ would track the tensor as new state.
+            object.__setattr__(layer, holder, value)
+        yield
+    finally:
+        for holder, variable, _ in swapped:
+            object.__setattr__(layer, holder, variable)
+
+
+# --- tf.distribute ----------------------------------------------------------------------
+def is_multi_worker(strategy):
+    """True for a MultiWorkerMirroredStrategy that really spans several workers."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    return bool(_get(strategy.extended, "_in_multi_worker_mode")())
+
+
+_MULTI_WORKER_FIX = {"applied": False}
+
+
+def patch_multi_worker_trainer():
+    """Makes Keras 3's TensorFlow trainer work under MultiWorkerMirroredStrategy.
+
+    Two narrow, version-guarded changes (tensorflow/tensorflow#72388):
+
+    1. `_maybe_symbolic_build` averages the first distributed batch across
+       workers just to learn its shapes (an extra collective, which fails for
+       integer labels); under multi-worker, take this worker's first replica's
+       batch instead. Other strategies keep Keras's code.
+    2. `reduce_per_replica` reduces scalar logs with `axis=0`, which fails
+       for scalars under multi-worker; reduce those with `axis=None`.
+
+    `tests/test_strategies.py` keeps a strict-xfail test of Keras without the
+    fix, so the suite says when an upstream release makes it unnecessary.
+    Returns True if the fix is (now or already) in place.
+    """
+    import tensorflow as tf
+    from keras import tree
+    from keras.src.backend.tensorflow import trainer
+
+    if _MULTI_WORKER_FIX["applied"]:
+        return True
+    if not (hasattr(trainer, "reduce_per_replica") and hasattr(trainer.TensorFlowTrainer, "_maybe_symbolic_build")
+            and hasattr(trainer, "_collective_all_reduce_multi_worker")):
+        log.warning("tfopt: this Keras version's TensorFlow trainer has changed; not applying the multi-worker fix.")
+        return False
+    original_build = trainer.TensorFlowTrainer._maybe_symbolic_build
+    original_reduce = trainer.reduce_per_replica
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if iterator is None or strategy is None or not trainer._collective_all_reduce_multi_worker(strategy):
+            return original_build(self, iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            batch = next(it)
+            data_batch = tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v,
+                batch,
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
+            return original_reduce(values, strategy, reduction)
+
+        def reduce(v):
+            local = strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
+            if getattr(local, "shape", None) is not None and local.shape.rank == 0:
+                return strategy.reduce("MEAN", v, axis=None)
+            return original_reduce(v, strategy, reduction)
+
+        return tree.map_structure(reduce, values)
+
+    trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+    trainer.reduce_per_replica = reduce_per_replica
+    _MULTI_WORKER_FIX["applied"] = True
+    return True
+
+
+# --- LiteRT -----------------------------------------------------------------------------
+def litert_ops(interpreter):
+    """`[{"op_name", "inputs", ...}]` for every op of a LiteRT interpreter's graph."""
+    return _get(interpreter, "_get_ops_details", "`Interpreter._get_ops_details`")()
+
+
+# --- a layer's own variables ------------------------------------------------------------
+def own_variables(layer):
+    """The variables `layer` itself holds (its sublayers' excluded), in the order
+    Keras's `Layer.save_own_variables` writes them: trainable, then non-trainable."""
+    return list(_get(layer, "_trainable_variables")) + list(_get(layer, "_non_trainable_variables"))

@@ -1,0 +1,13 @@
+"""Whole-model transforms of Sequential and Functional models.
+
+- `prune` (`transforms/prune.py`): swap in the tfopt twins that prune;
+- `strip` (`transforms/strip.py`): back to plain Keras layers;
+- `quantize_model` (`transforms/quantize.py`): plan, then rewrite, a
+  quantization-aware copy.
+"""
+
+from tfopt.transforms.prune import prune
+from tfopt.transforms.quantize import quantize_model
+from tfopt.transforms.strip import load_model, strip
+
+__all__ = ["prune", "strip", "load_model", "quantize_model"]

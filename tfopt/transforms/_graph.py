@@ -1,0 +1,86 @@
+"""Rebuilding Sequential and Functional models layer by layer (shared by the transforms)."""
+
+import keras
+from keras import ops
+
+from tfopt import _keras_internal, pruning
+
+__all__ = ["check_graph_model", "clone", "plain_copy", "copy_weights", "to_functional", "graph_layers"]
+
+
+def check_graph_model(model, fn):
+    """Refuses models whose layers cannot be swapped from the outside."""
+    pruning.check_keras3(model)
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+        raise TypeError(
+            f"`tfopt.{fn}` rebuilds Sequential and Functional models. Received a subclassed "
+            f"model of type {type(model).__name__}, whose layers cannot be swapped from the "
+            "outside. Fix: prune it in place with "
+            "`model.fit(..., callbacks=[tfopt.callbacks.Pruning(schedule)])`."
+        )
+
+
+def graph_layers(model):
+    """Every layer of `model` that is not itself a model."""
+    return [layer for layer in _keras_internal.all_layers(model) if not isinstance(layer, keras.Model)]
+
+
+def _named_inputs(model):
+    """Fresh `keras.Input`s like `model`'s, keeping their names (clone_model
+    would call them "keras_tensor")."""
+    return [
+        keras.Input(batch_shape=t.shape, dtype=t.dtype, sparse=t.sparse, name=_keras_internal.input_name(t))
+        for t in model.inputs
+    ]
+
+
+def clone(model, make_layer, call_function=None):
+    """Clones `model` (nested models included) with `make_layer(old) -> new` and
+    returns the clone and the list of (old, new) layer pairs."""
+    pairs = {}
+
+    def clone_function(layer):
+        if id(layer) not in pairs:
+            pairs[id(layer)] = (layer, make_layer(layer))
+        return pairs[id(layer)][1]
+
+    kwargs = {}
+    if call_function is not None:
+        kwargs["call_function"] = call_function
+    if not isinstance(model, keras.Sequential):
+        inputs = _named_inputs(model)
+        kwargs["input_tensors"] = inputs[0] if len(inputs) == 1 else inputs
+    copy = keras.models.clone_model(model, clone_function=clone_function, recursive=True, **kwargs)
+    return copy, list(pairs.values())
+
+
+def plain_copy(layer):
+    """A fresh layer of the same class and config."""
+    return layer.__class__.from_config(layer.get_config())
+
+
+def copy_weights(old, new):
+    """Copies `old`'s weights into `new` by name when the names say which is
+    which (a pruned twin's mask and step sit after the ranges a quantized one
+    adds), else in order; weights only `new` has keep their initial values."""
+    names = [v.name for v in old.weights]
+    targets = {v.name: v for v in new.weights}
+    if len(set(names)) == len(names) and len(targets) == len(new.weights) and all(n in targets for n in names):
+        for v in old.weights:
+            targets[v.name].assign(ops.convert_to_numpy(v))
+        return
+    values = [ops.convert_to_numpy(v) for v in old.weights]
+    current = new.get_weights()
+    new.set_weights(values[: len(current)] + current[len(values):])
+
+
+def to_functional(model):
+    """A Functional model calling the same layers as `model` (Sequential models,
+    nested ones included, become Functional; others are returned as they are)."""
+    if not isinstance(model, keras.Sequential):
+        return model
+    inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    x = inputs
+    for layer in model.layers:
+        x = to_functional(layer)(x) if isinstance(layer, keras.Model) else layer(x)
+    return keras.Model(inputs, x, name=model.name)

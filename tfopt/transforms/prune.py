@@ -1,0 +1,85 @@
+"""`prune`: a copy of a Sequential or Functional model whose layers prune during `fit`."""
+
+import logging
+
+from keras import ops
+
+from tfopt import geometry, pruning
+from tfopt.transforms import _graph
+
+__all__ = ["prune"]
+
+log = logging.getLogger("tfopt")
+
+
+def prune(model, pruning_schedule, structure=None, layers=None):
+    """Returns a copy of a Sequential or Functional model whose layers prune during `fit`.
+
+    Every selected Keras layer that has a tfopt twin (Dense, Conv1D/2D/3D and
+    their transposes, DepthwiseConv1D/2D, SeparableConv1D/2D, EinsumDense,
+    Embedding, LSTM, GRU, SimpleRNN: see `tfopt.geometry.twins()`) is replaced
+    by it, with the same name, config and weights. Other layers are copied as
+    they are. Nested models and shared layers are kept. The copy is not
+    compiled. For subclassed models, or custom layers, use
+    `tfopt.callbacks.Pruning` instead.
+
+    Args:
+        model: a Keras 3 Sequential or Functional model.
+        pruning_schedule: a `tfopt.schedules.SparsitySchedule` or preset name.
+        structure: see `tfopt.sparsity.get`.
+        layers: which layers to prune: None (all that can be), a name, a type,
+            a predicate, or a list of those. A layer named here that cannot be
+            pruned is an error; with None, layers the structure does not fit
+            are left dense with a warning.
+
+    Returns:
+        A new, uncompiled `keras.Model`.
+
+    Example:
+    >>> import keras, tfopt
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="hidden"),
+    ...                           keras.layers.Dense(2, name="head")])
+    >>> pruned = tfopt.prune(model, "baseline", layers="hidden")
+    >>> [type(layer).__module__.split(".")[0] for layer in pruned.layers]
+    ['tfopt', 'keras']
+    """
+    _graph.check_graph_model(model, "prune")
+    schedule = pruning.get_schedule(pruning_schedule)
+    if schedule is None:
+        raise ValueError(
+            "`tfopt.prune` needs a `pruning_schedule` (a tfopt.schedules object or a preset "
+            "such as 'baseline'). Received: pruning_schedule=None"
+        )
+    structure_obj = pruning.get_structure(structure)
+    targets, named = pruning.select_targets(_graph.graph_layers(model), layers, structure_obj, "tfopt.prune")
+    swap, no_twin = set(), []
+    for layer, _ in targets:
+        if geometry.twin_of(layer) is not None:
+            swap.add(id(layer))
+        elif named:
+            raise TypeError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) has a kernel but no "
+                "tfopt twin, so `tfopt.prune` cannot swap it. Fix: prune it in place "
+                "with `tfopt.callbacks.Pruning(schedule, layers=[...])`, which works on "
+                "any layer with a kernel."
+            )
+        else:
+            no_twin.append(layer.name)
+    if no_twin:
+        log.warning("tfopt.prune: layers %s have a kernel but no tfopt twin; they stay dense. "
+                    "Prune them with tfopt.callbacks.Pruning instead.", no_twin)
+
+    def make_layer(layer):
+        if id(layer) not in swap:
+            return _graph.plain_copy(layer)
+        config = layer.get_config()
+        config.update(pruning_schedule=schedule, structure=structure_obj)
+        return geometry.twin_of(layer).from_config(config)
+
+    clone, pairs = _graph.clone(model, make_layer)
+    for old, new in pairs:
+        if getattr(old, "weights", None):
+            values = [ops.convert_to_numpy(v) for v in old.weights]
+            current = new.get_weights()
+            new.set_weights(values[: len(current)] + current[len(values):])
+    return clone

@@ -1,0 +1,276 @@
+"""`quantize_model`: a quantization-aware copy of a model, planned then rewritten.
+
+`plan(...)` reads the model and decides, layer by layer, what QAT does: which
+layers become quantization-aware twins and at which precision, which
+BatchNormalizations fold into the layer before them, where ranges go, and what
+is left in float. `rewrite(...)` then rebuilds the graph from that plan. Every
+decision about a layer *type* comes from `tfopt.geometry`.
+"""
+
+import dataclasses
+
+import keras
+
+from tfopt import _keras_internal, geometry, pruning, quantizers
+from tfopt.layers.quantize_activation import QuantizeActivation, QuantizingLayer
+from tfopt.transforms import _graph
+
+__all__ = ["quantize_model", "QuantizationPlan", "plan"]
+
+
+@dataclasses.dataclass
+class QuantizationPlan:
+    """What `quantize_model` does to each layer (keys are `id(layer)` of the
+    Functional form of the model).
+
+    Attributes:
+        functional: the model as a Functional one (Sequential models are converted).
+        precisions: layers that become quantization-aware twins -> their precision.
+        folds: layer -> the BatchNormalization folded into it.
+        float_layers: names of layers left in float (with `unsupported="float"`).
+    """
+
+    functional: keras.Model
+    precisions: dict
+    folds: dict
+    float_layers: list
+
+    @property
+    def folded(self):
+        """ids of the BatchNormalizations that fold away."""
+        return {id(bn) for bn in self.folds.values()}
+
+
+def _quantizable(layer):
+    """A layer whose twin fake-quantizes its weights."""
+    entry = geometry.of(layer)
+    return geometry.twin_of(layer) is not None and entry is not None and any(s.quantize for s in entry.weights)
+
+
+def _known(layer):
+    return _quantizable(layer) or isinstance(layer, QuantizingLayer) or geometry.role(layer) in (
+        geometry.PASS_THROUGH, geometry.NEEDS_RANGE, geometry.BATCH_NORM)
+
+
+def plan(model, numerical_precision="int8", layers=None, unsupported="error", overrides=None):
+    """Decides what `quantize_model` does to each layer of `model`; returns a `QuantizationPlan`."""
+    _graph.check_graph_model(model, "quantize_model")
+    quantizers.get_precision(numerical_precision)  # validate before any work
+    if unsupported not in ("error", "float"):
+        raise ValueError(f"`unsupported` must be 'error' or 'float'. Received: unsupported={unsupported!r}")
+    candidates = _graph.graph_layers(model)
+    chosen, _ = pruning.select_layers(candidates, layers)
+    precisions = _precision_overrides(candidates, overrides)
+    unknown = [layer for layer in candidates if not _known(layer)]
+    if unknown and unsupported == "error":
+        raise ValueError(
+            "tfopt.quantize_model does not know how to quantize layers "
+            f"{[f'{layer.name} ({type(layer).__name__})' for layer in unknown]}. Fix: pass "
+            "unsupported='float' to leave them in float (the int8 export then reports them as "
+            "float ops), or replace them with supported layers."
+        )
+    functional = _graph.to_functional(model)
+    selected = {}
+    for layer in chosen:
+        precision = precisions.get(id(layer), numerical_precision)
+        if precision is not None and _quantizable(layer):
+            selected[id(layer)] = precision
+    return QuantizationPlan(
+        functional=functional,
+        precisions=selected,
+        folds=_batch_norm_folds(functional, selected),
+        float_layers=[layer.name for layer in unknown],
+    )
+
+
+def quantize_model(model, numerical_precision="int8", layers=None, unsupported="error", overrides=None):
+    """Returns a quantization-aware copy of a Sequential or Functional model.
+
+    Every selected layer with a tfopt twin (Dense, Conv*, DepthwiseConv*,
+    SeparableConv*, EinsumDense, Embedding) becomes that twin with
+    `quantization_aware=numerical_precision`, weights kept. A
+    `tfopt.layers.QuantizeActivation` is put after each model input and after
+    each layer that makes new values the int8 converter needs a range for
+    (Add, Concatenate, Multiply, average pooling, activations, Rescaling,
+    Normalization, BatchNormalization); layers that only move values (Flatten,
+    Reshape, max pooling, padding, dropout, ...) keep their input's range.
+    Which is which is the layer type's `tfopt.geometry` role.
+    Sequential models come back as Functional ones (a Sequential model cannot
+    hold the inserted layers between its own). Activation ranges start at
+    [-6, 6] and are set by the first training batch, so fit the copy (a few
+    steps at least) before using or exporting it.
+
+    A BatchNormalization that directly follows a quantized layer (its only
+    consumer, linear activation) is folded into it: the layer quantizes
+    `kernel * gamma / sqrt(variance + epsilon)` and adds the folded bias, so
+    the int8 kernel in the exported file is the one that trained. gamma and
+    beta train; the moving statistics keep updating during `fit` (estimated
+    from the layer's own output, reduced over replicas) until
+    `tfopt.callbacks.QuantizationSchedule(freeze_batch_norm=...)` freezes them;
+    a non-trainable BatchNormalization keeps its statistics. Other
+    BatchNormalizations are kept and get an output range.
+
+    Args:
+        model: a Keras 3 Sequential or Functional model.
+        numerical_precision: "int8", "int4", "int2", "ternary", "binary"/"bool",
+            a `QuantSpec`, or a (weight, activation) spec pair (see
+            `tfopt.quantizers.get_precision`).
+        layers: which twin-able layers to quantize (name, type, predicate or a
+            list of those); None for all.
+        unsupported: "error" to refuse layers tfopt does not know how to
+            quantize (listed in the message), or "float" to leave them in float
+            (`tfopt.export(..., precision="int8")` then reports them in
+            `float_ops`).
+        overrides: per-layer precisions, `{selector: precision}`, where a
+            selector is a layer name, a layer type, a predicate or a tuple of
+            those, and a precision is anything `numerical_precision` takes, or
+            None to keep those layers in float. The first matching entry wins;
+            layers no entry matches get `numerical_precision`. Example:
+            `{"predictions": "int8", keras.layers.Conv2D: "int4"}` (a float
+            layer in an int8 export runs as float ops, reported in `float_ops`).
+
+    Example:
+    >>> import keras, tfopt
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="relu"),
+    ...                           keras.layers.Dense(2)])
+    >>> qat = tfopt.quantize_model(model)
+    >>> [type(layer).__name__ for layer in qat.layers]
+    ['InputLayer', 'QuantizeActivation', 'Dense', 'Dense']
+    """
+    return rewrite(plan(model, numerical_precision, layers, unsupported, overrides))
+
+
+def rewrite(the_plan):
+    """Rebuilds the plan's model as it says: twins, folds, ranges."""
+    functional, folds, folded = the_plan.functional, the_plan.folds, the_plan.folded
+    split_activations = {}  # id(new twin) -> the activation moved after it
+    folded_clones = set()
+    pairs = {}
+
+    def make_layer(layer):
+        twin = geometry.twin_of(layer)
+        if id(layer) in the_plan.precisions:
+            config = layer.get_config()
+            config["quantization_aware"] = the_plan.precisions[id(layer)]
+            bn = folds.get(id(layer))
+            if bn is not None:
+                config["folded_batch_norm"] = {
+                    "epsilon": bn.epsilon, "center": bn.center, "scale": bn.scale,
+                    # A frozen BatchNormalization keeps its statistics: momentum 1.
+                    "momentum": float(bn.momentum) if bn.trainable else 1.0,
+                }
+            activation = config.get("activation")
+            if activation not in (None, "linear", "relu", "relu6"):
+                # TFLite fuses only ReLU/ReLU6 into a layer; any other
+                # activation runs as its own op and needs its input's range.
+                config["activation"] = "linear"
+                new = twin.from_config(config)
+                split_activations[id(new)] = activation
+                return new
+            return twin.from_config(config)
+        if twin is not None and geometry.role(layer) != geometry.WEIGHTS and not geometry.is_twin(layer):
+            return twin.from_config(layer.get_config())  # Rescaling -> QuantizedRescaling
+        return _graph.plain_copy(layer)
+
+    def clone_function(layer):
+        if id(layer) not in pairs:
+            pairs[id(layer)] = (layer, make_layer(layer))
+            if id(layer) in folded:
+                folded_clones.add(id(pairs[id(layer)][1]))
+        return pairs[id(layer)][1]
+
+    input_quantizers = {}
+
+    def call_function(layer, *args, **kwargs):
+        def quantize_inputs(x):
+            if id(x) in input_ids:
+                if id(x) not in input_quantizers:
+                    input_quantizers[id(x)] = QuantizeActivation(name=f"{x.name}_quantize")(x)
+                return input_quantizers[id(x)]
+            return x
+
+        args = keras.tree.map_structure(quantize_inputs, args)
+        if id(layer) in folded_clones:
+            return args[0]  # folded into the layer before it
+        outputs = layer(*args, **kwargs)
+        if id(layer) in split_activations:
+            outputs = keras.layers.Activation(split_activations[id(layer)], name=f"{layer.name}_activation")(outputs)
+            outputs = QuantizeActivation(name=f"{layer.name}_activation_quantize")(outputs)
+        if geometry.role(layer) in (geometry.NEEDS_RANGE, geometry.BATCH_NORM) or not isinstance(
+                layer, keras.layers.Layer):
+            # (A `keras.ops` call in a Functional model, such as MobileNetV3's
+            # `x + 3.0` in hard-swish, makes new values too.)
+            outputs = keras.tree.map_structure(
+                lambda t: QuantizeActivation(name=f"{layer.name}_quantize")(t), outputs)
+        return outputs
+
+    new_inputs = [
+        keras.Input(batch_shape=t.shape, dtype=t.dtype, name=_keras_internal.input_name(t))
+        for t in functional.inputs
+    ]
+    input_ids = {id(t) for t in new_inputs}
+    clone = keras.models.clone_model(
+        functional, input_tensors=new_inputs if len(new_inputs) > 1 else new_inputs[0],
+        clone_function=clone_function, call_function=call_function, recursive=True,
+    )
+    for old, new in pairs.values():
+        if id(old) in folded:
+            continue
+        if getattr(old, "weights", None):
+            _graph.copy_weights(old, new)
+        bn = folds.get(id(old))
+        if bn is not None:
+            new._folding.set_from(bn)
+    return clone
+
+
+def _precision_overrides(candidates, overrides):
+    """id(layer) -> precision from `quantize_model`'s `overrides` (first match wins)."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise TypeError(
+            "`overrides` must be a dict {selector: precision} (selector: layer name, type, "
+            f"predicate or tuple of those). Received: {overrides!r} of type {type(overrides).__name__}"
+        )
+    out = {}
+    for selector, precision in overrides.items():
+        if precision is not None:
+            try:
+                quantizers.get_precision(precision)
+            except ValueError as e:
+                raise ValueError(f"`overrides[{selector!r}]`: {e}") from None
+        matched, _ = pruning.select_layers(candidates, selector)
+        for layer in matched:
+            out.setdefault(id(layer), precision)
+    return out
+
+
+def _batch_norm_folds(model, selected):
+    """Finds (layer -> BatchNormalization) pairs that QAT folds: the BN's only
+    input comes from a selected layer whose type can take a fold, with a linear
+    activation; the BN is that layer's only consumer, it normalizes the last
+    axis, and neither is called more than once in the model's graph."""
+    calls, consumers = {}, {}
+    for layer, node in _keras_internal.graph_calls(model):
+        calls.setdefault(id(layer), []).append(node)
+        for tensor in _keras_internal.node_inputs(node):
+            consumers.setdefault(id(_keras_internal.producer(tensor)), []).append(layer)
+    folds = {}
+    for layer, node in _keras_internal.graph_calls(model):
+        bn = layer
+        if geometry.role(bn) != geometry.BATCH_NORM or len(calls[id(bn)]) != 1:
+            continue
+        inputs = _keras_internal.node_inputs(node)
+        if len(inputs) != 1 or bn.axis not in (-1, len(inputs[0].shape) - 1):
+            continue
+        producer = _keras_internal.producer(inputs[0])
+        if (
+            id(producer) in selected
+            and geometry.fold_weight(producer) is not None
+            and len(calls.get(id(producer), [])) == 1
+            and consumers.get(id(producer)) == [bn]
+            and getattr(producer, "activation", None) in (None, keras.activations.linear)
+        ):
+            folds[id(producer)] = bn
+    return folds

@@ -1,0 +1,71 @@
+"""`strip`: back to plain Keras, masks and folded BatchNormalizations baked in; `load_model`."""
+
+import keras
+
+from tfopt import _keras_internal, geometry, pruning
+from tfopt.layers.base import Prunable
+from tfopt.transforms import _graph
+
+__all__ = ["strip", "load_model"]
+
+
+def strip(model):
+    """Returns a plain Keras model with the pruning masks baked into the weights.
+
+    For Sequential and Functional models, a new model where every tfopt layer is
+    replaced by its Keras namesake (same name, config and weights, no mask or
+    step), which loads without tfopt. Quantization-aware layers become float
+    layers; a BatchNormalization folded into a layer stays folded (the layer
+    gets the folded kernel and bias). Masks attached by
+    `tfopt.callbacks.Pruning` are baked in and their constraints dropped.
+
+    For subclassed models, the model itself is stripped in place and returned:
+    weights are multiplied by their masks and tfopt constraints removed (the
+    classes of its layers are the user's and are kept).
+
+    Example:
+    >>> import keras, tfopt
+    >>> pruned = keras.Sequential([keras.Input((4,)), tfopt.layers.Dense(2, pruning_schedule="baseline")])
+    >>> stripped = tfopt.strip(pruned)
+    >>> type(stripped.layers[0]).__module__.startswith("keras"), len(stripped.weights)
+    (True, 2)
+    """
+    pruning.check_keras3(model)
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+        for layer in _keras_internal.all_layers(model):
+            for pw in pruning.prunable_weights(layer):
+                pruning.bake(pw.variable)
+        return model
+
+    def make_layer(layer):
+        if geometry.is_twin(layer):
+            config = layer.get_config()
+            for key in Prunable.TFOPT_ARGUMENTS:
+                config.pop(key, None)
+            if getattr(layer, "folded_batch_norm", None) is not None:
+                config["use_bias"] = True  # the folded BatchNormalization's bias
+            return layer.keras_class.from_config(config)
+        return _graph.plain_copy(layer)
+
+    clone, pairs = _graph.clone(model, make_layer)
+    for old, new in pairs:
+        if not getattr(new, "weights", None):
+            continue
+        if isinstance(old, Prunable):
+            new.set_weights(old.keras_weights())
+        else:
+            new.set_weights([pruning.masked_value(v) for v in old.weights[: len(new.weights)]])
+    return clone
+
+
+def load_model(path, **kwargs):
+    """`keras.models.load_model` with tfopt's classes registered.
+
+    A `.keras` file that holds tfopt layers needs tfopt imported before Keras
+    reads it (Keras imports only its own packages while loading, and a `.keras`
+    file runs no code). Calling this, or `import tfopt` before
+    `keras.models.load_model`, does that. Files written from `tfopt.strip(model)`
+    need neither. `kwargs` go to Keras unchanged; `safe_mode` stays on unless
+    you turn it off.
+    """
+    return keras.models.load_model(path, **kwargs)
