@@ -4,6 +4,10 @@ Commands: `demo`, `inspect MODEL.keras`, `export MODEL.keras -o OUT.tflite`.
 User mistakes (missing or non-Keras files, unsafe files, bad arguments) print
 one clear message to stderr and exit with status 2 (arguments) or 1 (files and
 models), without a traceback.
+
+tfopt (and so TensorFlow) is imported lazily, inside each command: argument
+errors and `--help` answer at once, and TensorFlow's log level is set before
+it loads.
 """
 
 import argparse
@@ -61,7 +65,7 @@ def _load(path, unsafe):
         if "config.json" not in archive.namelist():
             raise UserError(f"{path} is a zip archive but not a Keras model (no config.json inside).")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tfopt
+    import tfopt  # lazy: see the module docstring
 
     try:
         return tfopt.load_model(path, safe_mode=not unsafe)
@@ -75,7 +79,7 @@ def _load(path, unsafe):
 
 
 def _inspect(args):
-    import tfopt
+    import tfopt  # lazy: see the module docstring
 
     model = _load(args.model, args.unsafe)
     print(f"{args.model}: model '{model.name}' ({type(model).__name__})")
@@ -85,7 +89,7 @@ def _inspect(args):
 def _export(args):
     import numpy as np
 
-    import tfopt
+    import tfopt  # lazy: see the module docstring
 
     if not args.output.endswith(".tflite"):
         raise UserError(f"-o should name a .tflite file. Received: {args.output}")
@@ -109,7 +113,7 @@ def _export(args):
 
 
 def _demo(args):
-    from tfopt import demo
+    from tfopt import demo  # lazy: see the module docstring
 
     if not 0.0 <= args.sparsity < 1.0:
         print(f"tfopt demo: --sparsity must be in [0, 1). Received: {args.sparsity}", file=sys.stderr)
@@ -127,7 +131,7 @@ def _demo(args):
         rows = rows + recipe_rows
     plot = args.plot or (os.path.join(args.out, "accuracy_vs_size.png") if args.out else None)
     if plot:
-        from tfopt import plots
+        from tfopt import plots  # lazy: see the module docstring
 
         try:
             plots.plot_accuracy_vs_size(rows, plot, accuracy_key="litert accuracy")

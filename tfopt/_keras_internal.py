@@ -71,7 +71,7 @@ def all_layers(model):
     >>> import keras
     >>> inner = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, name="d")], name="inner")
     >>> outer = keras.Sequential([keras.Input((2,)), inner])
-    >>> [layer.name for layer in all_layers(outer)]
+    >>> [layer.name for layer in all_layers(outer) if not is_input_layer(layer)]
     ['inner', 'd']
     """
     seen, out = set(), []

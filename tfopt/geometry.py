@@ -29,7 +29,7 @@ Add your own layer type with one call:
 >>> _ = register(Gated, weights=[WeightSpec("w", in_axis=0, out_axis=1)])
 >>> layer = Gated()
 >>> layer.build((None, 8))
->>> [(spec.path, variable.shape) for spec, variable in weights_of(layer)]
+>>> [(spec.path, tuple(variable.shape)) for spec, variable in weights_of(layer)]
 [('w', (8, 4))]
 """
 

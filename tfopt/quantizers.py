@@ -175,6 +175,7 @@ def register_precision(name, weight_spec, activation_spec):
     ...                    QuantSpec(8))
     >>> get_precision("int6")[0].bits
     6
+    >>> del PRECISIONS["int6"]
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"`register_precision`: `name` must be a non-empty string. Received: name={name!r}")

@@ -79,7 +79,7 @@ def summary(model, print_fn=print):
                 "size": int(value.size),
                 "nonzeros": nonzeros,
                 "sparsity": 1.0 - nonzeros / value.size,
-                "structure": "-" if info is None else _describe(info.structure),
+                "structure": "-" if info is None else info.structure.describe(),
                 "bits": _weight_bits(layer, value),
                 "est_bytes": int(np.ceil(value.size * _weight_bits(layer, value) / 8)),
                 "schedule": "-" if info is None or info.schedule is None else repr(info.schedule),
@@ -132,15 +132,6 @@ def _weight_bits(layer, value):
     if spec is not None:
         return spec.stored_bits
     return value.dtype.itemsize * 8
-
-
-def _describe(structure):
-    cfg = structure.get_config()
-    if structure.name == "n:m":
-        return f"{cfg['n']}:{cfg['m']}"
-    if structure.name == "block":
-        return "block {}x{}".format(*cfg["block_shape"])
-    return structure.name
 
 
 def render(rows, columns=("layer", "type", "weight", "size", "nonzeros", "sparsity", "structure", "bits",

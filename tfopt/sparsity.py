@@ -88,6 +88,9 @@ class Structure(Configurable):
     def mask(self, weight, sparsity, in_axis, out_axis):
         raise NotImplementedError
 
+    def describe(self):
+        """Short text for tables (`tfopt.summary`): the name, with any parameters."""
+        return self.name
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
@@ -168,6 +171,9 @@ class NM(Structure):
     def get_config(self):
         return {"n": self.n, "m": self.m}
 
+    def describe(self):
+        return f"{self.n}:{self.m}"
+
 
 @keras.saving.register_keras_serializable(package="tfopt")
 class Block(Structure):
@@ -235,6 +241,9 @@ class Block(Structure):
 
     def get_config(self):
         return {"block_shape": list(self.block_shape)}
+
+    def describe(self):
+        return "block {}x{}".format(*self.block_shape)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")

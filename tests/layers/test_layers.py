@@ -1,6 +1,7 @@
 """Every tfopt layer against its Keras namesake, through the shared harness."""
 
 import inspect
+import operator
 
 import keras
 import numpy as np
@@ -9,19 +10,44 @@ from absl.testing import parameterized
 import tfopt
 from tfopt import testing
 
-# (tfopt class, Keras class, kwargs, input shape, prunable weight, input dtype)
+# (tfopt class, Keras class, kwargs, input shape, pruned weight paths, input dtype)
 _LAYERS_UNDER_TEST = [
-    (tfopt.layers.Dense, keras.layers.Dense, {"units": 4}, (2, 8), "kernel", "float32"),
+    (tfopt.layers.Dense, keras.layers.Dense, {"units": 4}, (2, 8), ("kernel",), "float32"),
     (tfopt.layers.EinsumDense, keras.layers.EinsumDense,
-     {"equation": "ab,bc->ac", "output_shape": 4, "bias_axes": "c"}, (2, 8), "kernel", "float32"),
-    (tfopt.layers.Embedding, keras.layers.Embedding, {"input_dim": 10, "output_dim": 4}, (2, 3), "embeddings", "int32"),
-    (tfopt.layers.Conv1D, keras.layers.Conv1D, {"filters": 4, "kernel_size": 3}, (2, 6, 4), "kernel", "float32"),
-    (tfopt.layers.Conv2D, keras.layers.Conv2D, {"filters": 4, "kernel_size": 3}, (2, 6, 6, 4), "kernel", "float32"),
-    (tfopt.layers.Conv3D, keras.layers.Conv3D, {"filters": 4, "kernel_size": 2}, (2, 4, 4, 4, 4), "kernel", "float32"),
-    (tfopt.layers.Conv2DTranspose, keras.layers.Conv2DTranspose, {"filters": 4, "kernel_size": 3}, (2, 5, 5, 4), "kernel", "float32"),
-    (tfopt.layers.DepthwiseConv2D, keras.layers.DepthwiseConv2D, {"kernel_size": 3}, (2, 6, 6, 4), "kernel", "float32"),
-    (tfopt.layers.SeparableConv2D, keras.layers.SeparableConv2D, {"filters": 4, "kernel_size": 3}, (2, 6, 6, 4), "pointwise_kernel", "float32"),
+     {"equation": "ab,bc->ac", "output_shape": 4, "bias_axes": "c"}, (2, 8), ("kernel",), "float32"),
+    (tfopt.layers.Embedding, keras.layers.Embedding, {"input_dim": 10, "output_dim": 4}, (2, 3), ("embeddings",), "int32"),
+    (tfopt.layers.Conv1D, keras.layers.Conv1D, {"filters": 4, "kernel_size": 3}, (2, 6, 4), ("kernel",), "float32"),
+    (tfopt.layers.Conv2D, keras.layers.Conv2D, {"filters": 4, "kernel_size": 3}, (2, 6, 6, 4), ("kernel",), "float32"),
+    (tfopt.layers.Conv3D, keras.layers.Conv3D, {"filters": 4, "kernel_size": 2}, (2, 4, 4, 4, 4), ("kernel",), "float32"),
+    (tfopt.layers.Conv2DTranspose, keras.layers.Conv2DTranspose, {"filters": 4, "kernel_size": 3}, (2, 5, 5, 4), ("kernel",), "float32"),
+    (tfopt.layers.DepthwiseConv2D, keras.layers.DepthwiseConv2D, {"kernel_size": 3}, (2, 6, 6, 4), ("kernel",), "float32"),
+    (tfopt.layers.SeparableConv2D, keras.layers.SeparableConv2D, {"filters": 4, "kernel_size": 3}, (2, 6, 6, 4), ("pointwise_kernel",), "float32"),
+    # Multi-weight layers, added through `tfopt.geometry` (CONTRIBUTING.md, "a new layer type").
+    (tfopt.layers.LSTM, keras.layers.LSTM, {"units": 4}, (2, 5, 3), ("cell.kernel", "cell.recurrent_kernel"), "float32"),
+    (tfopt.layers.GRU, keras.layers.GRU, {"units": 4}, (2, 5, 3), ("cell.kernel", "cell.recurrent_kernel"), "float32"),
+    (tfopt.layers.SimpleRNN, keras.layers.SimpleRNN, {"units": 4}, (2, 5, 3), ("cell.kernel", "cell.recurrent_kernel"),
+     "float32"),
 ]
+
+
+def _masks(paths):
+    return [f"{path.rsplit('.', 1)[-1]}_mask" for path in paths]
+
+
+def _expected_names(base, paths):
+    """Keras's weight names plus tfopt's, in `layer.weights` order: a layer lists
+    its own variables before its sublayers', so where Keras's weights live in a
+    sublayer (an RNN's cell), tfopt's come first."""
+    tfopt_names = _masks(paths) + ["pruning_step"]
+    keras_names = [w.name for w in base.weights]
+    return tfopt_names + keras_names if all("." in p for p in paths) else keras_names + tfopt_names
+
+
+def _set_keras_weights(layer, base):
+    """Gives `layer` the weights of its Keras namesake `base`, by name."""
+    targets = {w.name: w for w in layer.weights}
+    for w in base.weights:
+        targets[w.name].assign(w)
 
 
 class LayersTest(testing.TestCase, parameterized.TestCase):
@@ -33,13 +59,13 @@ class LayersTest(testing.TestCase, parameterized.TestCase):
                             expected_weight_names=[w.name for w in base.weights])
 
     @parameterized.parameters(_LAYERS_UNDER_TEST)
-    def test_basics_with_pruning(self, cls, base_cls, kwargs, shape, weight, dtype):
+    def test_basics_with_pruning(self, cls, base_cls, kwargs, shape, weights, dtype):
         base = base_cls(**kwargs)
         base.build(shape)
         layer = self.run_layer_test(
             cls, {**kwargs, "pruning_schedule": tfopt.schedules.ConstantSparsity(0.5, frequency=1)},
             shape, input_dtype=dtype,
-            expected_weight_names=[w.name for w in base.weights] + [f"{weight}_mask", "pruning_step"])
+            expected_weight_names=_expected_names(base, weights))
         self.assertEqual(layer.pruning_step.dtype, "int64")
 
     @parameterized.parameters(_LAYERS_UNDER_TEST)
@@ -50,7 +76,7 @@ class LayersTest(testing.TestCase, parameterized.TestCase):
         for extra in ({}, {"pruning_schedule": tfopt.schedules.ConstantSparsity(0.0)}):
             layer = cls(**kwargs, **extra)
             layer.build(shape)
-            layer.set_weights(base.get_weights() + layer.get_weights()[len(base.weights):])
+            _set_keras_weights(layer, base)
             self.assertAllEqual(layer(x), expected)
 
     @parameterized.parameters(_LAYERS_UNDER_TEST)
@@ -63,16 +89,17 @@ class LayersTest(testing.TestCase, parameterized.TestCase):
         self.assertIsNone(ours["pruning_schedule"].default)
 
     @parameterized.parameters(_LAYERS_UNDER_TEST)
-    def test_prunes_to_target_in_fit(self, cls, base_cls, kwargs, shape, weight, dtype):
+    def test_prunes_to_target_in_fit(self, cls, base_cls, kwargs, shape, weights, dtype):
         inputs = keras.Input(shape[1:], dtype=dtype)
         layer = cls(**kwargs, pruning_schedule=tfopt.schedules.ConstantSparsity(0.75, frequency=1))
         model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(layer(inputs))))
         model.compile("adam", "mse")
         model.fit(self.make_input((8,) + shape[1:], dtype), np.ones((8, 1)), batch_size=4, verbose=0)
-        value = keras.ops.convert_to_numpy(getattr(layer, weight))
-        self.assertAlmostEqual(float(np.mean(value == 0)), round(0.75 * value.size) / value.size)
-        self.assertAllEqual(getattr(layer, f"{weight}_mask"), (value != 0).astype("float32"))
-        self.assertEqual(int(layer.pruning_step.numpy()), 2)
+        for path, mask in zip(weights, _masks(weights)):
+            value = keras.ops.convert_to_numpy(operator.attrgetter(path)(layer))
+            self.assertAlmostEqual(float(np.mean(value == 0)), round(0.75 * value.size) / value.size, msg=path)
+            self.assertAllEqual(getattr(layer, mask), (value != 0).astype("float32"))
+        self.assertEqual(int(layer.pruning_step.numpy()), 2)  # one count per step, however many weights
 
     def test_user_kernel_constraint_is_kept_and_applied_first(self):
         layer = tfopt.layers.Dense(3, kernel_constraint=keras.constraints.MaxNorm(0.01),

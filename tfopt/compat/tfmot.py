@@ -26,6 +26,7 @@ import keras
 
 from tfopt import callbacks as _callbacks
 from tfopt import _keras_internal, _state
+from tfopt import geometry as _geometry
 from tfopt import pruning as _pruning
 from tfopt import quantizers as _quantizers
 from tfopt import schedules as _schedules
@@ -92,11 +93,12 @@ def prune_low_magnitude(to_prune, pruning_schedule=None, block_size=(1, 1), bloc
     if isinstance(to_prune, keras.Model):
         return _transforms.prune(to_prune, schedule, structure=structure)
     if isinstance(to_prune, keras.layers.Layer):
-        twin = _transforms._TWINS.get(type(to_prune))
+        prunable = {k: t for k, t in _geometry.twins().items() if any(s.prune for s in _geometry.of(k).weights)}
+        twin = prunable.get(type(to_prune))
         if twin is None:
             raise ValueError(
                 f"prune_low_magnitude: tfopt has no prunable twin of {type(to_prune).__name__} (layer "
-                f"'{to_prune.name}'). Prunable: {sorted(c.__name__ for c in _transforms._TWINS)}. Leave it "
+                f"'{to_prune.name}'). Prunable: {sorted(c.__name__ for c in prunable)}. Leave it "
                 "unwrapped, or prune it in place with tfopt.callbacks.Pruning."
             )
         config = to_prune.get_config()

@@ -344,7 +344,13 @@ def twin(keras_cls, doc=None, module=None):
         "    `structure=`, `quantization_aware=` and `folded_batch_norm=` (see\n"
         "    `tfopt.layers.Prunable`); weights and axes come from `tfopt.geometry`.\n"
     )
-    cls = type(name, (Prunable, keras_cls), {"__doc__": doc, "__module__": module or __name__})
+    attrs = {"__doc__": doc, "__module__": module or __name__}
+    entry = geometry.of(keras_cls)
+    if not any(spec.quantize for spec in (entry.weights if entry else ())):
+        # Nothing to fake-quantize: keep the Keras `call` (and its signature,
+        # which Keras matches against `compute_output_shape`).
+        attrs["call"] = keras_cls.call
+    cls = type(name, (Prunable, keras_cls), attrs)
     cls = keras.saving.register_keras_serializable(package="tfopt")(cls)
     cls = with_keras_signature(cls)
     return geometry.register_twin(keras_cls)(cls)

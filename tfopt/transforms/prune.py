@@ -2,8 +2,6 @@
 
 import logging
 
-from keras import ops
-
 from tfopt import geometry, pruning
 from tfopt.transforms import _graph
 
@@ -79,7 +77,5 @@ def prune(model, pruning_schedule, structure=None, layers=None):
     clone, pairs = _graph.clone(model, make_layer)
     for old, new in pairs:
         if getattr(old, "weights", None):
-            values = [ops.convert_to_numpy(v) for v in old.weights]
-            current = new.get_weights()
-            new.set_weights(values[: len(current)] + current[len(values):])
+            _graph.copy_weights(old, new)
     return clone
