@@ -7,8 +7,15 @@ alternates the workers. The figure per variant is the median over rounds of
 the mean time of a training step (batches after a warm-up, measured by a
 callback around each `train_on_batch`-sized step of `fit`).
 
+With `--baseline DIR` (another checkout of tfopt, e.g. `git worktree add
+/tmp/base <rev>`), a third worker runs the same Keras 3 variants on that
+tfopt, alternating with the others, and the table gains its rows and the
+ratio of this tree's tfopt step time to the baseline's: the check that a
+change costs nothing per step.
+
 Usage:
     python benchmarks/step_time.py [--mode prune|qat] [--rounds 5] [--steps 60] [--no-write]
+                                   [--baseline DIR]
 """
 
 import argparse
@@ -151,6 +158,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="times each worker is started, alternating")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--baseline", help="another tfopt checkout to compare this one with (same run)")
     parser.add_argument("--worker", choices=["keras3", "tfmot"])
     parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
     parser.add_argument("--mode", choices=["prune", "qat"], default="prune",
@@ -164,15 +172,20 @@ def main():
 
     from _common import median, table, write_section
 
-    rows = []
+    rows, versus = [], []
+    workers = ["keras3", "tfmot"] + (["baseline"] if args.baseline else [])
     for model_name in ("cnn", "mlp"):
-        merged = {"keras3": {}, "tfmot": {}}
+        merged = {worker: {} for worker in workers}
         for _ in range(args.repeats):
-            for worker in ("keras3", "tfmot"):
+            for worker in workers:
+                env = dict(os.environ)
+                if worker == "baseline":
+                    env["PYTHONPATH"] = os.path.abspath(args.baseline) + os.pathsep + env.get("PYTHONPATH", "")
                 out = subprocess.run(
-                    [sys.executable, __file__, "--worker", worker, "--model", model_name, "--mode", args.mode,
+                    [sys.executable, __file__, "--worker", "tfmot" if worker == "tfmot" else "keras3",
+                     "--model", model_name, "--mode", args.mode,
                      "--rounds", str(args.rounds), "--steps", str(args.steps)],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True, text=True, check=True, env=env,
                 )
                 line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
                 for name, times in json.loads(line[7:]).items():
@@ -180,7 +193,15 @@ def main():
         k3, tm = merged["keras3"], merged["tfmot"]
         ours = ("tfopt QAT int8",) if args.mode == "qat" else ("tfopt layers", "tfopt callback")
         theirs = ("tfmot QAT int8",) if args.mode == "qat" else ("tfmot",)
-        for framework, runs, variants in (("Keras 3 + tfopt", k3, ours), ("tf_keras + tfmot", tm, theirs)):
+        frameworks = [("Keras 3 + tfopt", k3, ours), ("tf_keras + tfmot", tm, theirs)]
+        if args.baseline:
+            frameworks.append(("Keras 3 + tfopt (baseline)", merged["baseline"], ours))
+            for variant in ours:
+                now, before = median(k3[variant]) / median(k3["plain"]), \
+                    median(merged["baseline"][variant]) / median(merged["baseline"]["plain"])
+                versus.append(f"{model_name} {variant}: this tree {now:.3f}x of plain, baseline {before:.3f}x "
+                              f"(this / baseline step time, each against its own plain run: {now / before:.3f})")
+        for framework, runs, variants in frameworks:
             base = median(runs["plain"])
             for variant in variants:
                 ratios = [p / b for p, b in zip(runs[variant], runs["plain"])]
@@ -204,13 +225,16 @@ def main():
         "plain and optimized variants interleaved within each worker. CNN: Conv2D 32, pool, Conv2D 64, pool, Dense 128, "
         "Dense 10 on 28x28x1; MLP: 784-512-512-10. " + target
     )
+    if versus:
+        body += "\n\nThis tree against the baseline checkout, same run:\n\n" + "\n".join(f"- {v}" for v in versus)
     print(body)
     if not args.no_write:
         section, title = (("qat_step_time", "Training step time, int8 QAT / plain") if args.mode == "qat"
                           else ("step_time", "Training step time, pruned / plain"))
         mode = " --mode qat" if args.mode == "qat" else ""
         write_section(section, title,
-                      f"python benchmarks/step_time.py{mode} --rounds {args.rounds} --repeats {args.repeats} --steps {args.steps}",
+                      f"python benchmarks/step_time.py{mode} --rounds {args.rounds} --repeats {args.repeats} --steps {args.steps}"
+                      + (" --baseline BASELINE_CHECKOUT" if args.baseline else ""),
                       body)
 
 
