@@ -341,3 +341,46 @@ class SummaryTest(testing.TestCase):
         self.assertEqual((by_layer["f"]["bits"], by_layer["f"]["est_bytes"]), (32, 32))
         self.assertEqual(by_layer["total"]["est_bytes"], 100)
         self.assertIn("est_bytes", lines[0])
+
+
+class MisuseBehaviourTest(testing.TestCase):
+    """Issue 11: strip gives Keras layers only; Lambda layers go through every transform."""
+
+    def test_strip_of_a_qat_model_is_plain_keras_and_exports_float(self):
+        model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255.0),
+                                  keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+                                  keras.layers.Dense(2)])
+        qat = tfopt.quantize_model(model)
+        qat.compile("adam", "mse")
+        x = np.random.rand(8, 8, 8, 1).astype("float32") * 255
+        qat.fit(x, np.random.rand(8, 2), verbose=0)
+        stripped = tfopt.strip(qat)
+        modules = {type(layer).__module__.split(".")[0] for layer in tfopt._keras_internal.all_layers(stripped)}
+        self.assertEqual(modules, {"keras"})
+        self.assertNotIn("QuantizeActivation", [type(layer).__name__ for layer in stripped.layers])
+        path = os.path.join(tempfile.mkdtemp(), "float.tflite")
+        report = tfopt.export(stripped, path)
+        with open(path, "rb") as f:
+            ops = {op["op_name"] for op in tfopt._keras_internal.litert_ops(_interpreter(f.read()))}
+        self.assertNotIn("QUANTIZE", ops)
+        self.assertLess(report.max_abs_diff, 1e-4)
+
+    def test_lambda_layers_go_through_prune_quantize_strip_and_export(self):
+        inputs = keras.Input((4,))
+        x = keras.layers.Dense(8, name="hidden")(inputs)
+        x = keras.layers.Lambda(lambda t: t * 2.0, name="double")(x)
+        model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+        pruned = tfopt.prune(model, "baseline")
+        qat = tfopt.quantize_model(model, unsupported="float")
+        stripped = tfopt.strip(pruned)
+        x_in = np.random.rand(4, 4).astype("float32")
+        self.assertAllClose(stripped(x_in), model(x_in))
+        self.assertIn("double", [layer.name for layer in qat.layers])
+        report = tfopt.export(pruned, os.path.join(tempfile.mkdtemp(), "lambda.tflite"))
+        self.assertLess(report.max_abs_diff, 1e-5)
+
+
+def _interpreter(content):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=content)

@@ -24,3 +24,18 @@ class Configurable:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def python_number(value):
+    """`value` as a Python number when it is a numpy scalar (`np.float32(0.5)`,
+    `np.int64(100)`), so that tfopt takes numpy scalars wherever it takes
+    numbers, as Keras does; anything else unchanged (bools stay bools).
+
+    Example:
+    >>> import numpy as np
+    >>> python_number(np.int32(4)), python_number(np.float32(0.5)), python_number("50%")
+    (4, 0.5, '50%')
+    """
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == () and hasattr(value, "item"):
+        return value.item()
+    return value

@@ -25,6 +25,7 @@ __all__ = [
     "producing_node",
     "graph_calls",
     "is_input_layer",
+    "holds_python_code",
     "input_name",
     "call_nodes",
     "node_inputs",
@@ -117,6 +118,12 @@ def graph_calls(model):
 def is_input_layer(layer):
     """True for the `InputLayer` behind a model input."""
     return isinstance(layer, keras.layers.InputLayer)
+
+
+def holds_python_code(layer):
+    """True for layers whose config is Python code (`keras.layers.Lambda`),
+    which Keras only deserializes with `safe_mode=False`."""
+    return isinstance(layer, keras.layers.Lambda)
 
 
 def input_name(tensor):

@@ -12,7 +12,9 @@ here, in registries keyed weakly by the object's identity:
   `fit`, which resolves schedules given in percentages, in-graph;
 - `QUANTIZATION_TIMES`: layer -> `QuantizationTimes` (start and freeze steps as
   int64 variables), written by `tfopt.callbacks.QuantizationSchedule`;
-- `ANNOTATIONS`: layer -> precision, the marks of `tfopt.compat.tfmot.quantize_annotate_*`.
+- `ANNOTATIONS`: layer -> precision, the marks of `tfopt.compat.tfmot.quantize_annotate_*`;
+- `PRUNING_CALLBACKS`: model -> the `tfopt.callbacks.Pruning` of its latest `fit`
+  (two in one `fit` are refused).
 
 Values the train step reads are variables, so changing them never forces a
 retrace. The one switch read while tracing is `export_scope()`: the converter
@@ -32,6 +34,7 @@ __all__ = [
     "TRAINING_LENGTH",
     "QUANTIZATION_TIMES",
     "ANNOTATIONS",
+    "PRUNING_CALLBACKS",
     "export_scope",
     "exporting",
 ]
@@ -114,6 +117,7 @@ PRUNED = ObjectRegistry()
 TRAINING_LENGTH = ObjectRegistry()
 QUANTIZATION_TIMES = ObjectRegistry()
 ANNOTATIONS = ObjectRegistry()
+PRUNING_CALLBACKS = ObjectRegistry()  # model -> the Pruning callback of its latest fit
 
 _EXPORTING = [False]
 

@@ -19,7 +19,7 @@ import logging
 import keras
 from keras import ops
 
-from tfopt import _backend, _state, geometry
+from tfopt import _backend, _keras_internal, _state, geometry
 from tfopt._compat import reject_keras2
 from tfopt import schedules as schedules_lib
 from tfopt import sparsity as sparsity_lib
@@ -291,6 +291,19 @@ def select_targets(candidates, selector, structure, who):
             "with `layers=` to silence this.", who, structure, skipped,
         )
     return targets, named
+
+
+def unknown_weight_layers(layers):
+    """Names of layers with trainable weights of rank >= 2 of their own that
+    tfopt cannot prune (no geometry entry, no `kernel`, no `prunable_weights()`):
+    a custom layer in the style of Keras's guide (`self.w = self.add_weight(...)`)."""
+    out = []
+    for layer in layers:
+        if geometry.of(layer) is not None or prunable_weights(layer) or not layer.built:
+            continue
+        if any(v.trainable and len(v.shape) >= 2 for v in _keras_internal.own_variables(layer)):
+            out.append(f"{layer.name} ({type(layer).__name__})")
+    return out
 
 
 def no_prunable_weights_error(layer):

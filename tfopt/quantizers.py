@@ -26,12 +26,13 @@ import dataclasses
 import keras
 from keras import ops
 
-from tfopt._config import Configurable
+from tfopt._config import Configurable, python_number
 
 __all__ = [
     "QuantSpec",
     "PRECISIONS",
     "get_precision",
+    "get_training_precision",
     "weight_range",
     "fake_quant",
     "quantize_weight",
@@ -115,6 +116,7 @@ class QuantSpec(Configurable):
     """
 
     def __init__(self, bits=8, per_channel=False, symmetric=False, narrow_range=False, mode="affine"):
+        bits = python_number(bits)
         if mode not in _MODES:
             raise ValueError(f"QuantSpec: `mode` must be one of {tuple(_MODES)}. Received: mode={mode!r}")
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
@@ -224,6 +226,23 @@ def get_precision(identifier):
         f"Expected True, one of {sorted(PRECISIONS)}, a `QuantSpec`, or a "
         "(weight QuantSpec, activation QuantSpec) pair."
     )
+
+
+def get_training_precision(identifier, where):
+    """`get_precision(identifier)` for quantization-aware training: refuses a
+    precision that fake-quantizes nothing (the export-only "float16"), and
+    prefixes errors with `where`."""
+    try:
+        specs = get_precision(identifier)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if specs == (None, None):
+        raise ValueError(
+            f"{where}: {identifier!r} quantizes nothing during training; float16 is an export "
+            "precision. Fix: train in float and export with `tfopt.export(model, path, "
+            "precision='float16')`, or pick a training precision such as 'int8'."
+        )
+    return specs
 
 
 def weight_range(weight, spec, axis=-1):

@@ -19,7 +19,7 @@ import keras
 from keras import ops
 
 from tfopt._compat import reject_keras2
-from tfopt._config import Configurable
+from tfopt._config import Configurable, python_number
 
 __all__ = [
     "SparsitySchedule",
@@ -239,6 +239,8 @@ class ConstantSparsity(SparsitySchedule):
 
     def __init__(self, target_sparsity, begin_step=0, end_step=-1, frequency=100):
         name = "ConstantSparsity"
+        target_sparsity, begin_step, end_step, frequency = map(
+            python_number, (target_sparsity, begin_step, end_step, frequency))
         _check_sparsity("target_sparsity", target_sparsity, name)
         _check_step("begin_step", begin_step, name)
         _check_step("end_step", end_step, name, allow_minus_one=True)
@@ -294,6 +296,8 @@ class PolynomialDecay(SparsitySchedule):
         self, initial_sparsity, final_sparsity, begin_step, end_step, power=3, frequency=100
     ):
         name = "PolynomialDecay"
+        initial_sparsity, final_sparsity, begin_step, end_step, power, frequency = map(
+            python_number, (initial_sparsity, final_sparsity, begin_step, end_step, power, frequency))
         _check_sparsity("initial_sparsity", initial_sparsity, name)
         _check_sparsity("final_sparsity", final_sparsity, name)
         _check_step("begin_step", begin_step, name)

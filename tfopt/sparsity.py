@@ -7,7 +7,9 @@ trip, so it runs inside a compiled train step (`jit_compile=True`, TPU).
 Rounding rule (all structures but N:M): the number of pruned units (weights,
 blocks or channels) is `round(sparsity * units)`, rounding half to even. A
 tensor of 10 weights at 0.75 target therefore gets 8 zeros (0.8 achieved);
-`tfopt.summary` reports the achieved sparsity. N:M fixes the sparsity at
+`tfopt.summary` reports the achieved sparsity. A weight always keeps at least
+one unit (a "channel" target of 0.8 on a 2-unit head keeps one channel, not
+none): `check_target` warns when a target would have removed them all. N:M fixes the sparsity at
 `1 - N/M`; the schedule only decides when masks are updated (as in tfmot).
 
 Ties: among units of equal magnitude (all-zero or constant weights), the ones
@@ -19,12 +21,13 @@ train step the previous mask is kept (the loss shows the NaN); on attach,
 """
 
 import math
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from tfopt._config import Configurable
+from tfopt._config import Configurable, python_number
 
 __all__ = [
     "Structure",
@@ -60,7 +63,9 @@ def prune_lowest(scores, num_pruned):
 
 
 def _num_pruned(sparsity, units):
-    return ops.cast(ops.round(ops.cast(sparsity, "float32") * float(units)), "int32")
+    """`round(sparsity * units)`, but never all `units`: a layer keeps at least one."""
+    pruned = ops.cast(ops.round(ops.cast(sparsity, "float32") * float(units)), "int32")
+    return ops.minimum(pruned, max(units - 1, 0))
 
 
 def _axis(axis, ndim):
@@ -80,10 +85,29 @@ class Structure(Configurable):
     def validate(self, shape, in_axis, out_axis, where):
         """Raises ValueError if the structure cannot apply to a weight of `shape`."""
 
+    #: What one pruned unit is called in messages.
+    unit = "weight"
+
+    def units(self, shape, in_axis, out_axis):
+        """How many units (weights, blocks, channels) a weight of `shape` has."""
+        return int(np.prod(shape))
+
     def achievable_sparsity(self, sparsity, shape, in_axis, out_axis):
         """The sparsity the mask will really have for a target `sparsity`."""
-        units = int(np.prod(shape))
-        return round(sparsity * units) / units
+        units = self.units(shape, in_axis, out_axis)
+        return min(round(sparsity * units), units - 1) / units
+
+    def check_target(self, sparsity, shape, in_axis, out_axis, where):
+        """Warns when `sparsity` would prune every unit of a weight of `shape`
+        (the mask keeps one instead). Returns the achievable sparsity."""
+        units = self.units(shape, in_axis, out_axis)
+        if round(sparsity * units) >= units:
+            warnings.warn(
+                f"{where}: {self.describe()} pruning at sparsity {sparsity} would remove all {units} "
+                f"{self.unit}(s) of shape {tuple(shape)} and zero the layer; tfopt keeps the largest "
+                f"one (sparsity {(units - 1) / units:.2f}). Fix: a lower sparsity or a finer structure "
+                "for this layer, or leave it out with `layers=`.", stacklevel=3)
+        return self.achievable_sparsity(sparsity, shape, in_axis, out_axis)
 
     def mask(self, weight, sparsity, in_axis, out_axis):
         raise NotImplementedError
@@ -132,6 +156,7 @@ class NM(Structure):
     name = "n:m"
 
     def __init__(self, n, m):
+        n, m = python_number(n), python_number(m)
         if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n < m:
             raise ValueError(
                 f"N:M structure needs integers 0 < N < M, such as '2:4'. Received: n={n!r}, m={m!r}"
@@ -150,6 +175,9 @@ class NM(Structure):
 
     def achievable_sparsity(self, sparsity, shape, in_axis, out_axis):
         return 1.0 - self.n / self.m
+
+    def check_target(self, sparsity, shape, in_axis, out_axis, where):
+        return self.achievable_sparsity(sparsity, shape, in_axis, out_axis)  # N >= 1 kept per group
 
     def mask(self, weight, sparsity, in_axis, out_axis):
         ndim = len(weight.shape)
@@ -196,7 +224,8 @@ class Block(Structure):
     name = "block"
 
     def __init__(self, block_shape):
-        block_shape = tuple(block_shape) if isinstance(block_shape, (list, tuple)) else block_shape
+        block_shape = tuple(python_number(b) for b in block_shape) if isinstance(block_shape, (list, tuple)) \
+            else block_shape
         if (
             not isinstance(block_shape, tuple)
             or len(block_shape) != 2
@@ -213,11 +242,21 @@ class Block(Structure):
         cols = shape[out_axis]
         return int(np.prod(shape)) // cols, cols
 
-    def achievable_sparsity(self, sparsity, shape, in_axis, out_axis):
+    unit = "block"
+
+    def units(self, shape, in_axis, out_axis):
         rows, cols = self._matrix_shape(shape, out_axis)
         br, bc = self.block_shape
-        nb = math.ceil(rows / br) * math.ceil(cols / bc)
-        return round(sparsity * nb) / nb  # exact when blocks tile the matrix
+        return math.ceil(rows / br) * math.ceil(cols / bc)  # exact sparsity when blocks tile the matrix
+
+    def validate(self, shape, in_axis, out_axis, where):
+        if self.units(shape, in_axis, out_axis) < 2:
+            rows, cols = self._matrix_shape(shape, out_axis)
+            raise ValueError(
+                f"{where}: block {self.block_shape} covers the whole weight (shape {tuple(shape)}, seen as a "
+                f"{rows}x{cols} matrix), so pruning one block would zero the layer. Fix: a smaller "
+                "block_shape, or leave this layer out of pruning (`layers=`)."
+            )
 
     def mask(self, weight, sparsity, in_axis, out_axis):
         ndim = len(weight.shape)
@@ -262,10 +301,10 @@ class Channel(Structure):
     """
 
     name = "channel"
+    unit = "channel"
 
-    def achievable_sparsity(self, sparsity, shape, in_axis, out_axis):
-        units = shape[_axis(out_axis, len(shape))]
-        return round(sparsity * units) / units
+    def units(self, shape, in_axis, out_axis):
+        return shape[_axis(out_axis, len(shape))]
 
     def mask(self, weight, sparsity, in_axis, out_axis):
         ndim = len(weight.shape)

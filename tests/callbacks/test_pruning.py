@@ -279,3 +279,42 @@ class PruningCallbackTest(testing.TestCase, parameterized.TestCase):
             tfopt.callbacks.Pruning("baseline").set_model(legacy)
         with self.assertRaisesRegex(TypeError, r"tf_keras \(Keras 2\)"):
             tfopt.prune(legacy, "baseline")
+
+
+class PruningMisuseBehaviourTest(testing.TestCase):
+    """What the misuse table cannot show with a message alone (issue 11)."""
+
+    def test_total_steps_spreads_a_relative_ramp_over_several_fits(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, name="hidden"), keras.layers.Dense(2)])
+        model.compile("adam", "mse")
+        x, y = np.random.rand(16, 4), np.random.rand(16, 2)
+        callback = tfopt.callbacks.Pruning(tfopt.schedules.PolynomialDecay(0.0, 0.8, "0%", "75%", frequency=1),
+                                           total_steps=12)
+        seen = []
+        for _ in range(3):  # three fit(epochs=1) calls of 4 steps: 12 steps in all
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[callback])
+            seen.append(float(np.mean(model.get_layer("hidden").kernel.numpy() == 0)))
+        self.assertLess(seen[0], 0.75)  # without total_steps the first fit reached 0.8 already
+        self.assertAlmostEqual(seen[-1], 0.8, places=2)
+
+    def test_channel_target_keeps_one_channel(self):
+        layer = tfopt.layers.Dense(2, pruning_schedule=tfopt.schedules.ConstantSparsity(0.8, frequency=1),
+                                   structure="channel", name="head")
+        model = keras.Sequential([keras.Input((4,)), layer])
+        model.compile("adam", "mse")
+        with self.assertWarnsRegex(UserWarning, "keeps the largest one"):
+            model.fit(np.random.rand(8, 4), np.random.rand(8, 2), batch_size=4, verbose=0)
+        kept = np.any(layer.kernel.numpy() != 0, axis=0)
+        self.assertEqual(int(kept.sum()), 1)
+
+    def test_numpy_scalars_are_numbers(self):
+        # tfmot's pruning guide computes end_step with numpy.
+        end_step = np.ceil(100 / 32).astype(np.int32) * 2
+        schedule = tfopt.schedules.PolynomialDecay(np.float32(0.5), np.float64(0.8), np.int64(0), end_step)
+        self.assertEqual(type(schedule.end_step), int)
+        self.assertEqual(tfopt.schedules.get(keras.saving.serialize_keras_object(schedule)), schedule)
+        tfopt.schedules.ConstantSparsity(np.float32(0.5), frequency=np.int32(10))
+        tfopt.sparsity.NM(np.int32(2), np.int64(4))
+        tfopt.callbacks.QuantizationSchedule(start=np.int32(3), freeze_ranges=np.float32(0.5))
+        tfopt.quantizers.QuantSpec(np.int8(4))
+        tfopt.callbacks.Pruning(schedule, total_steps=np.int32(10))

@@ -1,5 +1,7 @@
 """`Pruning`: prunes any Keras 3 model during `fit`, subclassed models included."""
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
@@ -8,7 +10,8 @@ from tfopt import _backend, _keras_internal, _state, pruning, strategies
 from tfopt import sparsity as sparsity_lib
 from tfopt.callbacks import _common
 from tfopt.layers.base import Prunable
-from tfopt.reporting import overall_sparsity
+from tfopt._config import python_number
+from tfopt.reporting import overall_sparsity, prunable_values
 
 __all__ = ["Pruning"]
 
@@ -16,7 +19,9 @@ class Pruning(keras.callbacks.Callback):
     """Prunes a model during `fit` without rewriting it.
 
     Works on Sequential, Functional and subclassed models, and on custom
-    layers with a `kernel` (or a `prunable_weights()` method). The masks are
+    layers with a `kernel`, a `prunable_weights()` method, or a
+    `tfopt.geometry.register` entry (a custom layer whose weights tfopt cannot
+    see is named in a warning). The masks are
     Keras variables and the step is the optimizer's `iterations`; the mask
     update runs inside the train step, through the weight constraints that
     Keras optimizers apply after every update. So the result is the same with
@@ -37,6 +42,16 @@ class Pruning(keras.callbacks.Callback):
     start all ones. Layers of `tfopt.layers` with their own `pruning_schedule`
     keep it and their own saved masks; this callback leaves them alone.
 
+    Several `fit` calls: percentages resolve against the running `fit`'s
+    length, so a ramp meant to span several `fit(epochs=1)` calls needs
+    `total_steps=` (it warns when a later `fit` resolves them again). The
+    masks live in this callback: keep it in every `fit` until the schedule
+    ends (it warns when a `fit` ends before), since training without it lets
+    pruned weights grow back after a `.keras` reload; `tfopt.strip` bakes the
+    masks for good. Weights that turn NaN/Inf stop their mask from updating:
+    a warning names them (and `sparsity` in the logs shows the shortfall).
+    Only one Pruning callback per `fit`.
+
     Args:
         pruning_schedule: a `tfopt.schedules.SparsitySchedule` or preset name
             for the layers this callback prunes, or None to only serve
@@ -48,6 +63,9 @@ class Pruning(keras.callbacks.Callback):
             that the structure cannot apply to (an N:M group size that does not
             divide their input dimension) are skipped with a warning.
         log_sparsity: put `sparsity` into the epoch logs.
+        total_steps: the number of training steps percentages in schedules
+            refer to, when training spans several `fit` calls (default: the
+            running `fit`'s epochs x steps per epoch).
 
     Example:
     >>> import keras, numpy as np, tfopt
@@ -67,8 +85,16 @@ class Pruning(keras.callbacks.Callback):
     0.75
     """
 
-    def __init__(self, pruning_schedule=None, structure=None, layers=None, log_sparsity=True):
+    def __init__(self, pruning_schedule=None, structure=None, layers=None, log_sparsity=True, total_steps=None):
         super().__init__()
+        total_steps = python_number(total_steps)
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(
+                "Pruning callback: `total_steps` must be a positive int (the training steps that "
+                f"percentages in schedules refer to), or None. Received: total_steps={total_steps!r}"
+            )
+        self.total_steps = total_steps
         self.pruning_schedule = pruning.get_schedule(pruning_schedule)
         self.structure = pruning.get_structure(structure, self.pruning_schedule, "Pruning callback")
         pruning.check_layers_arg(layers)
@@ -85,7 +111,23 @@ class Pruning(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         strategies.check(self.model)
-        self._resolve_all(_common.total_steps(self.params))
+        other = _state.PRUNING_CALLBACKS.get(self.model)
+        if other is not None and other is not self and other.params is self.params:
+            raise ValueError(
+                f"Two tfopt.callbacks.Pruning callbacks in one `fit` of model '{self.model.name}': the "
+                "second would override the first's masks. Use one callback; to prune layers with "
+                "different schedules, give those layers tfopt layers with their own `pruning_schedule`."
+            )
+        _state.PRUNING_CALLBACKS.set(self.model, self)
+        if self.pruning_schedule is None and not any(
+                isinstance(layer, Prunable) and layer.pruning_schedule is not None
+                for layer in _keras_internal.all_layers(self.model)):
+            raise ValueError(
+                f"tfopt.callbacks.Pruning() without a `pruning_schedule` only serves tfopt layers that "
+                f"have their own, and model '{self.model.name}' has none, so nothing would be pruned. "
+                "Fix: pass a schedule, e.g. Pruning('baseline')."
+            )
+        self._resolve_all(self.total_steps or _common.total_steps(self.params))
         self._attach_pending = self.pruning_schedule is not None
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -120,6 +162,13 @@ class Pruning(keras.callbacks.Callback):
             relative.append((self, "tfopt.callbacks.Pruning"))
         if not relative:
             return
+        done = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        if self.total_steps is None and total is not None and done >= total:
+            warnings.warn(
+                f"tfopt.callbacks.Pruning: the schedule in percentages resolves against this fit's "
+                f"{total} steps, but the optimizer has already done {done}: the ramp is not spread over "
+                "your several fit calls. Fix: pass Pruning(total_steps=<steps of all your fits>).",
+                stacklevel=2)
         if total is None:
             schedule = relative[0][0].pruning_schedule
             raise ValueError(
@@ -151,8 +200,25 @@ class Pruning(keras.callbacks.Callback):
         ]
         targets = pruning.select_targets(candidates, self.layers, self.structure, "tfopt.callbacks.Pruning")[0]
         # Weights a tfopt layer prunes itself (an LSTM twin's cell) stay its own.
-        return [(layer, pw) for layer, pw in targets
-                if getattr(pruning.record_of(pw.variable), "owner", self) is self]
+        targets = [(layer, pw) for layer, pw in targets
+                   if not isinstance(getattr(pruning.record_of(pw.variable), "owner", None), Prunable)]
+        if self.layers is None:
+            unseen = pruning.unknown_weight_layers(candidates)
+            if unseen:
+                warnings.warn(
+                    f"tfopt.callbacks.Pruning: layers {unseen} have weights tfopt does not know how to "
+                    "prune (no `kernel`, no `tfopt.geometry` entry); they stay dense. Fix: "
+                    "tfopt.geometry.register(YourLayer, [tfopt.geometry.WeightSpec('w', in_axis=0, "
+                    "out_axis=1)]), or a `prunable_weights()` method on the layer.", stacklevel=2)
+        if not targets and not any(isinstance(layer, Prunable) and layer.pruning_schedule is not None
+                                   for layer in _keras_internal.all_layers(self.model)):
+            raise ValueError(
+                f"tfopt.callbacks.Pruning: model '{self.model.name}' has no weight tfopt can prune "
+                f"(layers selected: {self.layers!r}). tfopt prunes layers with a `kernel` (Dense, Conv*, "
+                "...), `embeddings`, recurrent kernels, and layers registered with "
+                "`tfopt.geometry.register`. Fix: register your layer type, or remove the callback."
+            )
+        return targets
 
     def _attach(self):
         """Creates masks and wraps constraints; returns True if anything was attached."""
@@ -165,7 +231,10 @@ class Pruning(keras.callbacks.Callback):
             if known is not None and variable.constraint is known[2]:
                 continue
             value = ops.convert_to_numpy(variable)
-            sparsity_lib.validate_finite(value, f"Layer '{layer.name}' weight '{variable.name}'")
+            where = f"Layer '{layer.name}' weight '{variable.name}'"
+            sparsity_lib.validate_finite(value, where)
+            self.structure.check_target(self.pruning_schedule.final_sparsity, value.shape, pw.in_axis,
+                                        pw.out_axis, where)
             initial = (value != 0).astype(value.dtype) if resuming else np.ones_like(value)
             with _backend.strategy_scope(self.model):
                 mask = keras.Variable(
@@ -193,7 +262,30 @@ class Pruning(keras.callbacks.Callback):
 
     # --- report ---------------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
+        broken = [f"{layer.name}/{pw.variable.name}" for layer, pw, value in prunable_values(self.model, True)
+                  if not np.all(np.isfinite(value))]
+        if broken:
+            warnings.warn(
+                f"tfopt.callbacks.Pruning: weights {broken} hold NaN/Inf, so their masks stopped updating "
+                f"(overall sparsity now {overall_sparsity(self.model):.2f}, see `sparsity` in the logs). "
+                "Training diverged: lower the learning rate, or restore a checkpoint from before.",
+                stacklevel=2)
         if self.log_sparsity and logs is not None:
             value = overall_sparsity(self.model)
             if value is not None:
                 logs["sparsity"] = value
+
+    def on_train_end(self, logs=None):
+        schedule = self.pruning_schedule
+        if schedule is None or not self._masks:
+            return
+        total = self.total_steps or _common.total_steps(self.params)
+        end = schedule.resolve(total).end_step if schedule.is_relative and total else schedule.end_step
+        done = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        if isinstance(end, int) and end >= 0 and done < end:
+            warnings.warn(
+                f"tfopt.callbacks.Pruning: `fit` ended at step {done}, before the schedule's end_step "
+                f"{end}; the model is {overall_sparsity(self.model) or 0.0:.2f} sparse, not "
+                f"{schedule.final_sparsity}. Keep this callback in the next fit (it goes on from here), "
+                "or make the schedule end within training. Training without it lets pruned weights "
+                "grow back after a reload.", stacklevel=2)

@@ -6,6 +6,7 @@ import numbers
 import keras
 
 from tfopt import _keras_internal, _state, strategies
+from tfopt._config import python_number
 from tfopt.callbacks import _common
 from tfopt.layers.quantize_activation import QuantizingLayer
 
@@ -74,6 +75,7 @@ class QuantizationSchedule(keras.callbacks.Callback):
 
     def __init__(self, start=0, freeze_ranges=None, freeze_batch_norm=None):
         super().__init__()
+        start, freeze_ranges, freeze_batch_norm = map(python_number, (start, freeze_ranges, freeze_batch_norm))
         _check_point("start", start, allow_none=False)
         _check_point("freeze_ranges", freeze_ranges, allow_none=True)
         _check_point("freeze_batch_norm", freeze_batch_norm, allow_none=True)

@@ -90,7 +90,8 @@ class Prunable(QuantizingLayer):
         self.folded_batch_norm = dict(folded_batch_norm) if folded_batch_norm else None
         self.quantization_aware = quantization_aware or None
         self.weight_quant_spec, self.output_quant_spec = (
-            quantizers.get_precision(quantization_aware) if quantization_aware else (None, None)
+            quantizers.get_training_precision(quantization_aware, f"{where}: `quantization_aware`")
+            if quantization_aware else (None, None)
         )
         if self.weight_quant_spec is not None:
             _weight_quantization.check_quantizable(self)
@@ -116,9 +117,10 @@ class Prunable(QuantizingLayer):
             return
         targets = geometry.prunable_weights(self)
         for spec, weight in targets:
-            self.structure.validate(
-                weight.shape, spec.in_axis, spec.out_axis, f"Layer '{self.name}' ({type(self).__name__}) weight '{spec.path}'"
-            )
+            where = f"Layer '{self.name}' ({type(self).__name__}) weight '{spec.path}'"
+            self.structure.validate(weight.shape, spec.in_axis, spec.out_axis, where)
+            self.structure.check_target(self.pruning_schedule.final_sparsity, weight.shape, spec.in_axis,
+                                        spec.out_axis, where)
         masks = [
             self.add_weight(name=f"{spec.name}_mask", shape=weight.shape, initializer="ones", trainable=False,
                             aggregation="only_first_replica")

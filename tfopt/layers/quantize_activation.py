@@ -5,6 +5,7 @@ from keras import ops
 
 from tfopt import _backend, _state, geometry
 from tfopt import quantizers
+from tfopt._config import python_number
 
 __all__ = ["QuantizeActivation", "QuantizedRescaling", "QuantizingLayer", "add_range_weights",
            "track_and_quantize", "when_started"]
@@ -115,6 +116,7 @@ class QuantizeActivation(QuantizingLayer, keras.layers.Layer):
 
     def __init__(self, bits=8, momentum=0.99, freeze=False, **kwargs):
         super().__init__(**kwargs)
+        bits, momentum = python_number(bits), python_number(momentum)
         self.spec = quantizers.QuantSpec(bits, per_channel=False, symmetric=False, narrow_range=False)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(

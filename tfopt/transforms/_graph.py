@@ -9,7 +9,8 @@ __all__ = ["check_graph_model", "clone", "plain_copy", "copy_weights", "to_funct
 
 
 def check_graph_model(model, fn):
-    """Refuses models whose layers cannot be swapped from the outside."""
+    """Refuses models whose layers cannot be swapped from the outside, or that
+    have no weights yet."""
     pruning.check_keras3(model)
     if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
         raise TypeError(
@@ -17,6 +18,12 @@ def check_graph_model(model, fn):
             f"model of type {type(model).__name__}, whose layers cannot be swapped from the "
             "outside. Fix: prune it in place with "
             "`model.fit(..., callbacks=[tfopt.callbacks.Pruning(schedule)])`."
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"`tfopt.{fn}` needs a built model, with its weights, and model '{model.name}' was never "
+            "built (a Sequential model without `keras.Input`, never called). Fix: start it with "
+            "`keras.Input(shape)`, or call `model.build((None, ...))` (or the model on data) first."
         )
 
 
@@ -55,7 +62,11 @@ def clone(model, make_layer, call_function=None):
 
 
 def plain_copy(layer):
-    """A fresh layer of the same class and config."""
+    """A fresh layer of the same class and config; a layer holding Python code
+    (`Lambda`) is reused as it is: it has no weights, and re-reading its
+    config would need unsafe deserialization of code already in memory."""
+    if _keras_internal.holds_python_code(layer):
+        return layer
     return layer.__class__.from_config(layer.get_config())
 
 

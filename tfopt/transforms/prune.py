@@ -3,6 +3,7 @@
 import logging
 
 from tfopt import geometry, pruning
+from tfopt import sparsity as sparsity_lib
 from tfopt.transforms import _graph
 
 __all__ = ["prune"]
@@ -50,6 +51,8 @@ def prune(model, pruning_schedule, structure=None, layers=None):
         )
     structure_obj = pruning.get_structure(structure)
     targets, named = pruning.select_targets(_graph.graph_layers(model), layers, structure_obj, "tfopt.prune")
+    for layer, pw in targets:
+        sparsity_lib.validate_finite(pw.variable, f"Layer '{layer.name}' weight '{pw.variable.name}'")
     swap, no_twin = set(), []
     for layer, _ in targets:
         if geometry.twin_of(layer) is not None:

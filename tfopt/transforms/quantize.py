@@ -55,7 +55,16 @@ def _known(layer):
 def plan(model, numerical_precision="int8", layers=None, unsupported="error", overrides=None):
     """Decides what `quantize_model` does to each layer of `model`; returns a `QuantizationPlan`."""
     _graph.check_graph_model(model, "quantize_model")
-    quantizers.get_precision(numerical_precision)  # validate before any work
+    quantizers.get_training_precision(numerical_precision, "tfopt.quantize_model: `numerical_precision`")
+    already = [layer.name for layer in _graph.graph_layers(model)
+               if isinstance(layer, QuantizingLayer) and layer.is_quantizing()]
+    if already:
+        raise ValueError(
+            f"tfopt.quantize_model: model '{model.name}' is already quantization-aware (layers "
+            f"{already[:5]}{' ...' if len(already) > 5 else ''}). Quantize the float model once; to change "
+            "precisions, start again from the float model (or `tfopt.strip(model)` first) with "
+            "`overrides=`."
+        )
     if unsupported not in ("error", "float"):
         raise ValueError(f"`unsupported` must be 'error' or 'float'. Received: unsupported={unsupported!r}")
     candidates = _graph.graph_layers(model)
@@ -236,10 +245,7 @@ def _precision_overrides(candidates, overrides):
     out = {}
     for selector, precision in overrides.items():
         if precision is not None:
-            try:
-                quantizers.get_precision(precision)
-            except ValueError as e:
-                raise ValueError(f"`overrides[{selector!r}]`: {e}") from None
+            quantizers.get_training_precision(precision, f"tfopt.quantize_model: `overrides[{selector!r}]`")
         matched, _ = pruning.select_layers(candidates, selector)
         for layer in matched:
             out.setdefault(id(layer), precision)

@@ -4,6 +4,7 @@ import keras
 
 from tfopt import _keras_internal, geometry, pruning
 from tfopt.layers.base import Prunable
+from tfopt.layers.quantize_activation import QuantizeActivation
 from tfopt.transforms import _graph
 
 __all__ = ["strip", "load_model"]
@@ -12,12 +13,14 @@ __all__ = ["strip", "load_model"]
 def strip(model):
     """Returns a plain Keras model with the pruning masks baked into the weights.
 
-    For Sequential and Functional models, a new model where every tfopt layer is
-    replaced by its Keras namesake (same name, config and weights, no mask or
-    step), which loads without tfopt. Quantization-aware layers become float
-    layers; a BatchNormalization folded into a layer stays folded (the layer
-    gets the folded kernel and bias). Masks attached by
-    `tfopt.callbacks.Pruning` are baked in and their constraints dropped.
+    For Sequential and Functional models, a new model of Keras layers only:
+    every tfopt layer is replaced by its Keras namesake (same name, config and
+    weights, no mask or step), so it loads without tfopt. Quantization-aware
+    layers become float layers and the `QuantizeActivation` layers
+    `quantize_model` inserted are removed; a BatchNormalization folded into a
+    layer stays folded (the layer gets the folded kernel and bias). Masks
+    attached by `tfopt.callbacks.Pruning` are baked in and their constraints
+    dropped.
 
     For subclassed models, the model itself is stripped in place and returned:
     weights are multiplied by their masks and tfopt constraints removed (the
@@ -47,9 +50,18 @@ def strip(model):
             return layer.keras_class.from_config(config)
         return _graph.plain_copy(layer)
 
-    clone, pairs = _graph.clone(model, make_layer)
+    def call_function(layer, *args, **kwargs):
+        if isinstance(layer, QuantizeActivation):
+            return args[0]  # an identity outside QAT
+        return layer(*args, **kwargs)
+
+    if any(isinstance(layer, QuantizeActivation) for layer in _keras_internal.all_layers(model)):
+        # Dropping layers needs a Functional graph (Sequential cloning takes no call_function).
+        clone, pairs = _graph.clone(_graph.to_functional(model), make_layer, call_function=call_function)
+    else:
+        clone, pairs = _graph.clone(model, make_layer)
     for old, new in pairs:
-        if not getattr(new, "weights", None):
+        if not getattr(new, "weights", None) or isinstance(old, QuantizeActivation):
             continue
         if isinstance(old, Prunable):
             new.set_weights(old.keras_weights())

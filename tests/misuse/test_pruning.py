@@ -1,0 +1,113 @@
+"""Misuses of pruning (layers, callback, transforms) and what tfopt says."""
+
+import keras
+import numpy as np
+
+import tfopt
+from tests.misuse.harness import Misuse, MisuseTestCase
+
+
+def _mlp(units=8, head=2, built=True):
+    layers = [keras.layers.Dense(units, name="hidden"), keras.layers.Dense(head, name="head")]
+    return keras.Sequential(([keras.Input((4,))] if built else []) + layers, name="mlp")
+
+
+def _fit(model, callbacks, steps=2):
+    """`steps` training steps of batch 4 on random data."""
+    model.compile("adam", "mse")
+    n = 4 * steps
+    model.fit(np.random.rand(n, 4), np.random.rand(n, model.outputs[0].shape[-1]), batch_size=4, verbose=0,
+              callbacks=callbacks)
+    return model
+
+
+class _Gated(keras.layers.Layer):
+    """Keras's custom-layer guide pattern: the weight is `self.w`, not `kernel`."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], 4), name="w")
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.w)
+
+
+def _inf_model():
+    model = _mlp()
+    kernel = model.get_layer("hidden").kernel
+    kernel.assign(np.where(np.arange(kernel.shape[1]) == 0, np.inf, kernel.numpy()))
+    return model
+
+
+class _PoisonAt(keras.callbacks.Callback):
+    """Writes NaN into a kernel mid-fit, as a diverging step would."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 1:
+            kernel = self.model.get_layer("hidden").kernel
+            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+
+def _always():
+    return tfopt.schedules.ConstantSparsity(0.5, frequency=1)
+
+
+TABLE = [
+    Misuse(
+        "structured pruning would remove every channel of a layer",
+        lambda: _fit(_mlp(), [tfopt.callbacks.Pruning(tfopt.schedules.ConstantSparsity(0.8, frequency=1),
+                                                      structure="channel", layers="head")]),
+        warns=UserWarning, match=r"Layer 'head'.*channel pruning at sparsity 0.8 would remove all 2 "
+                                 r"channel.*keeps the largest one.*Fix"),
+    Misuse(
+        "a pruning block larger than the weight",
+        lambda: tfopt.prune(_mlp(), "baseline", structure=(8, 8), layers="head"),
+        raises=ValueError, match=r"Layer 'head'.*block \(8, 8\) covers the whole weight.*Fix: a smaller"),
+    Misuse(
+        "pruning a model whose weights hold Inf",
+        lambda: tfopt.prune(_inf_model(), "baseline"),
+        raises=ValueError, match=r"Layer 'hidden' weight 'kernel' holds 4 NaN/Inf.*Fix the weights"),
+    Misuse(
+        "weights turning NaN during a pruned fit",
+        lambda: _fit(_mlp(), [tfopt.callbacks.Pruning(_always()), _PoisonAt()], steps=4),
+        warns=UserWarning, match=r"\['hidden/kernel'\] hold NaN/Inf.*masks stopped updating.*sparsity"),
+    Misuse(
+        "tfopt.prune of a Sequential model that was never built",
+        lambda: tfopt.prune(_mlp(built=False), "baseline"),
+        raises=ValueError, match=r"model 'mlp' was never built.*Fix: start it with `keras.Input"),
+    Misuse(
+        "the Pruning callback on a custom layer whose weight is not called kernel",
+        lambda: _fit(keras.Sequential([keras.Input((4,)), _Gated(name="gated"), keras.layers.Dense(2)]),
+                     [tfopt.callbacks.Pruning(_always())]),
+        warns=UserWarning, match=r"layers \['gated \(_Gated\)'\].*stay dense.*tfopt.geometry.register"),
+    Misuse(
+        "the Pruning callback on a model with nothing to prune",
+        lambda: _fit(keras.Sequential([keras.Input((4,)), _Gated(name="gated")]),
+                     [tfopt.callbacks.Pruning(_always())]),
+        raises=ValueError, match=r"model 'sequential\w*' has no weight tfopt can prune.*Fix: register"),
+    Misuse(
+        "a Pruning callback without a schedule on a model without tfopt layers",
+        lambda: _fit(_mlp(), [tfopt.callbacks.Pruning()]),
+        raises=ValueError, match=r"without a `pruning_schedule`.*model 'mlp' has none.*Fix: pass a schedule"),
+    Misuse(
+        "two Pruning callbacks in one fit",
+        lambda: _fit(_mlp(), [tfopt.callbacks.Pruning(_always()), tfopt.callbacks.Pruning("baseline")]),
+        raises=ValueError, match=r"Two tfopt.callbacks.Pruning callbacks in one `fit` of model 'mlp'.*Use one"),
+    Misuse(
+        "a schedule in percentages spread over several fit calls",
+        lambda: [_fit(model, [tfopt.callbacks.Pruning("gradual")]) for model in [_mlp()] for _ in range(2)],
+        warns=UserWarning, match=r"resolves against this fit's 2 steps.*already done 2.*total_steps="),
+    Misuse(
+        "a fit that ends before the pruning schedule does",
+        lambda: _fit(_mlp(), [tfopt.callbacks.Pruning(tfopt.schedules.PolynomialDecay(0.0, 0.8, 0, 100,
+                                                                                       frequency=1))]),
+        warns=UserWarning, match=r"ended at step 2, before the schedule's end_step 100.*not 0.8.*Keep this"),
+    Misuse(
+        "a bad total_steps for the Pruning callback",
+        lambda: tfopt.callbacks.Pruning("gradual", total_steps=0),
+        raises=ValueError, match=r"`total_steps` must be a positive int.*Received: total_steps=0"),
+]
+
+
+class PruningMisuseTest(MisuseTestCase):
+    def test_table(self):
+        self.run_table(TABLE)

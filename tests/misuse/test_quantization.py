@@ -1,0 +1,40 @@
+"""Misuses of quantization-aware training and what tfopt says."""
+
+import keras
+
+import tfopt
+from tests.misuse.harness import Misuse, MisuseTestCase
+
+
+def _mlp(built=True):
+    return keras.Sequential(([keras.Input((4,))] if built else []) + [
+        keras.layers.Dense(8, activation="relu", name="hidden"), keras.layers.Dense(2, name="head")], name="mlp")
+
+
+TABLE = [
+    Misuse(
+        "quantize_model of a model that is already quantization-aware",
+        lambda: tfopt.quantize_model(tfopt.quantize_model(_mlp())),
+        raises=ValueError, match=r"model 'mlp' is already quantization-aware \(layers \[.*Quantize the float"),
+    Misuse(
+        "quantize_model of a model that was never built",
+        lambda: tfopt.quantize_model(_mlp(built=False)),
+        raises=ValueError, match=r"`tfopt.quantize_model` needs a built model.*'mlp' was never built.*Fix"),
+    Misuse(
+        "quantization_aware='float16' on a tfopt layer",
+        lambda: tfopt.layers.Dense(2, quantization_aware="float16", name="head"),
+        raises=ValueError, match=r"Layer 'head'.*'float16' quantizes nothing.*precision='float16'"),
+    Misuse(
+        "quantize_model with the export-only float16 precision",
+        lambda: tfopt.quantize_model(_mlp(), "float16"),
+        raises=ValueError, match=r"numerical_precision.*'float16' quantizes nothing.*Fix"),
+    Misuse(
+        "quantization_aware on a layer type tfopt does not quantize yet",
+        lambda: tfopt.layers.LSTM(2, quantization_aware="int8", name="lstm"),
+        raises=ValueError, match=r"Layer 'lstm' \(LSTM\) got `quantization_aware`.*not quantize this layer type"),
+]
+
+
+class QuantizationMisuseTest(MisuseTestCase):
+    def test_table(self):
+        self.run_table(TABLE)
