@@ -75,9 +75,16 @@ def prunable_weights(layer):
 
 
 # --- the pruning state of a variable ----------------------------------------------------
-def attach(variable, record):
-    """Records that `record` (a `tfopt._state.PruneRecord`) prunes `variable`."""
-    _state.PRUNED.set(variable, record)
+def attach(variable, mask, schedule, structure, in_axis, out_axis, step_fn, owner, length_fn, after=None):
+    """Prunes `variable` from now on: wraps its constraint (the user's own still
+    runs first, see `make_constraint`) and records what prunes it, for strip,
+    summary and export. `owner` is the tfopt layer or callback that attached it.
+    Returns the constraint."""
+    constraint = make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis,
+                                 inner=inner_constraint(variable), after=after, length_fn=length_fn)
+    variable.constraint = constraint
+    _state.PRUNED.set(variable, _state.PruneRecord(mask, structure, schedule, in_axis, out_axis, owner=owner))
+    return constraint
 
 
 def record_of(variable):

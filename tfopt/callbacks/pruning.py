@@ -243,19 +243,10 @@ class Pruning(keras.callbacks.Callback):
                     name=f"{variable.name}_mask",
                     aggregation="only_first_replica",
                 )
-            constraint = pruning.make_constraint(
-                mask,
-                step_fn=lambda: optimizer.iterations,
-                schedule=self.pruning_schedule,
-                structure=self.structure,
-                in_axis=pw.in_axis,
-                out_axis=pw.out_axis,
-                inner=pruning.inner_constraint(variable),
-                length_fn=lambda: self._length,
+            constraint = pruning.attach(
+                variable, mask, self.pruning_schedule, self.structure, pw.in_axis, pw.out_axis,
+                step_fn=lambda: optimizer.iterations, owner=self, length_fn=lambda: self._length,
             )
-            variable.constraint = constraint
-            pruning.attach(variable, _state.PruneRecord(mask, self.structure, self.pruning_schedule,
-                                                        pw.in_axis, pw.out_axis, owner=self))
             self._masks[id(variable)] = (variable, mask, constraint)
             attached = True
         return attached

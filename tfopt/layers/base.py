@@ -136,19 +136,11 @@ class Prunable(QuantizingLayer):
         last = max(range(len(targets)), key=lambda i: order.get(id(targets[i][1]), -1))
         for i, ((spec, weight), mask) in enumerate(zip(targets, masks)):
             setattr(self, f"{spec.name}_mask", mask)
-            weight.constraint = pruning.make_constraint(
-                mask,
-                step_fn=lambda: self.pruning_step,
-                schedule=self.pruning_schedule,
-                structure=self.structure,
-                in_axis=spec.in_axis,
-                out_axis=spec.out_axis,
-                inner=weight.constraint,
+            pruning.attach(
+                weight, mask, self.pruning_schedule, self.structure, spec.in_axis, spec.out_axis,
+                step_fn=lambda: self.pruning_step, owner=self, length_fn=self._training_length,
                 after=(lambda: self.pruning_step.assign_add(1)) if i == last else None,
-                length_fn=self._training_length,
             )
-            pruning.attach(weight, _state.PruneRecord(mask, self.structure, self.pruning_schedule,
-                                                      spec.in_axis, spec.out_axis, owner=self))
         self._masks = [(spec, mask) for (spec, _), mask in zip(targets, masks)]
 
     def _training_length(self):
