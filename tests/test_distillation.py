@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl.testing import parameterized
+from keras import ops
 
 import tfopt
 from tfopt import distillation as D
@@ -55,14 +56,14 @@ class LossTest(testing.TestCase, parameterized.TestCase):
         x, y = _data()
         extra = _data(16, seed=1)[0]
         x_fit, y_fit = D.attach_teacher((x, y), teacher, unlabelled=extra)
-        self.assertEqual(y_fit.shape, (80, 5))
-        self.assertAllEqual(y_fit[64:, 0], np.full(16, -1.0))
+        self.assertEqual(y_fit.shape, (80, 2, 4))
+        self.assertAllEqual(y_fit[64:, 0], np.zeros((16, 4)))  # no label
         loss = D.DistillationLoss(alpha=0.4)
         per_sample_unlabelled = loss.call(y_fit[64:], student(extra))
         kd = D.kd_loss(teacher.predict(extra, verbose=0), student(extra), D.DEFAULT_TEMPERATURE)
         self.assertAllClose(per_sample_unlabelled, 0.6 * np.asarray(kd), rtol=1e-5)
         x_only, y_only = D.attach_teacher(extra, teacher)
-        self.assertAllEqual(y_only[:, 0], np.full(16, -1.0))
+        self.assertAllEqual(y_only[:, 0], np.zeros((16, 4)))
 
     def test_one_hot_labels_and_plain_labels(self):
         teacher, student = _frozen_teacher(), _mlp(8, name="student")
@@ -70,7 +71,8 @@ class LossTest(testing.TestCase, parameterized.TestCase):
         one_hot = keras.utils.to_categorical(y, 4)
         _, packed_sparse = D.attach_teacher((x, y), teacher)
         _, packed_dense = D.attach_teacher((x, one_hot), teacher)
-        self.assertEqual(packed_dense.shape, (64, 8))
+        self.assertEqual(packed_dense.shape, (64, 2, 4))
+        self.assertAllEqual(packed_sparse, packed_dense)
         loss = D.DistillationLoss()
         self.assertAllClose(float(loss(packed_sparse, student(x))), float(loss(packed_dense, student(x))), rtol=1e-5)
         ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -78,7 +80,14 @@ class LossTest(testing.TestCase, parameterized.TestCase):
 
     def test_label_accuracy_skips_unlabelled(self):
         m = D.LabelAccuracy()
-        m.update_state(np.array([[0, 9, 0], [1, 9, 0], [-1, 0, 9]], "float32"),
+        packed = np.array([[[1, 0], [9, 0]], [[0, 1], [9, 0]], [[0, 0], [0, 9]]], "float32")
+        m.update_state(packed, np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "float32"))
+        self.assertAllClose(float(m.result()), 0.5)
+        m.reset_state()  # plain labels: class indices (-1 skipped) and one-hot
+        m.update_state(np.array([0, 1, -1]), np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "float32"))
+        self.assertAllClose(float(m.result()), 0.5)
+        m.reset_state()
+        m.update_state(np.array([[1, 0], [0, 1], [0, 0]], "float32"),
                        np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "float32"))
         self.assertAllClose(float(m.result()), 0.5)
 
@@ -105,8 +114,8 @@ class CachedTest(testing.TestCase):
         cached = D.attach_teacher(data, teacher)
         self.assertIsInstance(cached, tf.data.Dataset)
         xb, yb = next(iter(cached))
-        self.assertEqual(tuple(yb.shape), (16, 5))
-        self.assertAllClose(yb[:, 1:], teacher.predict(x[:16], verbose=0), atol=1e-5)
+        self.assertEqual(tuple(yb.shape), (16, 2, 4))
+        self.assertAllClose(yb[:, 1], teacher.predict(x[:16], verbose=0), atol=1e-5)
         student.compile("adam", D.DistillationLoss())
         student.fit(cached, epochs=1, verbose=0)
 
@@ -200,17 +209,35 @@ class DistillerTest(testing.TestCase):
 
 
 class BadInputTest(testing.TestCase, parameterized.TestCase):
-    @parameterized.parameters(0, -1.0, True, "warm")
+    @parameterized.parameters(0, -1.0, True, "warm", float("inf"), float("nan"), np.float32("inf"), np.int32(0))
     def test_temperature(self, value):
-        with self.assertRaisesRegex(ValueError, r"`temperature` must be a number > 0.*Received: temperature="):
+        with self.assertRaisesRegex(ValueError, r"`temperature` must be a finite number > 0.*Received: temperature="):
             D.DistillationLoss(temperature=value)
-        with self.assertRaisesRegex(ValueError, r"`temperature` must be a number > 0"):
+        with self.assertRaisesRegex(ValueError, r"`temperature` must be a finite number > 0.*Fix"):
             D.Distiller(_frozen_teacher(), _mlp(8, name="student"), temperature=value)
 
-    @parameterized.parameters(-0.1, 1.5, None)
+    @parameterized.parameters(-0.1, 1.5, None, float("nan"), float("inf"), np.float32("nan"), np.bool_(True))
     def test_alpha(self, value):
-        with self.assertRaisesRegex(ValueError, r"`alpha` .* must be in \[0, 1\]"):
+        with self.assertRaisesRegex(ValueError, r"`alpha` .* must be in \[0, 1\].*Received: alpha=.*Fix"):
             D.DistillationLoss(alpha=value)
+        with self.assertRaisesRegex(ValueError, r"`alpha` .* must be in \[0, 1\]"):
+            D.Distiller(_frozen_teacher(), _mlp(8, name="student"), alpha=value)
+
+    @parameterized.parameters(float("nan"), float("inf"), -1.0)
+    def test_feature_loss_weight_and_p(self, value):
+        with self.assertRaisesRegex(ValueError, r"`weight` must be a finite number >= 0. Received: weight="):
+            D.FeatureHint("a", "b", weight=value)
+        with self.assertRaisesRegex(ValueError, r"`p` must be a finite number > 0.*Received: p="):
+            D.AttentionTransfer("a", "b", p=value)
+
+    def test_teacher_outputs_argument(self):
+        with self.assertRaisesRegex(ValueError, r"`teacher_outputs` must be None.*Received: teacher_outputs='softmax'"):
+            D.attach_teacher(_data()[0], _frozen_teacher(), teacher_outputs="softmax")
+        with self.assertRaisesRegex(ValueError, r"Received: teacher_outputs='softmax'"):
+            D.Distiller(_frozen_teacher(), _mlp(8, name="student"), teacher_outputs="softmax")
+        x, y = _data()
+        with self.assertRaisesRegex(ValueError, r"`teacher_outputs=\"probabilities\"` but .* negative values"):
+            D.attach_teacher((x, y), _frozen_teacher(), teacher_outputs="probabilities")
 
     def test_output_shapes_that_cannot_match(self):
         with self.assertRaisesRegex(ValueError, r"teacher's output shape \(None, 4\) and the student's \(None, 5\)"):
@@ -218,7 +245,7 @@ class BadInputTest(testing.TestCase, parameterized.TestCase):
         teacher = _frozen_teacher()
         x, y = _data()
         _, y_fit = D.attach_teacher((x, y), teacher)
-        with self.assertRaisesRegex(ValueError, r"targets have 5 columns .* student outputs 3 values"):
+        with self.assertRaisesRegex(ValueError, r"teacher outputs 4 values per sample .* student outputs 3"):
             D.DistillationLoss()(y_fit, np.zeros((64, 3), "float32"))
 
     def test_integer_teacher_outputs(self):
@@ -253,6 +280,234 @@ class BadInputTest(testing.TestCase, parameterized.TestCase):
         x, _ = _data()
         with self.assertRaisesRegex(ValueError, r"class indices in \[0, 4\)"):
             D.attach_teacher((x, np.full(64, 7)), _frozen_teacher())
+
+
+class PackingTest(testing.TestCase, parameterized.TestCase):
+    """Issue 11: the old 2-D packing `[label, t_1..t_K]` of a 9- or 19-output teacher had
+    10 or 20 columns, which a 10-class student's loss read as plain labels (no error,
+    label accuracy near 0). Packed targets are now `(n, 2, K)` and K must be 10."""
+
+    @parameterized.parameters(9, 19)
+    def test_a_teacher_of_another_width_is_an_error(self, teacher_width):
+        keras.utils.set_random_seed(0)
+        teacher, student = _mlp(16, classes=teacher_width, name="teacher"), _mlp(8, classes=10, name="student")
+        x, _ = _data()
+        y = np.arange(64) % 9
+        x_fit, y_fit = D.attach_teacher((x, y), teacher)
+        self.assertEqual(y_fit.shape, (64, 2, teacher_width))
+        pattern = rf"teacher outputs {teacher_width} values per sample .* student outputs 10.*Fix"
+        with self.assertRaisesRegex(ValueError, pattern):
+            D.DistillationLoss()(y_fit, student(x))
+        student.compile("adam", D.DistillationLoss(), metrics=[D.LabelAccuracy()])
+        with self.assertRaisesRegex(ValueError, pattern):  # at the first loss call, in fit's graph
+            student.fit(x_fit, y_fit, batch_size=32, epochs=1, verbose=0)
+        with self.assertRaisesRegex(ValueError, pattern):
+            D.LabelAccuracy().update_state(y_fit, student(x))
+        with self.assertRaisesRegex(ValueError, pattern):  # before running the teacher, given the student
+            D.attach_teacher((x, y), teacher, student=student)
+        with self.assertRaisesRegex(ValueError, pattern):  # cached outputs, given the number of classes
+            D.attach_teacher((x, y), teacher.predict(x, verbose=0), student=10)
+        with self.assertRaisesRegex(ValueError, rf"\(None, {teacher_width}\) and the student's \(None, 10\)"):
+            D.Distiller(teacher, student)
+
+    @parameterized.parameters(2, 10)
+    def test_packed_and_plain_targets_are_read_as_what_they_are(self, classes):
+        # With 2 classes the packed targets (n, 2, 2) and one-hot labels (n, 2) share a dimension of 2.
+        keras.utils.set_random_seed(0)
+        teacher, student = _mlp(16, classes=classes, name="teacher"), _mlp(8, classes=classes, name="student")
+        teacher.trainable = False
+        x, _ = _data()
+        y = np.arange(64) % classes
+        _, y_fit = D.attach_teacher((x, y), teacher, student=student)
+        s = student(x)
+        t = teacher.predict(x, verbose=0)
+        ce = np.asarray(keras.losses.sparse_categorical_crossentropy(y, s, from_logits=True))
+        kd = np.asarray(D.kd_loss(t, s, 2.0))
+        loss = D.DistillationLoss(temperature=2.0, alpha=0.3)
+        self.assertAllClose(float(loss(y_fit, s)), np.mean(0.3 * ce + 0.7 * kd), rtol=1e-5)
+        one_hot = keras.utils.to_categorical(y, classes)
+        for plain in (y, y[:, None], one_hot):
+            self.assertAllClose(float(loss(plain, s)), np.mean(ce), rtol=1e-5)
+        accuracy = float(np.mean(np.argmax(np.asarray(s), -1) == y))
+        for targets in (y_fit, y, one_hot):
+            m = D.LabelAccuracy()
+            m.update_state(targets, s)
+            self.assertAllClose(float(m.result()), accuracy)
+
+    def test_old_two_dimensional_packing_is_refused(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        old = np.concatenate([y[:, None].astype("float32"), teacher.predict(x, verbose=0)], axis=1)  # (64, 5)
+        with self.assertRaisesRegex(ValueError, r"targets have shape \(64, 5\).*older tfopt must be made again"):
+            D.DistillationLoss()(old, student(x))
+
+    def test_distiller_refuses_packed_targets(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        _, y_fit = D.attach_teacher((x, y), teacher)
+        distiller = D.Distiller(teacher, student)
+        with self.assertRaisesRegex(ValueError, r"packed targets of `attach_teacher`.*Fix: pass the labels"):
+            distiller.compute_loss(x, y_fit, student(x), training=False)
+
+    def test_unsigned_labels_with_unlabelled_inputs(self):
+        teacher = _frozen_teacher()
+        x, y = _data()
+        _, y_fit = D.attach_teacher((x, y.astype("uint8")), teacher, unlabelled=_data(8, seed=1)[0])
+        self.assertAllEqual(np.argmax(y_fit[:64, 0], -1), y)
+        self.assertAllEqual(y_fit[64:, 0], np.zeros((8, 4)))
+
+    def test_unlabelled_inputs_of_another_structure_or_shape(self):
+        teacher = _frozen_teacher()
+        x, y = _data()
+        with self.assertRaisesRegex(ValueError, r"structured like the labelled inputs `x`, which are one array"):
+            D.attach_teacher((x, y), teacher, unlabelled=[x[:4]])
+        with self.assertRaisesRegex(ValueError, r"have shape \(4, 8, 1\) but the labelled inputs `x` have shape "
+                                                r"\(64, 8\).*Fix"):
+            D.attach_teacher((x, y), teacher, unlabelled=x[:4, :, None])
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        with self.assertRaisesRegex(ValueError, r"have shape \(4, 6\) but the labelled inputs `x` have shape"):
+            D.attach_teacher(data, teacher, unlabelled=x[:4, :6])
+
+
+def _softmax_twin(model, name="soft_teacher"):
+    """`model` with a softmax on its logits (same weights), frozen like its layers."""
+    twin = keras.Model(model.inputs, keras.layers.Activation("softmax")(model.outputs[0]), name=name)
+    twin.trainable = model.trainable
+    return twin
+
+
+class ProbabilityTeacherTest(testing.TestCase):
+    def test_cached_softmax_teacher_warns_and_matches_the_logits_teacher(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        soft = _softmax_twin(teacher)
+        x, y = _data()
+        _, y_logits = D.attach_teacher((x, y), teacher)
+        with self.assertWarnsRegex(UserWarning, r"teacher 'soft_teacher' outputs probabilities.*final activation "
+                                                r"is softmax.*converted with log\(\).*teacher_outputs=\"probabilities\""):
+            _, y_soft = D.attach_teacher((x, y), soft)
+        loss = D.DistillationLoss(temperature=4.0, alpha=0.5)
+        self.assertAllClose(float(loss(y_soft, student(x))), float(loss(y_logits, student(x))), rtol=1e-5)
+        # Precomputed probabilities are recognized by their rows.
+        probabilities = soft.predict(x, verbose=0)
+        with self.assertWarnsRegex(UserWarning, r"non-negative and sums to 1"):
+            _, y_rows = D.attach_teacher((x, y), probabilities)
+        self.assertAllClose(float(loss(y_rows, student(x))), float(loss(y_logits, student(x))), rtol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # declared: no warning
+            _, y_declared = D.attach_teacher((x, y), soft, teacher_outputs="probabilities")
+            _, y_as_is = D.attach_teacher((x, y), probabilities, teacher_outputs="logits")
+        self.assertAllClose(y_declared, y_soft)
+        self.assertAllClose(y_as_is[:, 1], probabilities)
+
+    def test_distiller_with_a_softmax_teacher_warns_and_matches_the_logits_teacher(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        soft = _softmax_twin(teacher)
+        x, y = _data()
+        with self.assertWarnsRegex(UserWarning, r"Distiller: the teacher 'soft_teacher' outputs probabilities.*"
+                                                r"teacher_outputs=\"probabilities\""):
+            online_soft = D.Distiller(soft, student)
+        self.assertEqual(online_soft.teacher_outputs, "probabilities")
+        online = D.Distiller(teacher, student)
+        self.assertEqual(online.teacher_outputs, "logits")
+        s = student(x)
+        self.assertAllClose(float(online_soft.compute_loss(x, y, s, training=False)),
+                            float(online.compute_loss(x, y, s, training=False)), rtol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            D.Distiller(soft, student, teacher_outputs="probabilities")
+            # Probabilities on both sides (from_logits=False) was already declared: no warning.
+            both = D.Distiller(soft, _softmax_twin(student, "soft_student"), from_logits=False)
+        self.assertEqual(both.teacher_outputs, "probabilities")
+
+    def test_resolved_teacher_outputs_round_trip_without_a_warning(self):
+        teacher = _frozen_teacher()
+        with self.assertWarns(UserWarning):
+            distiller = D.Distiller(_softmax_twin(teacher), _mlp(8, name="student"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            copy = D.Distiller.from_config(distiller.get_config())
+        self.assertEqual(copy.teacher_outputs, "probabilities")
+
+
+class DistillerCompileLossTest(testing.TestCase):
+    def test_loss_as_keras_distiller(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        supervised = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        ours = D.Distiller(teacher, student, temperature=3.0, alpha=0.3)
+        ours.compile("adam", loss=supervised)
+        theirs = keras.distillation.Distiller(
+            teacher, student, keras.distillation.LogitsDistillation(temperature=3.0, loss=keras.losses.KLDivergence()),
+            student_loss_weight=0.3)
+        theirs.compile("adam", loss=supervised)
+        s = student(x)
+        ours_value = float(ours.compute_loss(x, y, s, training=False))
+        self.assertAllClose(ours_value, float(theirs.compute_loss(x, y, s, training=False)), rtol=1e-4)
+        # and equal to the built-in label loss, which is the same crossentropy
+        builtin = D.Distiller(teacher, student, temperature=3.0, alpha=0.3)
+        self.assertAllClose(ours_value, float(builtin.compute_loss(x, y, s, training=False)), rtol=1e-5)
+
+    def test_loss_is_used(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+
+        def seven(y_true, y_pred):
+            return ops.zeros_like(y_pred[:, 0]) + 7.0
+
+        distiller = D.Distiller(teacher, student, temperature=2.0, alpha=0.25)
+        distiller.compile("adam", loss=seven)
+        s = student(x)
+        kd = np.mean(np.asarray(D.kd_loss(teacher.predict(x, verbose=0), s, 2.0)))
+        self.assertAllClose(float(distiller.compute_loss(x, y, s, training=False)), 0.25 * 7.0 + 0.75 * kd,
+                            rtol=1e-5)
+        distiller.compile("adam", loss="mean_squared_error")  # a name, as in Keras
+        one_hot = keras.utils.to_categorical(y, 4)
+        mse = np.mean(np.asarray(keras.losses.mean_squared_error(one_hot, s)))
+        self.assertAllClose(float(distiller.compute_loss(x, one_hot, s, training=False)), 0.25 * mse + 0.75 * kd,
+                            rtol=1e-5)
+        with self.assertRaisesRegex(ValueError, r"`loss` is the student's one supervised loss.*Received: loss=\["):
+            distiller.compile("adam", loss=["mse"])
+
+    def test_compiled_loss_trains_and_survives_saving(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        distiller = D.Distiller(teacher, student, alpha=0.5)
+        distiller.compile("adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, name="sup"),
+                          metrics=["accuracy"])
+        history = distiller.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        self.assertLess(history.history["loss"][-1], history.history["loss"][0])
+        path = os.path.join(tempfile.mkdtemp(), "compiled.keras")
+        distiller.save(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # Keras warns when it cannot compile a loaded model
+            loaded = keras.models.load_model(path)
+        self.assertTrue(loaded.compiled)
+        self.assertIsInstance(loaded._student_loss, keras.losses.SparseCategoricalCrossentropy)
+        s = loaded.student(x)
+        self.assertAllClose(float(loaded.compute_loss(x, y, s, training=False)),
+                            float(distiller.compute_loss(x, y, s, training=False)), rtol=1e-5)
+        loaded.fit(x, y, batch_size=16, verbose=0)
+
+
+class NumpyScalarsTest(testing.TestCase):
+    def test_numpy_scalars_are_numbers(self):
+        teacher, student = _frozen_teacher(), _mlp(8, name="student")
+        x, y = _data()
+        x_fit, y_fit = D.attach_teacher((x, y), teacher, batch_size=np.int32(16))
+        numpy_loss = D.DistillationLoss(temperature=np.float32(2.0), alpha=np.float64(0.25))
+        python_loss = D.DistillationLoss(temperature=2.0, alpha=0.25)
+        self.assertAllClose(float(numpy_loss(y_fit, student(x))), float(python_loss(y_fit, student(x))))
+        self.assertEqual(D.DistillationLoss(temperature=np.int32(4)).temperature, 4.0)
+        config = numpy_loss.get_config()
+        self.assertEqual((type(config["temperature"]), type(config["alpha"])), (float, float))
+        distiller = D.Distiller(teacher, student, temperature=np.int32(4), alpha=np.float32(0.5), losses=[
+            D.FeatureHint("teacher_hidden", "student_hidden", weight=np.float32(0.1))])
+        self.assertEqual((distiller.temperature, distiller.alpha), (4.0, 0.5))
+        self.assertEqual(type(distiller.feature_losses[0].weight), float)
+        attention = D.AttentionTransfer("a", "b", weight=np.int64(2), p=np.int32(2))
+        self.assertEqual(attention.get_config(), {"teacher_layer": "a", "student_layer": "b", "weight": 2.0, "p": 2})
+        self.assertEqual(type(attention.p), int)
+        D.attach_teacher((x, y), teacher, student=np.int64(4))
 
 
 @pytest.mark.slow

@@ -15,14 +15,24 @@ Two ways, one loss:
 Both compute `alpha * label_loss + (1 - alpha) * distillation_loss` per
 sample with the same code, so the same batch gives the same loss either way.
 
-Packed targets: `attach_teacher` stores, per sample, the label then the
-teacher's outputs: `[label, t_1, ..., t_K]` for integer labels (label -1:
-none) or `[one-hot (K), t_1, ..., t_K]` for one-hot labels (all zeros: none).
-`DistillationLoss` also accepts plain labels (width 1 or K), so
-`student.evaluate(x_test, y_test)` works on ordinary test data. Keras's
-`"accuracy"` metric does not know the packing: use `LabelAccuracy()`.
+Packed targets: `attach_teacher` stores, per sample, a `(2, classes)` array:
+row 0 the label, one-hot (integer labels are converted; all zeros: no label,
+as for label -1), row 1 the teacher's logits (probabilities are converted
+with `log`, see below). Targets of shape `(n, 2, classes)` cannot be mistaken
+for plain labels, which have shape `(n,)`, `(n, 1)` or `(n, classes)`:
+`DistillationLoss` accepts those too, so `student.evaluate(x_test, y_test)`
+works on ordinary test data, and it refuses packed targets whose teacher
+width differs from the student's number of classes. Keras's `"accuracy"`
+metric does not know the packing: use `LabelAccuracy()`.
+
+Teacher outputs are used as logits. A teacher that outputs probabilities (a
+final softmax) is detected (rows non-negative and summing to 1, or a final
+softmax activation) and its outputs converted with `log`, which gives the
+same softened distribution `softmax(log(p) / T)` as its logits would; a
+`UserWarning` says so unless `teacher_outputs="probabilities"` is passed.
 """
 
+import math
 import numbers
 import warnings
 
@@ -58,16 +68,24 @@ DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.5
 
 _METHODS = ("kd", "mse")
+_TEACHER_OUTPUTS = ("logits", "probabilities")
+_TINY = float(np.finfo(np.float32).tiny)  # log(_TINY) ~ -87.3: a probability of 0 as a logit
 
 
 # --- validation -------------------------------------------------------------------
+def _is_number(value):
+    """A real number (Python or NumPy scalar, Keras convention), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_temperature(value, who):
     if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    if not _is_number(value) or not math.isfinite(value) or not value > 0:
         raise ValueError(
-            f"{who}: `temperature` must be a number > 0 (1 = the plain softmax; 2-4 soften it) "
-            f"or a `keras.optimizers.schedules.LearningRateSchedule`. Received: temperature={value!r}"
+            f"{who}: `temperature` must be a finite number > 0 (1 = the plain softmax; 2-4 soften it) "
+            f"or a `keras.optimizers.schedules.LearningRateSchedule`. Received: temperature={value!r}. "
+            f"Fix: pass e.g. temperature={DEFAULT_TEMPERATURE}."
         )
     return float(value)
 
@@ -75,10 +93,11 @@ def _check_temperature(value, who):
 def _check_alpha(value, who):
     if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+    if not _is_number(value) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise ValueError(
             f"{who}: `alpha` (the weight of the label loss; 1 - alpha weighs the teacher's) must be "
-            f"in [0, 1]. Received: alpha={value!r}"
+            f"in [0, 1]. Received: alpha={value!r}. Fix: pass e.g. alpha={DEFAULT_ALPHA} "
+            "(0: the teacher alone, 1: the labels alone)."
         )
     return float(value)
 
@@ -86,7 +105,16 @@ def _check_alpha(value, who):
 def _check_method(value, who):
     if value not in _METHODS:
         raise ValueError(f"{who}: `method` must be one of {_METHODS}. Received: method={value!r}")
-    return value
+    return str(value)
+
+
+def _check_teacher_outputs(value, who):
+    if value is not None and not (isinstance(value, str) and value in _TEACHER_OUTPUTS):
+        raise ValueError(
+            f"{who}: `teacher_outputs` must be None (detect), \"logits\" or \"probabilities\". "
+            f"Received: teacher_outputs={value!r}"
+        )
+    return None if value is None else str(value)
 
 
 # --- the loss math, shared by both paths --------------------------------------------
@@ -133,29 +161,56 @@ def _label_loss(labels, student, sparse, from_logits):
     return keras.losses.categorical_crossentropy(labels, student, from_logits=from_logits)
 
 
+def _check_student_output(y_pred, who):
+    if len(y_pred.shape) != 2:
+        raise ValueError(
+            f"{who}: the student's output must be (batch, classes) for distillation. "
+            f"Received shape {tuple(y_pred.shape)}. Flatten it, or distill a classification head."
+        )
+    return y_pred.shape[-1]
+
+
+def _width_mismatch(who, teacher_width, classes, where):
+    return ValueError(
+        f"{who}: the teacher outputs {teacher_width} values per sample ({where}) but the student "
+        f"outputs {classes}: distillation compares them class by class, so both must have the same "
+        f"classes. Received: teacher width {teacher_width}, student classes {classes}. Fix: distill "
+        f"from a teacher with {classes} outputs, or give the student's last layer {teacher_width} units."
+    )
+
+
 def _unpack(y_true, classes, who):
-    """(labels, has_label, teacher or None, sparse) from packed or plain targets."""
-    width = y_true.shape[-1] if len(y_true.shape) > 1 else 1
-    if width is None:
-        raise ValueError(f"{who}: the targets' last dimension must be known; received shape {tuple(y_true.shape)}.")
-    y = ops.cast(ops.reshape(y_true, (-1, width)), "float32")
-    if width == 1:
-        labels = y[:, 0]
-        return labels, ops.cast(labels >= 0, "float32"), None, True
-    if width == classes + 1:
-        labels = y[:, 0]
-        return labels, ops.cast(labels >= 0, "float32"), y[:, 1:], True
-    if width == classes:
+    """`(labels, has_label, teacher logits or None, sparse)` from packed or plain targets.
+
+    Packed targets (from `attach_teacher`) are `(batch, 2, K)`: one-hot labels
+    over the teacher's logits. Plain labels are `(batch,)`, `(batch, 1)` (class
+    indices, -1: none) or `(batch, classes)` (one-hot, all zeros: none)."""
+    shape = tuple(y_true.shape)
+    if len(shape) == 3 and shape[1] == 2:
+        if shape[2] is not None and classes is not None and shape[2] != classes:
+            raise _width_mismatch(who, shape[2], classes, f"targets from `attach_teacher` of shape {shape}")
+        y = ops.cast(y_true, "float32")
+        labels = y[:, 0, :]
+        return labels, ops.cast(ops.sum(labels, axis=-1) > 0, "float32"), y[:, 1, :], False
+    width = 1 if len(shape) < 2 else (shape[-1] if len(shape) == 2 else None)
+    if width is not None and (width == 1 or width == classes):
+        y = ops.cast(ops.reshape(y_true, (-1, width)), "float32")
+        if width == 1:
+            labels = y[:, 0]
+            return labels, ops.cast(labels >= 0, "float32"), None, True
         return y, ops.cast(ops.sum(y, axis=-1) > 0, "float32"), None, False
-    if width == 2 * classes:
-        labels = y[:, :classes]
-        return labels, ops.cast(ops.sum(labels, axis=-1) > 0, "float32"), y[:, classes:], False
+    if who == "Distiller":
+        raise ValueError(
+            f"Distiller: the labels have shape {shape} but the student outputs {classes} classes: a Distiller "
+            f"takes plain labels of shape (batch,), (batch, 1) (class indices) or (batch, {classes}) (one-hot). "
+            f"Received: y of shape {shape}. Fix: pass class indices or one-hot labels as `y`."
+        )
     raise ValueError(
-        f"{who}: the targets have {width} columns per sample but the student outputs {classes} "
-        f"values, so they are neither labels (1 or {classes} columns) nor labels plus the "
-        f"teacher's outputs ({classes + 1} or {2 * classes} columns). Make the targets with "
-        "`tfopt.distillation.attach_teacher(data, teacher)`, from a teacher whose output has "
-        f"{classes} values like the student's."
+        f"{who}: the targets have shape {shape} and the student outputs {classes} classes, so they are "
+        f"neither plain labels (shape (batch,), (batch, 1) or (batch, {classes})) nor targets from "
+        f"`attach_teacher` (shape (batch, 2, {classes})). Received: targets of shape {shape}. Fix: make the "
+        "targets with `tfopt.distillation.attach_teacher(data, teacher)` from a teacher with "
+        f"{classes} outputs (2-D targets packed by an older tfopt must be made again)."
     )
 
 
@@ -171,24 +226,37 @@ def _value(v, step):
     return v
 
 
+def _as_logits(probabilities):
+    """`log(p)`: logits up to a constant per sample, so `softmax(log(p) / T)` is
+    the teacher's distribution softened by `T` (zeros are clipped to the
+    smallest float32)."""
+    return ops.log(ops.clip(ops.cast(probabilities, "float32"), _TINY, 1.0))
+
+
+def _distillation_term(teacher_logits, y_pred, temperature, method, from_logits):
+    """Per sample: the teacher's logits against the student's outputs."""
+    if method == "kd":
+        log_t = _log_softmax(teacher_logits, temperature, True)
+        log_s = _log_softmax(y_pred, temperature, from_logits)
+        return (temperature**2) * ops.sum(ops.exp(log_t) * (log_t - log_s), axis=-1)
+    if from_logits:
+        return logit_mse(teacher_logits, y_pred)
+    return logit_mse(ops.softmax(ops.cast(teacher_logits, "float32"), axis=-1), y_pred)
+
+
 def distillation_per_sample(y_true, y_pred, temperature, alpha, method, from_logits, step=None,
                             who="DistillationLoss"):
-    """The per-sample loss both paths use (see the module docstring)."""
-    if len(y_pred.shape) != 2:
-        raise ValueError(
-            f"{who}: the student's output must be (batch, classes) for distillation. "
-            f"Received shape {tuple(y_pred.shape)}. Flatten it, or distill a classification head."
-        )
-    classes = y_pred.shape[-1]
+    """The per-sample loss both paths use (see the module docstring).
+
+    `y_true` is plain labels or `attach_teacher`'s packed targets (whose
+    teacher part is logits); `from_logits` is about the student's outputs."""
+    classes = _check_student_output(y_pred, who)
     labels, has_label, teacher, sparse = _unpack(y_true, classes, who)
     label_loss = _label_loss(labels, y_pred, sparse, from_logits)
     if teacher is None:  # plain labels, e.g. `evaluate` on test data
         return label_loss
     temperature, alpha = _value(temperature, step), _value(alpha, step)
-    if method == "kd":
-        teach = kd_loss(teacher, y_pred, temperature, from_logits)
-    else:
-        teach = logit_mse(teacher, y_pred)
+    teach = _distillation_term(teacher, y_pred, temperature, method, from_logits)
     return alpha * has_label * label_loss + (1.0 - alpha) * teach
 
 
@@ -214,8 +282,14 @@ class DistillationLoss(keras.losses.Loss):
         alpha: weight of the label loss in [0, 1] (or a schedule).
         method: "kd" (Hinton: `T**2`-scaled KL of softened softmaxes) or
             "mse" (squared difference of logits; `temperature` unused).
-        from_logits: the student and teacher output logits (True) or
-            probabilities (False).
+        from_logits: the student outputs logits (True) or probabilities
+            (False). The cached teacher outputs are always logits:
+            `attach_teacher` converts a teacher's probabilities with `log`.
+
+    Targets: `attach_teacher`'s `(n, 2, classes)` arrays, whose teacher width
+    must be the student's number of classes (else a `ValueError` names both
+    at the first call), or plain labels: class indices `(n,)`/`(n, 1)` or
+    one-hot `(n, classes)`.
 
     Example:
     >>> import keras, numpy as np, tfopt
@@ -223,8 +297,8 @@ class DistillationLoss(keras.losses.Loss):
     >>> y = np.arange(32) % 3
     >>> teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
     >>> x_fit, y_fit = tfopt.distillation.attach_teacher((x, y), teacher)
-    >>> y_fit.shape
-    (32, 4)
+    >>> y_fit.shape  # per sample: one-hot label, then the teacher's logits
+    (32, 2, 3)
     >>> student = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
     >>> student.compile("adam", loss=tfopt.distillation.DistillationLoss(),
     ...                 metrics=[tfopt.distillation.LabelAccuracy()])
@@ -268,12 +342,15 @@ class DistillationLoss(keras.losses.Loss):
 @keras.saving.register_keras_serializable(package="tfopt")
 class LabelAccuracy(keras.metrics.Metric):
     """Top-1 accuracy against the labels inside packed distillation targets
-    (samples without a label are skipped), or against plain labels.
+    (`attach_teacher`'s `(n, 2, classes)`; samples without a label are
+    skipped), or against plain labels (class indices, -1 skipped, or one-hot).
 
     Example:
     >>> import numpy as np
     >>> m = LabelAccuracy()
-    >>> m.update_state(np.array([[1, 0.0, 0.0], [-1, 0.0, 0.0]]), np.array([[0.0, 1.0], [1.0, 0.0]]))
+    >>> packed = np.array([[[0.0, 1.0], [0.2, 0.9]],    # label 1, teacher logits
+    ...                    [[0.0, 0.0], [0.5, 0.1]]])   # no label
+    >>> m.update_state(packed, np.array([[0.0, 1.0], [0.0, 1.0]]))
     >>> float(m.result())
     1.0
     """
@@ -340,31 +417,158 @@ def _dataset_to_arrays(dataset):
     return _concat(xs), (np.concatenate(ys) if labelled else None), len(_first(xs[0]))
 
 
-def _pack(labels, teacher_outputs, classes):
-    teacher_outputs = _as_2d(teacher_outputs).astype("float32")
-    n = len(teacher_outputs)
-    if labels is None:
-        return np.concatenate([np.full((n, 1), -1.0, "float32"), teacher_outputs], axis=1)
-    labels = np.asarray(labels)
-    if labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1):
-        flat = labels.reshape(-1)
-        if np.issubdtype(flat.dtype, np.floating) and not np.all(flat == np.round(flat)):
-            raise ValueError("attach_teacher: integer class labels expected; got non-integer values.")
-        if flat.size and (flat.max() >= classes or flat.min() < -1):
+def _parts(x):
+    """`(structure, [arrays])` of model inputs: one array, a list/tuple, or a dict."""
+    if isinstance(x, dict):
+        return ("dict", tuple(sorted(x))), [x[k] for k in sorted(x)]
+    if isinstance(x, (list, tuple)):
+        return ("list", len(x)), list(x)
+    return ("array", 1), [x]
+
+
+def _check_unlabelled(x, unlabelled):
+    """Refuses unlabelled inputs that are not shaped like the labelled ones, before concatenating."""
+    (kind_x, keys_x), parts_x = _parts(x)
+    (kind_u, keys_u), parts_u = _parts(unlabelled)
+    if (kind_x, keys_x) != (kind_u, keys_u):
+        def describe(kind, keys):
+            if kind == "dict":
+                return f"a dict with keys {list(keys)}"
+            return f"a list of {keys} arrays" if kind == "list" else "one array"
+
+        raise ValueError(
+            f"attach_teacher: `unlabelled` must be structured like the labelled inputs `x`, which are "
+            f"{describe(kind_x, keys_x)}. Received: unlabelled as {describe(kind_u, keys_u)}. "
+            "Fix: pass the unlabelled inputs in the same structure as x."
+        )
+    names = keys_x if kind_x == "dict" else range(len(parts_x))
+    for name, px, pu in zip(names, parts_x, parts_u):
+        shape_x, shape_u = tuple(np.shape(px)), tuple(np.shape(pu))
+        if shape_x[1:] != shape_u[1:]:
+            which = "" if kind_x == "array" else f" (input {name!r})"
             raise ValueError(
-                f"attach_teacher: labels must be class indices in [0, {classes}) (or -1 for none) for a "
-                f"teacher with {classes} outputs. Received labels from {flat.min()} to {flat.max()}."
+                f"attach_teacher: the unlabelled inputs{which} have shape {shape_u} but the labelled inputs "
+                f"`x` have shape {shape_x}: each unlabelled sample must have the labelled samples' shape "
+                f"{shape_x[1:]}. Received: unlabelled of shape {shape_u}. Fix: preprocess the unlabelled "
+                f"inputs like x, to shape (n,) + {shape_x[1:]}."
             )
-        return np.concatenate([flat.astype("float32")[:, None], teacher_outputs], axis=1)
-    if labels.ndim == 2 and labels.shape[1] == classes:
-        return np.concatenate([labels.astype("float32"), teacher_outputs], axis=1)
-    raise ValueError(
-        f"attach_teacher: labels of shape {labels.shape} fit neither integer classes (n,) nor one-hot "
-        f"(n, {classes}) for a teacher with {classes} outputs."
+
+
+def _ends_in_softmax(model):
+    """True when a Functional or Sequential `model`'s one output comes from a
+    layer whose `activation` is softmax (nested models followed)."""
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+        return False
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):  # an unbuilt Sequential
+        return False
+    if not outputs or len(outputs) != 1:
+        return False
+    layer = _keras_internal.producer(outputs[0])
+    if isinstance(layer, keras.Model):
+        return _ends_in_softmax(layer)
+    activation = getattr(layer, "activation", None)
+    return activation is keras.activations.softmax or getattr(activation, "__name__", None) == "softmax"
+
+
+def _rows_are_probabilities(outputs):
+    """Every row non-negative and summing to 1 within 1e-3 (a softmax's output)."""
+    o = np.asarray(outputs, "float64")
+    return (o.ndim == 2 and o.shape[0] > 0 and o.shape[1] > 1 and bool(np.all(o >= 0))
+            and bool(np.all(np.abs(o.sum(axis=1) - 1.0) <= 1e-3)))
+
+
+def _probabilities_warning(who, teacher_name, reason):
+    return (
+        f"{who}: the teacher{teacher_name} outputs probabilities, not logits ({reason}). Softened by a "
+        "temperature, probabilities give nearly uniform targets, so they are converted with log() to act "
+        "as logits (softmax(log(p) / T) is the teacher's distribution softened by T). To silence this "
+        "warning, pass logits (remove the teacher's final softmax) or declare them with "
+        '`teacher_outputs="probabilities"`.'
     )
 
 
-def attach_teacher(data, teacher, unlabelled=None, batch_size=256):
+def _teacher_logits(outputs, teacher, teacher_outputs):
+    """attach_teacher's teacher outputs as float32 logits (probabilities converted with log)."""
+    outputs = _as_2d(outputs).astype("float32")
+    if teacher_outputs == "logits":
+        return outputs
+    if teacher_outputs == "probabilities":
+        if outputs.size and outputs.min() < 0:
+            raise ValueError(
+                f"attach_teacher: `teacher_outputs=\"probabilities\"` but the teacher's outputs have negative "
+                f"values (min {outputs.min():.4g}), so they are logits. Received: teacher_outputs="
+                "'probabilities'. Fix: pass teacher_outputs=\"logits\", or leave it None to detect."
+            )
+    else:
+        softmax = _ends_in_softmax(teacher)
+        if not softmax and not _rows_are_probabilities(outputs):
+            return outputs
+        name = f" '{teacher.name}'" if isinstance(teacher, keras.Model) else ""
+        reason = ("its final activation is softmax" if softmax else
+                  f"each of its {len(outputs)} output rows is non-negative and sums to 1")
+        warnings.warn(_probabilities_warning("attach_teacher", name, reason), UserWarning, stacklevel=3)
+    return np.log(np.maximum(outputs, _TINY)).astype("float32")
+
+
+def _model_classes(model):
+    """The last dimension of a Functional/Sequential model's one 2-D output, or None if unknown."""
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+        return None
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):  # an unbuilt Sequential
+        return None
+    if not outputs or len(outputs) != 1 or len(outputs[0].shape) != 2:
+        return None
+    return outputs[0].shape[-1]
+
+
+def _student_classes(student):
+    if student is None or isinstance(student, keras.Model):
+        return _model_classes(student)
+    if isinstance(student, numbers.Integral) and not isinstance(student, (bool, np.bool_)) and student > 0:
+        return int(student)
+    raise ValueError(
+        "attach_teacher: `student` must be the student model or its number of classes (an int > 0). "
+        f"Received: student={student!r}"
+    )
+
+
+def _pack(labels, logits):
+    """`(n, 2, K)`: one-hot labels (all zeros: none) over the teacher's logits."""
+    n, classes = logits.shape
+    one_hot = np.zeros((n, classes), "float32")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1):
+            flat = labels.reshape(-1)
+            if np.issubdtype(flat.dtype, np.floating) and not np.all(flat == np.round(flat)):
+                raise ValueError(
+                    f"attach_teacher: integer class labels expected; received {flat.dtype} labels such as "
+                    f"{flat[flat != np.round(flat)][0]!r}. Fix: pass class indices (or -1 for none), or "
+                    f"one-hot labels of shape (n, {classes})."
+                )
+            if flat.size and (flat.max() >= classes or flat.min() < -1):
+                raise ValueError(
+                    f"attach_teacher: labels must be class indices in [0, {classes}) (or -1 for none) for a "
+                    f"teacher with {classes} outputs. Received labels from {flat.min()} to {flat.max()}."
+                )
+            index = flat.astype(np.int64)
+            rows = np.nonzero(index >= 0)[0]
+            one_hot[rows, index[rows]] = 1.0
+        elif labels.ndim == 2 and labels.shape[1] == classes:
+            one_hot = labels.astype("float32")
+        else:
+            raise ValueError(
+                f"attach_teacher: labels of shape {labels.shape} fit neither integer classes (n,) nor one-hot "
+                f"(n, {classes}) for a teacher with {classes} outputs."
+            )
+    return np.stack([one_hot, logits], axis=1)
+
+
+def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outputs=None, student=None):
     """Runs `teacher` once over `data` and returns it with the teacher's outputs in the targets.
 
     Args:
@@ -376,20 +580,33 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256):
             strategy it was built in), or the teacher's outputs already
             computed (an array with one row per sample of `data`).
         unlabelled: extra inputs without labels (more samples the teacher
-            labels), appended after `data`'s.
+            labels), appended after `data`'s; shaped like `data`'s inputs.
         batch_size: the teacher's batch size (and the returned dataset's, for
             array inputs given as a dataset: its first batch's size).
+        teacher_outputs: None (detect: outputs that are probabilities, from a
+            final softmax or rows non-negative summing to 1, are converted
+            with `log` with a warning), "logits" (use as they are), or
+            "probabilities" (convert with `log`, no warning).
+        student: optional, the student model (or its number of classes), to
+            check now that the teacher outputs one value per student class;
+            otherwise `DistillationLoss` checks at its first call.
 
     Returns:
         `(x, y_packed)` arrays for array inputs, or a `tf.data.Dataset` of
-        `(x, y_packed)` batches for a dataset (held in memory). Use them with
-        a student compiled with `DistillationLoss`.
+        `(x, y_packed)` batches for a dataset (held in memory). `y_packed` has
+        shape `(n, 2, classes)`: per sample the one-hot label (all zeros: no
+        label) and the teacher's logits. Use them with a student compiled
+        with `DistillationLoss`.
 
     Caching is valid when the student will see exactly these inputs: not with
     random augmentation (use `Distiller`). Shuffling is fine.
     """
     import tensorflow as tf
 
+    teacher_outputs = _check_teacher_outputs(teacher_outputs, "attach_teacher")
+    classes = _student_classes(student)
+    if classes is not None and _model_classes(teacher) not in (None, classes):
+        raise _width_mismatch("attach_teacher", _model_classes(teacher), classes, f"teacher '{teacher.name}'")
     as_dataset = isinstance(data, tf.data.Dataset)
     if as_dataset:
         x, y, batch_size = _dataset_to_arrays(data)
@@ -402,13 +619,18 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256):
     if y is not None and len(y) != _length(x):
         raise ValueError(f"attach_teacher: x has {_length(x)} samples but y has {len(y)}.")
     if unlabelled is not None:
+        _check_unlabelled(x, unlabelled)
         n_extra = _length(unlabelled)
         x = _concat([x, unlabelled])
         if y is not None:
             y = np.asarray(y)
-            fill = np.full((n_extra,), -1) if (y.ndim == 1 or y.shape[-1] == 1) else np.zeros((n_extra,) + y.shape[1:])
-            y = np.concatenate([y.reshape(len(y), -1)[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y,
-                                fill.astype(y.dtype)])
+            if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
+                y = y.reshape(-1)
+                if not np.issubdtype(y.dtype, np.floating):
+                    y = y.astype(np.int64)  # unsigned labels could not hold -1
+                y = np.concatenate([y, np.full((n_extra,), -1, y.dtype)])
+            else:
+                y = np.concatenate([y, np.zeros((n_extra,) + y.shape[1:], y.dtype)])
     n = _length(x)
     if isinstance(teacher, keras.Model):
         outputs = teacher.predict(x, batch_size=batch_size, verbose=0)
@@ -430,7 +652,11 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256):
             f"attach_teacher: the teacher's outputs are {np.asarray(outputs).dtype}, not floats; "
             "distillation needs logits or probabilities."
         )
-    packed = _pack(y, outputs, _as_2d(outputs).shape[1])
+    logits = _teacher_logits(outputs, teacher, teacher_outputs)
+    if classes is not None and logits.shape[1] != classes:
+        raise _width_mismatch("attach_teacher", logits.shape[1], classes,
+                              f"teacher outputs of shape {tuple(np.shape(outputs))}")
+    packed = _pack(y, logits)
     if as_dataset:
         return tf.data.Dataset.from_tensor_slices((x, packed)).batch(batch_size)
     return x, packed
@@ -442,8 +668,10 @@ class _FeatureLoss(Configurable):
         for name, value in (("teacher_layer", teacher_layer), ("student_layer", student_layer)):
             if not isinstance(value, str):
                 raise ValueError(f"{type(self).__name__}: `{name}` must be a layer name. Received: {value!r}")
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight < 0:
-            raise ValueError(f"{type(self).__name__}: `weight` must be a number >= 0. Received: weight={weight!r}")
+        if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(
+                f"{type(self).__name__}: `weight` must be a finite number >= 0. Received: weight={weight!r}. "
+                "Fix: pass e.g. weight=1.0 (0 turns this loss off).")
         self.teacher_layer = teacher_layer
         self.student_layer = student_layer
         self.weight = float(weight)
@@ -496,7 +724,9 @@ class AttentionTransfer(_FeatureLoss):
 
     def __init__(self, teacher_layer, student_layer, weight=1.0, p=2):
         super().__init__(teacher_layer, student_layer, weight)
-        self.p = p
+        if not _is_number(p) or not math.isfinite(p) or p <= 0:
+            raise ValueError(f"AttentionTransfer: `p` must be a finite number > 0 (2 is usual). Received: p={p!r}")
+        self.p = int(p) if float(p).is_integer() else float(p)
 
     def get_config(self):
         return {**super().get_config(), "p": self.p}
@@ -534,23 +764,38 @@ def _layer_output(model, name, role):
 class Distiller(keras.Model):
     """Online distillation: a Keras model that trains `student` against `teacher`.
 
-    `compile` it (optimizer and metrics; the loss is its own), `fit`,
-    `evaluate`, save it; `distiller.student` is the trained student, ready for
+    `compile` it (optimizer, metrics and optionally the student's supervised
+    `loss`, as `keras.distillation.Distiller.compile`), `fit`, `evaluate`,
+    save it; `distiller.student` is the trained student, ready for
     `tfopt.export`. The teacher runs on every training batch with
     `training=False` and never trains: a trainable teacher is frozen (set
     `trainable=False`) with a warning. The student may be a tfopt pruned
     and/or quantization-aware model (pass its callbacks to `fit` as usual).
 
     The per-sample loss is `DistillationLoss`'s (same code), plus each feature
-    loss in `losses` times its weight. Feature losses need the teacher and
+    loss in `losses` times its weight. With `compile(loss=...)` the label
+    term is that loss instead, as in `keras.distillation.Distiller`: the
+    total is `alpha * loss(y, student(x)) + (1 - alpha) * distillation`
+    (`alpha` plays the part of Keras's `student_loss_weight`), so switching
+    from Keras's Distiller changes the import and the constructor's
+    arguments, not `compile`. Feature losses need the teacher and
     the student to be Functional or Sequential models (their layers' outputs
     must be reachable); learned projections live in the Distiller.
 
     Args:
         teacher: a trained Keras model with one (batch, classes) output.
-        student: a Keras model with the same output shape.
-        temperature, alpha, method, from_logits: as in `DistillationLoss`.
+        student: a Keras model with the same output shape (a different
+            number of classes is a `ValueError` at construction).
+        temperature, alpha, method: as in `DistillationLoss`.
+        from_logits: the student outputs logits (True) or probabilities
+            (False; then the teacher is read as probabilities too unless
+            `teacher_outputs="logits"`).
         losses: feature losses, e.g. `[FeatureHint("t_block", "s_block", weight=0.1)]`.
+        teacher_outputs: None (detect), "logits" or "probabilities". The
+            teacher's probabilities are converted with `log` to act as
+            logits. None checks the teacher's final layer at construction: a
+            softmax activation means probabilities (with a `UserWarning`
+            when `from_logits=True`); otherwise `from_logits` decides.
 
     Example:
     >>> import keras, numpy as np, tfopt
@@ -564,7 +809,7 @@ class Distiller(keras.Model):
     """
 
     def __init__(self, teacher, student, temperature=DEFAULT_TEMPERATURE, alpha=DEFAULT_ALPHA, method="kd",
-                 from_logits=True, losses=None, name="distiller", **kwargs):
+                 from_logits=True, losses=None, teacher_outputs=None, name="distiller", **kwargs):
         super().__init__(name=name, **kwargs)
         for role, model in (("teacher", teacher), ("student", student)):
             if not isinstance(model, keras.Model):
@@ -573,6 +818,7 @@ class Distiller(keras.Model):
         self.alpha = _check_alpha(alpha, "Distiller")
         self.method = _check_method(method, "Distiller")
         self.from_logits = bool(from_logits)
+        teacher_outputs = _check_teacher_outputs(teacher_outputs, "Distiller")
         self.feature_losses = list(losses or [])
         for loss in self.feature_losses:
             if not isinstance(loss, _FeatureLoss):
@@ -588,6 +834,17 @@ class Distiller(keras.Model):
         self.teacher = teacher
         self.student = student
         self._check_outputs()
+        if teacher_outputs is None:
+            if _ends_in_softmax(teacher):
+                teacher_outputs = "probabilities"
+                if self.from_logits:
+                    warnings.warn(_probabilities_warning(
+                        "Distiller", f" '{teacher.name}'", "its final activation is softmax"), UserWarning,
+                        stacklevel=2)
+            else:
+                teacher_outputs = "logits" if self.from_logits else "probabilities"
+        self.teacher_outputs = teacher_outputs  # resolved, so a reloaded Distiller does not warn again
+        self._student_loss = self._student_loss_config = None  # compile(loss=...)
         self._teacher_features = self._student_features = None
         self.projections = []
         if self.feature_losses:
@@ -605,7 +862,10 @@ class Distiller(keras.Model):
             if t.shape[-1] != s.shape[-1] or len(t.shape) != len(s.shape):
                 raise ValueError(
                     f"Distiller: the teacher's output shape {tuple(t.shape)} and the student's "
-                    f"{tuple(s.shape)} cannot be compared: both must be (batch, classes) with the same classes."
+                    f"{tuple(s.shape)} cannot be compared: both must be (batch, classes) with the same classes. "
+                    f"Received: teacher '{self.teacher.name}' with {t.shape[-1]} outputs, student "
+                    f"'{self.student.name}' with {s.shape[-1]}. Fix: give the student's last layer "
+                    f"{t.shape[-1]} units, or distill from a teacher with {s.shape[-1]} outputs."
                 )
             for role, tensor in (("teacher", t), ("student", s)):
                 if "float" not in str(tensor.dtype):
@@ -663,19 +923,33 @@ class Distiller(keras.Model):
             teacher_out, teacher_feats = teacher_all[0], teacher_all[1:]
         else:
             teacher_out, teacher_feats = self.teacher(x, training=False), None
-        teacher_out = ops.stop_gradient(teacher_out)
-        y = ops.convert_to_tensor(y)
-        if len(y.shape) == 1:
-            y = ops.expand_dims(y, -1)
-        elif len(y.shape) > 2:
-            y = ops.reshape(y, (-1, int(np.prod(y.shape[1:]))))
-        labels = ops.cast(y, "float32")
-        packed = ops.concatenate([labels, ops.cast(teacher_out, "float32")], axis=-1)
-        per_sample = distillation_per_sample(packed, y_pred, self.temperature, self.alpha, self.method,
-                                             self.from_logits, self._step(), who="Distiller")
-        if sample_weight is not None:
-            per_sample = per_sample * ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
-        total = ops.mean(per_sample)
+        teacher = ops.stop_gradient(teacher_out)
+        teacher = _as_logits(teacher) if self.teacher_outputs == "probabilities" else ops.cast(teacher, "float32")
+        classes = _check_student_output(y_pred, "Distiller")
+        if None not in (teacher.shape[-1], classes) and teacher.shape[-1] != classes:  # subclassed models
+            raise _width_mismatch("Distiller", teacher.shape[-1], classes, f"teacher '{self.teacher.name}'")
+        step = self._step()
+        temperature, alpha = _value(self.temperature, step), _value(self.alpha, step)
+        teach = _distillation_term(teacher, y_pred, temperature, self.method, self.from_logits)
+        weights = None if sample_weight is None else ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
+        if y is not None and self._student_loss is None:
+            y = ops.convert_to_tensor(y)
+            labels, has_label, packed, sparse = _unpack(y, classes, "Distiller")
+            if packed is not None:
+                raise ValueError(
+                    f"Distiller: `y` has shape {tuple(y.shape)}, the packed targets of `attach_teacher`, but a "
+                    "Distiller runs the teacher itself and takes plain labels. Received: y of shape "
+                    f"{tuple(y.shape)}. Fix: pass the labels (class indices or one-hot) as `y`, or train the "
+                    "student itself with `DistillationLoss` on the packed targets."
+                )
+            label_loss = _label_loss(labels, y_pred, sparse, self.from_logits)
+            per_sample = alpha * has_label * label_loss + (1.0 - alpha) * teach
+            total = ops.mean(per_sample if weights is None else per_sample * weights)
+        else:  # the user's supervised loss (as keras.distillation.Distiller), or no labels
+            distill = (1.0 - alpha) * teach
+            total = ops.mean(distill if weights is None else distill * weights)
+            if y is not None:
+                total = total + alpha * self._supervised_loss(y, y_pred, sample_weight)
         if teacher_feats is not None and student_feats is not None:
             for f, projection, t, s in zip(self.feature_losses, self.projections, teacher_feats, student_feats):
                 if projection is not None:
@@ -685,15 +959,53 @@ class Distiller(keras.Model):
             total = total + ops.sum(self.student.losses)
         return total
 
-    def compile(self, optimizer="adam", metrics=None, **kwargs):
-        if kwargs.get("loss") is not None:
-            raise ValueError(
-                "Distiller: `compile` takes no `loss`; the loss is the Distiller's own "
-                "(set `temperature`, `alpha`, `method`, `losses` on the Distiller)."
-            )
-        kwargs.pop("loss", None)
+    def _supervised_loss(self, y, y_pred, sample_weight):
+        """`compile(loss=...)` on the labels, reduced to a scalar as Keras's Distiller does."""
+        fn = self._student_loss
+        if isinstance(fn, keras.losses.Loss):
+            value = ops.cast(fn(y, y_pred, sample_weight=sample_weight), "float32")
+        else:
+            value = ops.cast(fn(y, y_pred), "float32")
+            if sample_weight is not None and len(value.shape) == 1:
+                value = value * ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
+        return ops.mean(value) if len(value.shape) > 0 else value
+
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        """Configures the Distiller for training, as `keras.distillation.Distiller.compile`.
+
+        Args:
+            optimizer: the student's optimizer.
+            loss: optional, the student's supervised loss on the labels: a
+                loss name, a `keras.losses.Loss`, or a function of
+                `(y_true, y_pred)`, as in `keras.distillation.Distiller`. The
+                total is then `alpha * loss(y, student(x)) + (1 - alpha) *
+                mean(distillation)`. None: tfopt's crossentropy (sparse or
+                one-hot by the labels' shape, `from_logits` as set; samples
+                labelled -1 or all zeros get the distillation term only).
+            metrics: metrics of the student's output against `y`.
+            **kwargs: the other arguments of `keras.Model.compile`
+                (`steps_per_execution`, `jit_compile`, ...).
+        """
+        self._student_loss = _student_loss(loss)
+        self._student_loss_config = loss
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
         strategies.check(self)
+
+    def get_compile_config(self):
+        """Keras's compile config plus the student's supervised `loss`, so that
+        a loaded Distiller is compiled as it was saved."""
+        config = super().get_compile_config()
+        if config and self._student_loss_config is not None:
+            config["loss"] = keras.saving.serialize_keras_object(self._student_loss_config)
+        return config
+
+    def compile_from_config(self, config):
+        """Compiles a loaded Distiller from `get_compile_config()` (Keras skips
+        models that override `compile`)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def get_config(self):
         def ser(v):
@@ -708,6 +1020,7 @@ class Distiller(keras.Model):
             "method": self.method,
             "from_logits": self.from_logits,
             "losses": [keras.saving.serialize_keras_object(f) for f in self.feature_losses],
+            "teacher_outputs": self.teacher_outputs,
         }
 
     @classmethod
@@ -721,6 +1034,23 @@ class Distiller(keras.Model):
         config["losses"] = [keras.saving.deserialize_keras_object(f) for f in config.get("losses") or []]
         config["teacher"].trainable = False
         return cls(**config)
+
+
+def _student_loss(loss):
+    """`Distiller.compile`'s `loss` as a callable (None: the built-in label loss)."""
+    if loss is None:
+        return None
+    if isinstance(loss, str):
+        return keras.losses.get(loss)
+    if isinstance(loss, (list, tuple, dict)) or not callable(loss):
+        raise ValueError(
+            "Distiller.compile: `loss` is the student's one supervised loss: a loss name, a "
+            "`keras.losses.Loss` or a function of (y_true, y_pred), as in `keras.distillation.Distiller`. "
+            f"Received: loss={loss!r}. Fix: pass one loss (e.g. "
+            "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`), or none for tfopt's "
+            "crossentropy; metrics go in `metrics=`."
+        )
+    return loss
 
 
 class DistillationSchedule(keras.callbacks.Callback):
