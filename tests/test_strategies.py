@@ -55,10 +55,12 @@ class AutoTest(testing.TestCase):
         os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
                                               "task": {"type": "worker", "index": 0}})
         with mock.patch("os.path.exists", return_value=False), \
-                mock.patch.object(S, "MultiWorker", return_value=mock.Mock(num_replicas_in_sync=2)) as multi:
+                mock.patch.object(S, "MultiWorker", return_value=mock.Mock(num_replicas_in_sync=2)) as multi, \
+                mock.patch.object(S, "_wait_for_peers") as wait:  # no real peers here (see tests/misuse)
             self.assertEqual(S._choose(), ("multi_worker", "TF_CONFIG names 2 workers"))
             S.auto()
         multi.assert_called_once_with()
+        self.assertEqual(wait.call_args.args[1], None)  # no timeout unless asked
         os.environ["TF_CONFIG"] = "{not json"
         with self.assertRaisesRegex(ValueError, "TF_CONFIG is not valid JSON"):
             S._choose()

@@ -29,7 +29,9 @@ call it at the start of `fit`):
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 
 import tensorflow as tf
 
@@ -97,6 +99,12 @@ def recommended_steps_per_execution(strategy):
     >>> recommended_steps_per_execution(tf.distribute.get_strategy())
     1
     """
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(
+            "recommended_steps_per_execution takes a `tf.distribute.Strategy` (from "
+            "`tfopt.strategies.auto()`, or `tf.distribute.get_strategy()` for one device). "
+            f"Received: {strategy!r} of type {type(strategy).__name__}"
+        )
     return 32 if _is_tpu(strategy) else 1
 
 
@@ -227,7 +235,16 @@ _TPU_SYSTEMS = {}
 def _tpu_resolver(tpu=None):
     """A connected, initialized TPU cluster resolver (each TPU system is
     initialized once per process: initializing again wipes its memory)."""
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    except Exception as e:  # URLError, ValueError, NotFoundError: the name does not resolve
+        announced = {k: os.environ[k] for k in ("TPU_NAME", "COLAB_TPU_ADDR") if os.environ.get(k)}
+        raise RuntimeError(
+            f"tfopt.strategies: the TPU {tpu or announced or '(local)'} could not be resolved "
+            f"({type(e).__name__}: {e}). Received: tpu={tpu!r}, environment {announced}. Fix: check the "
+            "TPU's name or address; in Colab pick Runtime > Change runtime type > TPU; to train on "
+            "the CPU/GPU instead, unset TPU_NAME / COLAB_TPU_ADDR."
+        ) from e
     key = resolver.master() or str(tpu)
     if key not in _TPU_SYSTEMS:
         tf.config.experimental_connect_to_cluster(resolver)
@@ -268,18 +285,127 @@ class MultiWorker(_Helpers, tf.distribute.MultiWorkerMirroredStrategy):
     """
 
     def __init__(self, cluster_resolver=None, communication_options=None):
+        if cluster_resolver is None:
+            tf_config()  # a clear error for a malformed TF_CONFIG, before TF reads it
         _multi_worker_fix()
         super().__init__(cluster_resolver=cluster_resolver, communication_options=communication_options)
 
 
 # --- auto -------------------------------------------------------------------------------
-def _tf_config_workers():
+_TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["10.0.0.1:12345", "10.0.0.2:12345"]}, '
+                      '"task": {"type": "worker", "index": 0}}')
+
+
+def tf_config():
+    """The parsed, checked `TF_CONFIG` environment variable, or None if unset.
+
+    Raises a ValueError quoting the bad part (and showing a well-formed
+    example) instead of the AttributeError/KeyError TensorFlow gives later.
+    """
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+
+    def bad(what):
+        return ValueError(f"TF_CONFIG {what}. Received: TF_CONFIG={raw!r}. Expected, for example: "
+                          f"TF_CONFIG='{_TF_CONFIG_EXAMPLE}' (the same cluster on every worker, its own task).")
+
     try:
-        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        config = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({e}): {os.environ.get('TF_CONFIG')!r}") from None
+        raise bad(f"is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise bad("must be a JSON object")
+    cluster = config.get("cluster")
+    if not isinstance(cluster, dict) or not cluster:
+        raise bad('has no "cluster" (a mapping from task type to a list of "host:port" addresses)')
+    for kind, addresses in cluster.items():
+        if not isinstance(addresses, list) or not all(isinstance(a, str) and ":" in a for a in addresses):
+            raise bad(f'lists cluster["{kind}"] = {addresses!r}; each task type needs a list of "host:port" strings')
+    task = config.get("task")
+    if not isinstance(task, dict) or "type" not in task:
+        raise bad('has no "task" ({"type": ..., "index": ...}: which of the cluster\'s tasks this process is)')
+    if task["type"] not in cluster:
+        raise bad(f'names task type {task["type"]!r}, which is not in the cluster ({sorted(cluster)})')
+    index = task.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(cluster[task["type"]]):
+        raise bad(f'has task index {index!r}, but cluster["{task["type"]}"] lists {len(cluster[task["type"]])} '
+                  "address(es) (indices from 0)")
+    return config
+
+
+def _tf_config_workers():
+    config = tf_config() or {}
     cluster = config.get("cluster") or {}
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def _listening(address, timeout=0.5):
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _own_address(config):
+    task = config["task"]
+    return config["cluster"][task["type"]][task.get("index", 0)]
+
+
+def _wait_for_peers(config, timeout, interval=10.0):
+    """Waits until every other task of TF_CONFIG's cluster accepts connections,
+    logging the missing ones every `interval` seconds, and raises RuntimeError
+    after `timeout` seconds (None: no limit).
+
+    TensorFlow's MultiWorkerMirroredStrategy blocks in its constructor, holding
+    the interpreter, until all workers join, so the waiting happens before it:
+    meanwhile this worker answers on its own port with a plain listener (so
+    that peers waiting the same way see it), closed just before TensorFlow's
+    server takes the port."""
+    peers = [a for kind in ("chief", "worker") for a in config["cluster"].get(kind, [])
+             if a != _own_address(config)]
+    host, _, port = _own_address(config).rpartition(":")
+    listener = None
+    try:
+        listener = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host.strip("[]") if host not in ("localhost",) else "127.0.0.1", int(port)))
+        listener.listen(64)
+        listener.settimeout(0.2)
+    except OSError:
+        listener = None  # the address is not this machine's, or taken: just wait
+    started, last_log = time.monotonic(), 0.0
+    try:
+        while True:
+            missing = [p for p in peers if not _listening(p)]
+            if not missing:
+                return
+            waited = time.monotonic() - started
+            if timeout is not None and waited >= timeout:
+                raise RuntimeError(
+                    f"tfopt.strategies.auto: the workers named in TF_CONFIG did not all start within {timeout:g} s; "
+                    f"not answering: {missing}. Fix: start every worker of TF_CONFIG's cluster (each with the "
+                    "same cluster and its own task index), check the addresses and that the ports are open, or "
+                    "pass a larger timeout."
+                )
+            if waited - last_log >= interval or last_log == 0.0:
+                last_log = max(waited, 1e-9)
+                log.warning("tfopt.strategies.auto: waiting for the other workers of TF_CONFIG (%.0f s so far); "
+                            "not answering yet: %s", waited, missing)
+            deadline = time.monotonic() + 0.5
+            while listener is not None and time.monotonic() < deadline:
+                try:
+                    connection, _ = listener.accept()
+                    connection.close()
+                except OSError:
+                    pass
+            if listener is None:
+                time.sleep(0.5)
+    finally:
+        if listener is not None:
+            listener.close()
 
 
 def _tpu_available():
@@ -300,7 +426,7 @@ def _choose():
     return "default", "one device" + (" (a GPU)" if gpus else " (no GPU or TPU found)")
 
 
-def auto():
+def auto(timeout=None):
     """The strategy for this machine, logged with the reason (logger "tfopt").
 
     - `TPU()` when a TPU is reachable (Colab's TPU runtime, a TPU VM), resolved,
@@ -312,7 +438,15 @@ def auto():
       32)`, ...) to write code that runs under any of them.
 
     If a TPU is announced but cannot be reached, the error says so instead of
-    quietly training on the CPU.
+    quietly training on the CPU. A malformed `TF_CONFIG` is a ValueError that
+    quotes it. Under `TF_CONFIG`, it first waits for every other worker to
+    answer on its address: meanwhile the peers not answering are logged every
+    10 seconds (WARNING), and after `timeout` seconds (None: no limit, as
+    TensorFlow) a RuntimeError names them. (TensorFlow's own wait, inside the
+    strategy's constructor, cannot be interrupted or logged.)
+
+    Args:
+        timeout: seconds to wait for the other workers of `TF_CONFIG`, or None.
 
     Example:
     >>> import tfopt
@@ -324,13 +458,14 @@ def auto():
     if kind == "tpu":
         try:
             strategy = TPU()
-        except (ValueError, tf.errors.OpError) as e:
+        except (ValueError, RuntimeError, tf.errors.OpError) as e:
             raise RuntimeError(
                 f"tfopt.strategies.auto: this machine announces a TPU (COLAB_TPU_ADDR, TPU_NAME or "
                 f"/dev/accel0) but it could not be reached: {e}. In Colab, pick Runtime > Change runtime "
                 "type > TPU, or unset the variable to train on the CPU."
             ) from e
     elif kind == "multi_worker":
+        _wait_for_peers(tf_config(), timeout)
         strategy = MultiWorker()
     elif kind == "mirrored":
         strategy = Mirrored()
