@@ -56,7 +56,7 @@ class AutoTest(testing.TestCase):
                                               "task": {"type": "worker", "index": 0}})
         with mock.patch("os.path.exists", return_value=False), \
                 mock.patch.object(S, "MultiWorker", return_value=mock.Mock(num_replicas_in_sync=2)) as multi, \
-                mock.patch.object(S, "_wait_for_peers") as wait:  # no real peers here (see tests/misuse)
+                mock.patch.object(S, "_wait_for_peers") as wait:  # no real peers here (see WaitingForWorkersTest)
             self.assertEqual(S._choose(), ("multi_worker", "TF_CONFIG names 2 workers"))
             S.auto()
         multi.assert_called_once_with()
@@ -90,8 +90,26 @@ class AutoTest(testing.TestCase):
         with mock.patch.object(tf.distribute.cluster_resolver, "TPUClusterResolver",
                                side_effect=ValueError("Please provide a TPU Name")), \
                 mock.patch.dict(S._TPU_SYSTEMS, clear=True):
-            with self.assertRaisesRegex(RuntimeError, "announces a TPU .* could not be reached.*Change runtime type"):
+            with self.assertRaisesRegex(RuntimeError, r"TPU named by TPU_NAME='nowhere' could not be resolved "
+                                                      r"\(ValueError: Please provide a TPU Name\).*unset TPU_NAME"):
                 S.auto()
+            with self.assertRaisesRegex(RuntimeError, r"TPU named by tpu='elsewhere' could not be resolved.*"
+                                                      r"check the name or address passed as `tpu`"):
+                S.TPU("elsewhere")
+
+    def test_unreachable_tpu_after_resolving_is_an_error(self):
+        os.environ["COLAB_TPU_ADDR"] = "10.0.0.2:8470"
+        with mock.patch.object(tf.distribute.cluster_resolver, "TPUClusterResolver"), \
+                mock.patch.object(tf.config, "experimental_connect_to_cluster",
+                                  side_effect=tf.errors.UnavailableError(None, None, "no TPU here")), \
+                mock.patch.dict(S._TPU_SYSTEMS, clear=True):
+            with self.assertRaisesRegex(RuntimeError, "announces a TPU .* could not be reached: no TPU here"):
+                S.auto()
+
+    def test_timeout_must_be_seconds_or_none(self):
+        for bad in (-1, "10", True):
+            with self.assertRaisesRegex(ValueError, rf"a number >= 0, or None.*Received: timeout={bad!r}"):
+                S.auto(timeout=bad)
 
 
 class HelpersTest(testing.TestCase):
@@ -245,6 +263,67 @@ class MultiWorkerTest(testing.TestCase):
             # Only the known failure counts as expected: anything else fails the test.
             self.assertTrue(any("PerReplica" in err or "axis" in err for _, err in codes), codes)
             raise KnownUpstreamFailure(codes[0][1][-300:])
+
+
+_AUTO_WORKER = r"""
+import json, logging, os, sys
+index, ports = int(sys.argv[1]), sys.argv[2].split(",")
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                      "task": {"type": "worker", "index": index}})
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+import tensorflow as tf
+import tfopt
+try:
+    strategy = tfopt.strategies.auto(timeout=float(sys.argv[3]))
+except RuntimeError as e:
+    print("RuntimeError:", e, flush=True)
+    sys.exit(0)
+total = strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+print("REPLICAS", type(strategy).__name__, strategy.num_replicas_in_sync, float(total), flush=True)
+"""
+
+
+def _auto_workers(indices, timeout, delays=None, limit=180):
+    """Runs `auto(timeout)` in one process per index of a 2-worker loopback cluster; returns their stdout."""
+    ports = ",".join(map(str, free_loopback_ports(2)))
+    env = {key: value for key, value in os.environ.items() if key not in ("TF_CONFIG", "TPU_NAME", "COLAB_TPU_ADDR")}
+    procs = []
+    for i, index in enumerate(indices):
+        if delays and delays[i]:
+            time.sleep(delays[i])
+        procs.append(subprocess.Popen([sys.executable, "-c", _AUTO_WORKER, str(index), ports, str(timeout)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.time() + limit
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    outputs = []
+    for p in procs:
+        if p.poll() is None:
+            p.kill()  # SIGKILL: a worker stuck in TensorFlow's join ignores SIGTERM
+        outputs.append(p.communicate()[0])
+    return ports.split(","), outputs
+
+
+class WaitingForWorkersTest(testing.TestCase):
+    """`auto()` under a TF_CONFIG: what two processes on 127.0.0.1 really do."""
+
+    def test_a_worker_that_never_starts_is_logged_then_a_runtime_error(self):
+        (_, missing), (out,) = _auto_workers([0], timeout=12)  # worker 1 never starts
+        self.assertRegex(out, rf"waiting for the other workers of TF_CONFIG \(\d+ s so far\); not answering yet: "
+                              rf"\['127.0.0.1:{missing}'\]")
+        self.assertRegex(out, rf"RuntimeError: .*did not all start within 12 s; not answering: "
+                              rf"\['127.0.0.1:{missing}'\]. Fix: start every worker")
+        self.assertNotIn("REPLICAS", out)
+
+    @pytest.mark.slow
+    def test_workers_started_apart_find_each_other(self):
+        # worker 1 starts late: worker 0 waits (answering on its port meanwhile), then both join TensorFlow's cluster
+        (_, late), outputs = _auto_workers([0, 1], timeout=120, delays=[0, 8])
+        for out in outputs:
+            self.assertIn("REPLICAS MultiWorker 2 2.0", out, outputs)
+            self.assertNotIn("RuntimeError", out, outputs)
+        self.assertIn(f"not answering yet: ['127.0.0.1:{late}']", outputs[0], outputs)
 
 
 class ChiefOnlyExportTest(testing.TestCase):

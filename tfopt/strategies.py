@@ -238,12 +238,21 @@ def _tpu_resolver(tpu=None):
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
     except Exception as e:  # URLError, ValueError, NotFoundError: the name does not resolve
-        announced = {k: os.environ[k] for k in ("TPU_NAME", "COLAB_TPU_ADDR") if os.environ.get(k)}
+        announced = [k for k in ("TPU_NAME", "COLAB_TPU_ADDR") if os.environ.get(k)]
+        if tpu:
+            received = f"tpu={tpu!r}"
+            fix = ("check the name or address passed as `tpu`; to train on the CPU/GPU instead, use "
+                   "`tfopt.strategies.auto()` rather than `TPU()`")
+        elif announced:
+            received = " and ".join(f"{k}={os.environ[k]!r}" for k in announced)
+            fix = f"to train on the CPU/GPU instead, unset {' and '.join(announced)}; otherwise check its value"
+        else:
+            received = "tpu=None on a TPU VM (/dev/accel0 exists)"
+            fix = "pass the TPU's name or address as `TPU(tpu=...)`"
         raise RuntimeError(
-            f"tfopt.strategies: the TPU {tpu or announced or '(local)'} could not be resolved "
-            f"({type(e).__name__}: {e}). Received: tpu={tpu!r}, environment {announced}. Fix: check the "
-            "TPU's name or address; in Colab pick Runtime > Change runtime type > TPU; to train on "
-            "the CPU/GPU instead, unset TPU_NAME / COLAB_TPU_ADDR."
+            f"tfopt.strategies: the TPU named by {received} could not be resolved "
+            f"({type(e).__name__}: {e}). Received: {received}. Fix: {fix} "
+            "(in Colab, pick Runtime > Change runtime type > TPU)."
         ) from e
     key = resolver.master() or str(tpu)
     if key not in _TPU_SYSTEMS:
@@ -374,8 +383,10 @@ def _wait_for_peers(config, timeout, interval=10.0):
         listener.bind((host.strip("[]") if host not in ("localhost",) else "127.0.0.1", int(port)))
         listener.listen(64)
         listener.settimeout(0.2)
-    except OSError:
-        listener = None  # the address is not this machine's, or taken: just wait
+    except OSError:  # the address is not this machine's, or taken: just wait
+        if listener is not None:
+            listener.close()
+        listener = None
     started, last_log = time.monotonic(), 0.0
     try:
         while True:
@@ -443,10 +454,13 @@ def auto(timeout=None):
     answer on its address: meanwhile the peers not answering are logged every
     10 seconds (WARNING), and after `timeout` seconds (None: no limit, as
     TensorFlow) a RuntimeError names them. (TensorFlow's own wait, inside the
-    strategy's constructor, cannot be interrupted or logged.)
+    strategy's constructor, holds the interpreter: it cannot be interrupted or
+    logged, `CommunicationOptions(timeout_seconds=...)` does not bound it, and
+    a worker stuck there ignores SIGTERM.)
 
     Args:
-        timeout: seconds to wait for the other workers of `TF_CONFIG`, or None.
+        timeout: seconds to wait for the other workers of `TF_CONFIG` (a
+            number >= 0), or None to wait as long as it takes.
 
     Example:
     >>> import tfopt
@@ -454,11 +468,17 @@ def auto(timeout=None):
     >>> strategy.num_replicas_in_sync
     1
     """
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout >= 0):
+        raise ValueError(
+            "`timeout` is the number of seconds `auto()` waits for the other workers of TF_CONFIG: a number "
+            f">= 0, or None to wait as long as it takes. Received: timeout={timeout!r}"
+        )
     kind, reason = _choose()
     if kind == "tpu":
         try:
-            strategy = TPU()
-        except (ValueError, RuntimeError, tf.errors.OpError) as e:
+            strategy = TPU()  # a name that does not resolve is already a clear RuntimeError
+        except (ValueError, tf.errors.OpError) as e:
             raise RuntimeError(
                 f"tfopt.strategies.auto: this machine announces a TPU (COLAB_TPU_ADDR, TPU_NAME or "
                 f"/dev/accel0) but it could not be reached: {e}. In Colab, pick Runtime > Change runtime "
