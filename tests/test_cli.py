@@ -1,6 +1,8 @@
 """The command line, run as a user would: a subprocess."""
 
+import functools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -130,6 +132,26 @@ class CliCommandsTest(testing.TestCase):
             (("export", self.paths["pruned"], "-o", os.path.join(self.dir, "x.bin")), "-o should name a .tflite"),
             (("inspect", self.paths["lambda"]), "pass --unsafe"),
         ]
+        import numpy as np
+
+        wrong = os.path.join(self.dir, "wrong.npy")
+        np.save(wrong, np.zeros((4, 9), "float32"))  # the model takes 8 features
+        empty = os.path.join(self.dir, "empty.npy")
+        np.save(empty, np.zeros((0, 8), "float32"))
+        directory = os.path.join(self.dir, "out.tflite")
+        os.makedirs(directory, exist_ok=True)
+        cases += [
+            (("export", self.paths["pruned"], "-o", os.path.join(self.dir, "w.tflite"), "--precision", "int8",
+              "--representative-data", wrong),
+             "`representative_data` does not fit model 'sequential', input 'input_layer': expected shape (None, 8)"),
+            (("export", self.paths["pruned"], "-o", os.path.join(self.dir, "w.tflite"), "--representative-data", wrong),
+             "`inputs` does not fit model"),
+            (("export", self.paths["pruned"], "-o", os.path.join(self.dir, "e.tflite"), "--precision", "int8",
+              "--representative-data", empty), "holds no samples (shape (0, 8))"),
+            (("export", self.paths["pruned"], "-o", directory), f"-o {directory} is a directory"),
+            (("demo", "--out", text), f"--out {text} is a file"),
+            (("demo", "--plot", self.dir), f"--plot {self.dir} is a directory"),
+        ]
         for argv, needle in cases:
             code, _, err = self._main(*argv)
             self.assertEqual(code, 1, argv)
@@ -149,3 +171,59 @@ class CliCommandsTest(testing.TestCase):
         self.assertEqual(code, 1)
         with open(out, "rb") as f:
             self.assertEqual(f.read(), b"previous good file")
+
+
+# What TensorFlow's C++ runtime, the converter and the interpreter print on their own.
+_TF_SPAM = re.compile(r"absl::InitializeLog|oneDNN|cuda|cuInit|cpu_feature_guard|To enable the following instructions|"
+                      r"Ignored output_format|Ignored drop_control|SavedModel|MLIR|XNNPACK|fully_quantize|"
+                      r"^[IWEF]\d{4} ")
+
+
+@functools.lru_cache(maxsize=None)
+def _cli_runs():
+    """`inspect`, `export` and a mistaken `export` of a tiny model, each as a user runs it: a
+    fresh process whose environment does not set TF_CPP_MIN_LOG_LEVEL."""
+    directory = tempfile.mkdtemp()
+    paths = _saved_models(directory)
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")}
+    os.makedirs(os.path.join(directory, "dir.tflite"))
+    runs = {}
+    for name, argv in (("inspect", ["inspect", paths["pruned"]]),
+                       ("export", ["export", paths["pruned"], "-o", os.path.join(directory, "p.tflite"),
+                                   "--precision", "int8", "--representative-data", paths["data"]]),
+                       ("mistake", ["export", paths["pruned"], "-o", os.path.join(directory, "p8.tflite"),
+                                    "--precision", "int8"])):
+        runs[name] = subprocess.run([sys.executable, "-m", "tfopt", *argv], capture_output=True, text=True,
+                                    timeout=300, env=env)
+    script = os.path.join(os.path.dirname(sys.executable), "tfopt")  # the console script pip writes
+    if os.path.exists(script):
+        runs["script"] = subprocess.run([script, "inspect", paths["pruned"]], capture_output=True, text=True,
+                                        timeout=300, env=env)
+    return runs
+
+
+class CliLogSpamTest(testing.TestCase):
+    def test_commands_print_no_converter_or_interpreter_logs(self):
+        runs = _cli_runs()
+        for name in ("inspect", "export"):
+            self.assertEqual(runs[name].returncode, 0, runs[name].stderr[-2000:])
+        self.assertIn("total", runs["inspect"].stdout)
+        self.assertIn("float ops left: none", runs["export"].stdout)
+        for name, run in runs.items():
+            late = [line for line in run.stderr.splitlines()
+                    if re.search(r"Ignored output_format|SavedModel|MLIR|XNNPACK|fully_quantize|cuInit", line)]
+            self.assertEqual(late, [], f"{name}: {run.stderr[-3000:]}")
+        mistake = runs["mistake"]
+        self.assertEqual(mistake.returncode, 1)
+        self.assertNotIn("Traceback", mistake.stderr)
+        self.assertTrue(mistake.stderr.splitlines()[-1].startswith("tfopt export: Model 'sequential' has no "
+                                                                   "quantization ranges"), mistake.stderr)
+
+    def test_commands_print_only_tfopt_output(self):
+        runs = _cli_runs()
+        for name in ("inspect", "export", "script")[:len(runs) - 1]:
+            self.assertEqual(runs[name].returncode, 0, runs[name].stderr[-2000:])
+            spam = [line for line in runs[name].stderr.splitlines() if _TF_SPAM.search(line)]
+            self.assertEqual(spam, [], f"{name} printed TensorFlow logs")
+            self.assertEqual(runs[name].stderr, "")
+        self.assertEqual(len(runs["mistake"].stderr.splitlines()), 1, runs["mistake"].stderr)

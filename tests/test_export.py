@@ -3,6 +3,7 @@
 import gzip
 import os
 import tempfile
+import unittest
 from unittest import mock
 
 import keras
@@ -85,3 +86,126 @@ class ExportTest(testing.TestCase):
     def test_bad_path(self):
         with self.assertRaisesRegex(ValueError, r"'\.tflite'.*path='model.h5'"):
             tfopt.export(_pruned_trained(), "model.h5")
+
+
+def _frames_model(dtype=None):
+    layers = [keras.Input((16, 3)), keras.layers.Conv1D(4, 3, activation="relu"), keras.layers.Flatten(),
+              keras.layers.Dense(5)]
+    if dtype is not None:
+        layers = [layers[0]] + [type(layer).from_config({**layer.get_config(), "dtype": dtype})
+                                for layer in layers[1:]]
+    return keras.Sequential(layers, name="frames")
+
+
+def _int8_tensors(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path)
+    return sum(1 for t in interpreter.get_tensor_details() if t["dtype"] == np.int8)
+
+
+class ExportMisuseBehaviourTest(testing.TestCase):
+    def test_mixed_float16_global_policy_exports_float32_and_int8(self):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            model = _frames_model()
+            self.assertEqual(model.layers[0].dtype_policy.name, "mixed_float16")
+            x = self.make_input((8, 16, 3))
+            d = tempfile.mkdtemp()
+            report = tfopt.export(model, os.path.join(d, "f32.tflite"), inputs=x)
+            # The policy that was global stays global.
+            self.assertEqual(keras.mixed_precision.global_policy().name, "mixed_float16")
+            # Checked against the mixed model itself: float16 rounding, no more.
+            scale = float(np.max(np.abs(np.asarray(model(x), "float32"))))
+            self.assertLess(report.max_abs_diff, 1e-2 * max(scale, 1.0))
+            self.assertEqual(report.precision, "float32")
+            report8 = tfopt.export(model, os.path.join(d, "i8.tflite"), precision="int8",
+                                   representative_data=self.make_input((32, 16, 3), seed=1), inputs=x)
+            self.assertEqual(report8.float_ops, [])
+            self.assertGreater(_int8_tensors(report8.path), 0)
+            self.assertLess(report8.max_abs_diff, 0.1 * max(scale, 1.0))
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+    def test_mixed_float16_layers_under_float32_policy(self):
+        model = _frames_model(dtype="mixed_float16")
+        x = self.make_input((4, 16, 3))
+        report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "m.tflite"), inputs=x,
+                              precision="float16")
+        self.assertEqual(keras.mixed_precision.global_policy().name, "float32")
+        self.assertLess(report.max_abs_diff, 1e-2 * max(float(np.max(np.abs(np.asarray(model(x), "float32")))), 1.0))
+
+    def test_global_policy_restored_when_the_float32_copy_fails(self):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            model = _frames_model()
+            with mock.patch.object(keras.models, "clone_model", side_effect=RuntimeError("clone failed")):
+                with self.assertRaisesRegex(RuntimeError, "clone failed"):
+                    tfopt.export(model, os.path.join(tempfile.mkdtemp(), "m.tflite"))
+            self.assertEqual(keras.mixed_precision.global_policy().name, "mixed_float16")
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+    def test_int8_file_left_in_float_is_not_written(self):
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "keep.tflite")
+        with open(path, "wb") as f:
+            f.write(b"previous good file")
+        real_convert = export_lib._convert
+        # What the converter returns when calibration gives it nothing to quantize with.
+        with mock.patch.object(export_lib, "_convert", side_effect=lambda model, *a, **k: real_convert(model)):
+            with self.assertRaisesRegex(ValueError, r"returned a float model for precision='int8'"):
+                tfopt.export(_frames_model(), path, precision="int8",
+                             representative_data=self.make_input((8, 16, 3)))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"previous good file")
+        self.assertEqual(os.listdir(directory), ["keep.tflite"])
+
+    def test_bad_calibration_data_is_refused_before_converting(self):
+        with mock.patch.object(export_lib, "_convert", side_effect=AssertionError("converted")):
+            for data in (np.zeros((0, 16, 3), "float32"), np.full((4, 16, 3), np.nan, "float32"),
+                         np.zeros((4, 17, 3), "float32")):
+                with self.assertRaises(ValueError):
+                    tfopt.export(_frames_model(), os.path.join(tempfile.mkdtemp(), "m.tflite"),
+                                 precision="int8", representative_data=data)
+
+    def test_none_dims_match_any_size(self):
+        inp = keras.Input((None, 3))
+        model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(inp)))
+        report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "m.tflite"), inputs=self.make_input((2, 7, 3)),
+                              precision="int8", representative_data=self.make_input((8, 5, 3), seed=1))
+        self.assertEqual(report.num_check_samples, 2)
+
+    def test_missing_parent_directories_are_created(self):
+        path = os.path.join(tempfile.mkdtemp(), "new", "deeper", "m.tflite")
+        tfopt.export(_frames_model(), path, check=False)
+        self.assertTrue(os.path.isfile(path))
+
+    @unittest.skipIf(os.geteuid() == 0, "root writes into read-only directories")
+    def test_read_only_directory_is_refused_before_converting(self):
+        directory = tempfile.mkdtemp()
+        os.chmod(directory, 0o555)
+        try:
+            with mock.patch.object(export_lib, "_convert", side_effect=AssertionError("converted")):
+                with self.assertRaisesRegex(PermissionError, "is not writable"):
+                    tfopt.export(_frames_model(), os.path.join(directory, "m.tflite"))
+        finally:
+            os.chmod(directory, 0o755)
+
+    def test_directory_target_is_refused_before_converting(self):
+        path = os.path.join(tempfile.mkdtemp(), "out.tflite")
+        os.makedirs(path)
+        with mock.patch.object(export_lib, "_convert", side_effect=AssertionError("converted")):
+            with self.assertRaisesRegex(IsADirectoryError, "is a directory"):
+                tfopt.export(_frames_model(), path)
+        self.assertEqual(os.listdir(path), [])
+
+    def test_lambda_model_exports(self):
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Lambda(lambda t: t * 2.0), keras.layers.Dense(3)])
+        x = self.make_input((4, 8))
+        d = tempfile.mkdtemp()
+        report = tfopt.export(model, os.path.join(d, "lam.tflite"), inputs=x)
+        self.assertLess(report.max_abs_diff, 1e-5)
+        report8 = tfopt.export(model, os.path.join(d, "lam8.tflite"), inputs=x, precision="int8",
+                               representative_data=self.make_input((32, 8), seed=1))
+        self.assertEqual(report8.float_ops, [])

@@ -22,6 +22,11 @@ Public API:
 
 __version__ = "0.1.0"
 
+from tfopt import _logs  # noqa: E402  (imports nothing heavy)
+
+if _logs.is_cli():  # `python -m tfopt`: quiet TensorFlow before it loads (see tfopt/_logs.py)
+    _logs.quiet_logs()
+
 from tfopt import (  # noqa: E402
     callbacks, compat, distillation, geometry, layers, quantizers, schedules, sparsity, strategies,
 )

@@ -5,9 +5,13 @@ User mistakes (missing or non-Keras files, unsafe files, bad arguments) print
 one clear message to stderr and exit with status 2 (arguments) or 1 (files and
 models), without a traceback.
 
-tfopt (and so TensorFlow) is imported lazily, inside each command: argument
-errors and `--help` answer at once, and TensorFlow's log level is set before
-it loads.
+Each command checks the arguments it can check before loading the model.
+TensorFlow 2.21's C++ runtime and the LiteRT converter log through absl
+whatever `TF_CPP_MIN_LOG_LEVEL` says, so under `python -m tfopt` the package
+(`tfopt/__init__.py`, before TensorFlow loads) drops their routine log lines
+from stderr (file descriptor 2, see `tfopt/_logs.py`); anything else, tfopt's
+messages and Python tracebacks included, passes through. Set
+`TF_CPP_MIN_LOG_LEVEL=0` to see TensorFlow's logs.
 """
 
 import argparse
@@ -18,6 +22,10 @@ import zipfile
 
 class UserError(Exception):
     """A mistake the user can fix: printed without a traceback, exit status 1."""
+
+
+def _one_line(error):
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def _parser():
@@ -89,11 +97,11 @@ def _inspect(args):
 def _export(args):
     import numpy as np
 
-    import tfopt  # lazy: see the module docstring
-
     if not args.output.endswith(".tflite"):
         raise UserError(f"-o should name a .tflite file. Received: {args.output}")
-    model = _load(args.model, args.unsafe)
+    if os.path.isdir(args.output):
+        raise UserError(f"-o {args.output} is a directory; expected the .tflite file to write. "
+                        f"Fix: -o {os.path.join(args.output, 'model.tflite')}")
     data = None
     if args.representative_data:
         if not os.path.exists(args.representative_data):
@@ -101,20 +109,26 @@ def _export(args):
         try:
             data = np.load(args.representative_data)
         except (ValueError, OSError) as e:
-            raise UserError(f"cannot read {args.representative_data} as a .npy array: {e}") from None
+            raise UserError(f"cannot read {args.representative_data} as a .npy array: {_one_line(e)}") from None
+        if data.ndim == 0 or len(data) == 0:
+            raise UserError(f"--representative-data {args.representative_data} holds no samples (shape "
+                            f"{data.shape}). Fix: save a few hundred typical inputs, e.g. "
+                            "np.save(path, x_train[:500]).")
+    model = _load(args.model, args.unsafe)
+    import tfopt  # lazy: see the module docstring
+
     try:
-        report = tfopt.export(model, args.output, precision=args.precision, representative_data=data,
+        report = tfopt.export(model, args.output, precision=args.precision,
+                              representative_data=data if args.precision == "int8" else None,
                               inputs=data[:64] if data is not None else None)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise UserError(_one_line(e).removeprefix("tfopt.export: ")) from None
     print(report)
     if args.precision == "int8":
         print(f"float ops left: {', '.join(sorted(set(report.float_ops))) or 'none'}")
 
 
 def _demo(args):
-    from tfopt import demo  # lazy: see the module docstring
-
     if not 0.0 <= args.sparsity < 1.0:
         print(f"tfopt demo: --sparsity must be in [0, 1). Received: {args.sparsity}", file=sys.stderr)
         return 2
@@ -122,6 +136,14 @@ def _demo(args):
         print("tfopt demo: --epochs and --finetune-epochs must be >= 1, --recipe-epochs and "
               "--transfer >= 0.", file=sys.stderr)
         return 2
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; expected a directory for the .tflite files. "
+                        "Fix: --out a new or existing directory.")
+    if args.plot is not None and os.path.isdir(args.plot):
+        raise UserError(f"--plot {args.plot} is a directory; expected the .png file to write. "
+                        f"Fix: --plot {os.path.join(args.plot, 'accuracy_vs_size.png')}")
+    from tfopt import demo  # lazy: see the module docstring
+
     rows = demo.run(epochs=args.epochs, finetune_epochs=args.finetune_epochs, sparsity=args.sparsity,
                     out_dir=args.out, seed=args.seed)
     if args.recipe_epochs:
@@ -153,7 +175,7 @@ def main(argv=None):
         elif args.command == "export":
             _export(args)
     except UserError as e:
-        print(f"tfopt {args.command}: {e}", file=sys.stderr)
+        print(f"tfopt {args.command}: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -248,6 +248,174 @@ def float_ops(model_content):
     return out
 
 
+def _symbolic_inputs(model):
+    """The model's symbolic input tensors, or None (a subclassed or unbuilt model)."""
+    try:
+        tensors = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    return list(tensors) if tensors else None
+
+
+def _shape_text(shape):
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _as_arrays(data, argument):
+    """`data` (an array or a list of arrays) as a list of NumPy arrays, each with a samples axis."""
+    arrays = data if isinstance(data, (list, tuple)) else [data]
+    out = []
+    for a in arrays:
+        array = np.asarray(a)
+        if array.ndim == 0 or array.dtype == object:
+            raise TypeError(
+                f"tfopt.export: `{argument}` must be an array with a leading samples axis, or a list of "
+                f"such arrays (one per model input). Received: {argument} of type {type(a).__name__}"
+                + ("" if array.dtype == object else f" with shape {array.shape}")
+                + ". Fix: pass np.asarray(samples), e.g. x_train[:500] (a tf.data.Dataset: stack its batches "
+                "with np.concatenate([x for x, _ in dataset])).")
+        out.append(array)
+    return out
+
+
+def _check_arrays(model, arrays, argument):
+    """Raises a ValueError unless `arrays` fit the model's inputs (None dims match any size)."""
+    shapes = [a.shape for a in arrays]
+    for array in arrays:
+        if len(array) == 0:
+            raise ValueError(
+                f"tfopt.export: `{argument}` holds no samples (shape {array.shape}). "
+                + ("int8 calibration would have nothing to measure, and the converter would silently "
+                   "leave the model in float. Fix: pass a few hundred typical inputs, e.g. "
+                   "representative_data=x_train[:500]." if argument == "representative_data" else
+                   "Fix: pass at least one input to check on, e.g. inputs=x_test[:32], or check=False.")
+            )
+    if len({len(a) for a in arrays}) > 1:
+        raise ValueError(
+            f"tfopt.export: the arrays of `{argument}` hold different numbers of samples: shapes "
+            f"{shapes}. Fix: pass one array per model input, all with the same number of samples.")
+    tensors = _symbolic_inputs(model)
+    if tensors is None:
+        return
+    names = [_keras_internal.input_name(t) for t in tensors]
+    if len(arrays) != len(tensors):
+        raise ValueError(
+            f"tfopt.export: model '{model.name}' takes {len(tensors)} input(s) {names}, but `{argument}` "
+            f"holds {len(arrays)} array(s). Received: {argument} of shape(s) {[tuple(s) for s in shapes]}. "
+            f"Fix: pass a list of {len(tensors)} arrays, in the order of model.inputs.")
+    for name, tensor, array in zip(names, tensors, arrays):
+        expected = tuple(tensor.shape)
+        if len(array.shape) == len(expected) and all(
+                e is None or e == r for e, r in zip(expected[1:], array.shape[1:])):
+            continue
+        wanted = _shape_text(("num_samples",) + expected[1:])
+        hint = ""
+        if len(array.shape) < len(expected):
+            hint = (" (the last axis is missing: add it with x[..., np.newaxis])"
+                    if len(array.shape) == len(expected) - 1 and expected[-1] == 1 else
+                    f" (received {len(array.shape)} axes where the model takes {len(expected)}: is an axis, "
+                    "such as channels, missing?)")
+        raise ValueError(
+            f"tfopt.export: `{argument}` does not fit model '{model.name}', input '{name}': expected shape "
+            f"{_shape_text(expected)} (None: any size), received shape {tuple(array.shape)}. "
+            f"Fix: pass arrays shaped {wanted}{hint}, the shape the model was built for.")
+
+
+def _check_finite(arrays, argument):
+    for i, array in enumerate(arrays):
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            which = f" (array {i})" if len(arrays) > 1 else ""
+            raise ValueError(
+                f"tfopt.export: `{argument}`{which} holds {bad} NaN/Inf value(s) out of {array.size} "
+                f"(shape {array.shape}); int8 calibration would measure NaN ranges, and the converter "
+                "would silently leave those ops in float. Fix: drop or fill those samples, e.g. "
+                "x = x[np.isfinite(x).reshape(len(x), -1).all(axis=1)].")
+
+
+def _check_target(path):
+    """Raises before any conversion if `path` cannot be written (a missing parent is fine: it is created)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"tfopt.export: path {path!r} is a directory; `path` names the .tflite file to write. "
+            f"Fix: path={os.path.join(path, 'model.tflite')!r}.")
+    existing = os.path.dirname(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(
+            f"tfopt.export: cannot write {path!r}: {existing!r} is a file, not a directory. "
+            "Fix: choose a path under a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"tfopt.export: cannot write {path!r}: directory {existing!r} is not writable. "
+            "Fix: choose a writable directory, or change its permissions.")
+
+
+def _half_layers(model):
+    """Layers (the model included) that compute in float16/bfloat16 (a mixed-precision policy)."""
+    out = []
+    for layer in [model] + _keras_internal.all_layers(model):
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and getattr(policy, "quantization_mode", None) is None and \
+                keras.backend.standardize_dtype(policy.compute_dtype) in ("float16", "bfloat16"):
+            out.append(layer)
+    return out
+
+
+def _float32_model(model):
+    """`model`, or, if any of its layers computes in float16/bfloat16 (mixed precision), a
+    float32 copy with the same weights: the LiteRT converter has no float16 MatMul."""
+    half = _half_layers(model)
+    if not half:
+        return model
+    policies = sorted({layer.dtype_policy.name for layer in half})
+    if not _keras_internal.is_graph_network(model):
+        raise ValueError(
+            f"tfopt.export: model '{model.name}' ({type(model).__name__}) computes in half precision "
+            f"(dtype policies {policies}), which the LiteRT converter cannot convert, and tfopt rebuilds "
+            "only Sequential and Functional models in float32. Fix: build the model again under "
+            "keras.mixed_precision.set_global_policy('float32'), copy the weights with "
+            "float_model.set_weights(model.get_weights()), and export that.")
+    code = [layer for layer in half if _keras_internal.holds_python_code(layer)]
+    if code:
+        raise ValueError(
+            f"tfopt.export: layer '{code[0].name}' ({type(code[0]).__name__}) of model '{model.name}' "
+            f"computes in half precision (dtype policy {code[0].dtype_policy.name!r}), which the LiteRT "
+            "converter cannot convert, and holds Python code, which tfopt cannot rebuild in float32 "
+            "without unsafe deserialization. Fix: create that layer with dtype='float32' (e.g. "
+            "keras.layers.Lambda(fn, dtype='float32')), or build the model under the float32 policy.")
+    half_ids = {id(layer) for layer in half}
+
+    def clone_function(layer):
+        config = layer.get_config()
+        if id(layer) in half_ids:
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")  # sublayers built without a dtype of their own
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    clone.set_weights([
+        np.asarray(w, "float32") if np.issubdtype(np.asarray(w).dtype, np.floating) else w
+        for w in model.get_weights()
+    ])
+    return clone
+
+
+def _int8_tensor_count(model_content):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_content)
+    return sum(1 for t in interpreter.get_tensor_details() if t["dtype"] == np.int8)
+
+
 def _has_quantization(model):
     return any(isinstance(layer, QuantizingLayer) and layer.is_quantizing()
                for layer in _keras_internal.all_layers(model))
@@ -265,6 +433,15 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     random inputs shaped like the model's) and the largest absolute difference
     from the Keras model's outputs is reported.
 
+    Misuses are refused before the (slow) conversion: a `path` that is a
+    directory or under a read-only one, `inputs`/`representative_data` whose
+    shapes do not fit the model's inputs (None dims match any size), and empty
+    or non-finite calibration data. An int8 export whose file holds no int8
+    tensor raises instead of writing a float file labelled int8. A
+    mixed-precision model (`mixed_float16`, `mixed_bfloat16`) is converted from
+    a float32 copy with the same weights (the global dtype policy is restored
+    afterwards) and checked against the original model's outputs.
+
     Args:
         model: a Keras 3 model (tfopt layers and Pruning-callback masks are
             stripped first; see `tfopt.strip`).
@@ -279,7 +456,9 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             model is then converted as is, fake-quant ops included), or, for a
             model trained without QAT, post-training quantization calibrated on
             `representative_data`.
-        representative_data: inputs for post-training int8 calibration.
+        representative_data: inputs for post-training int8 calibration (an
+            array, or a list of arrays; finite, at least one sample; used
+            only with precision="int8", else ignored with a warning).
         measure_latency: also time the file in the LiteRT interpreter (one
             thread, batch 1, median of 50 runs) and, for float16/int8, a float32
             conversion of the same model, into `latency_ms` and
@@ -306,6 +485,7 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     if strategy is not None and not strategies.is_chief(strategy):
         # Multi-worker: every worker runs the same script; only the chief's file lands at `path`.
         path = strategies.chief_path(strategy, path)
+    _check_target(path)
     quantized = _has_quantization(model)
     if precision == "int8" and not quantized and representative_data is None:
         raise ValueError(
@@ -314,9 +494,31 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             "`representative_data=` (a few hundred typical inputs) for post-training "
             "quantization, or train with `quantization_aware=` layers first."
         )
+    if representative_data is not None:
+        if precision != "int8":
+            warnings.warn(
+                f"tfopt.export: `representative_data` calibrates int8 exports only; with "
+                f"precision={precision!r} it is ignored. Fix: pass precision='int8', or drop "
+                "representative_data (use inputs= for the arrays to check on).", UserWarning, stacklevel=2)
+            representative_data = None
+        else:
+            representative_data = _as_arrays(representative_data, "representative_data")
+            _check_arrays(model, representative_data, "representative_data")
+            _check_finite(representative_data, "representative_data")
+    if inputs is not None:
+        inputs = _as_arrays(inputs, "inputs")
+        _check_arrays(model, inputs, "inputs")
     # QAT layers must stay: their fake-quant ops carry the int8 ranges.
     stripped = model if (precision == "int8" and quantized) else transforms.strip(model)
-    content = _convert(stripped, optimizations, precision, representative_data)
+    # A mixed-precision model is converted from a float32 copy and checked against itself.
+    content = _convert(_float32_model(stripped), optimizations, precision, representative_data)
+    if precision == "int8" and not _int8_tensor_count(content):
+        raise ValueError(
+            f"tfopt.export: the converter returned a float model for precision='int8' (no int8 tensor "
+            f"in the file; float ops: {sorted(set(float_ops(content)))}), so nothing was written to "
+            f"{str(path)!r}. This happens when calibration data gives no usable ranges, or when the "
+            f"model (model '{model.name}') has no op the converter quantizes. Fix: pass typical, "
+            "finite inputs as representative_data, or export with precision='float32'.")
     max_diff = top1 = None
     arrays = []
     if check:
@@ -341,7 +543,7 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         timing_inputs = arrays or _check_inputs(stripped, inputs, num_check_samples, seed)
         latency = litert_latency_ms(content, timing_inputs)
         float_latency = latency if precision == "float32" else litert_latency_ms(
-            _convert(transforms.strip(model)), timing_inputs)
+            _convert(_float32_model(transforms.strip(model))), timing_inputs)
     atomic_write_bytes(path, content)
     return ExportReport(
         path=str(path),

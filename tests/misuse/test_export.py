@@ -1,0 +1,173 @@
+"""Misuses of tfopt.export and what tfopt says."""
+
+import os
+import tempfile
+from unittest import mock
+
+import keras
+import numpy as np
+
+import tfopt
+from tests.misuse.harness import Misuse, MisuseTestCase
+from tfopt import exporting as export_lib
+
+
+def _frames(channels=3):
+    """A tiny model of 16 frames x `channels`."""
+    return keras.Sequential([keras.Input((16, channels), name="frames"), keras.layers.Flatten(),
+                             keras.layers.Dense(2, name="head")], name="tiny")
+
+
+def _path(name="m.tflite"):
+    return os.path.join(tempfile.mkdtemp(), name)
+
+
+def _x(*shape, fill=None):
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    return x if fill is None else np.full(shape, fill, "float32")
+
+
+def _export_into_directory():
+    path = _path("dir.tflite")
+    os.makedirs(path)
+    return tfopt.export(_frames(), path)
+
+
+def _export_under_a_file():
+    parent = _path("notes.txt")
+    with open(parent, "w") as f:
+        f.write("not a directory")
+    return tfopt.export(_frames(), os.path.join(parent, "m.tflite"))
+
+
+def _export_into_read_only_directory():
+    directory = tempfile.mkdtemp()
+    os.chmod(directory, 0o555)
+    access = os.access
+
+    def denied(path, mode, **kwargs):  # root may write anywhere: deny it here too
+        return False if os.path.abspath(path) == directory and mode & os.W_OK else access(path, mode, **kwargs)
+
+    try:
+        with mock.patch.object(export_lib.os, "access", side_effect=denied):
+            return tfopt.export(_frames(), os.path.join(directory, "m.tflite"))
+    finally:
+        os.chmod(directory, 0o755)
+
+
+def _two_inputs():
+    a, b = keras.Input((4,), name="a"), keras.Input((3,), name="b")
+    return keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])), name="pair")
+
+
+def _mixed_lambda():
+    return keras.Sequential([keras.Input((8,)), keras.layers.Lambda(lambda t: t * 2.0, dtype="mixed_float16",
+                                                                    name="double"),
+                             keras.layers.Dense(3)], name="lam")
+
+
+class _Sub(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(2, dtype="mixed_float16")
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def _mixed_subclassed():
+    model = _Sub(name="sub")
+    model(np.zeros((1, 4), "float32"))
+    return model
+
+
+def _float_convert(model, *args, **kwargs):
+    return _REAL_CONVERT(model)  # what the converter returns when it quantizes nothing
+
+
+_REAL_CONVERT = export_lib._convert
+
+
+def _int8_left_in_float():
+    with mock.patch.object(export_lib, "_convert", side_effect=_float_convert):
+        return tfopt.export(_frames(), _path(), precision="int8", representative_data=_x(8, 16, 3))
+
+
+TABLE = [
+    Misuse("int8 export with empty calibration data",
+           lambda: tfopt.export(_frames(), _path(), precision="int8", representative_data=_x(0, 16, 3)),
+           raises=ValueError,
+           match=r"`representative_data` holds no samples \(shape \(0, 16, 3\)\).*leave the model in float.*"
+                 r"Fix: pass a few hundred typical inputs"),
+    Misuse("int8 export with NaN calibration data",
+           lambda: tfopt.export(_frames(), _path(), precision="int8", representative_data=_x(4, 16, 3, fill=np.nan)),
+           raises=ValueError,
+           match=r"`representative_data` holds 192 NaN/Inf value\(s\) out of 192 \(shape \(4, 16, 3\)\).*"
+                 r"Fix: drop or fill those samples"),
+    Misuse("int8 export whose file holds no int8 tensor", _int8_left_in_float,
+           raises=ValueError,
+           match=r"converter returned a float model for precision='int8' \(no int8 tensor in the file; float ops: "
+                 r"\[.*FULLY_CONNECTED.*\]\), so nothing was written.*Fix: .*precision='float32'"),
+    Misuse("calibration data of the wrong shape",
+           lambda: tfopt.export(_frames(), _path(), precision="int8", representative_data=_x(8, 17, 3)),
+           raises=ValueError,
+           match=r"`representative_data` does not fit model 'tiny', input 'frames': expected shape \(None, 16, 3\).*"
+                 r"received shape \(8, 17, 3\)\. Fix: pass arrays shaped \(num_samples, 16, 3\)"),
+    Misuse("calibration data missing the channel axis",
+           lambda: tfopt.export(_frames(channels=1), _path(), precision="int8", representative_data=_x(8, 16)),
+           raises=ValueError,
+           match=r"expected shape \(None, 16, 1\).*received shape \(8, 16\)\. Fix: pass arrays shaped "
+                 r"\(num_samples, 16, 1\) \(the last axis is missing: add it with x\[\.\.\., np\.newaxis\]\)"),
+    Misuse("calibration data that is not an array",
+           lambda: tfopt.export(_frames(), _path(), precision="int8", representative_data=(x for x in _x(8, 16, 3))),
+           raises=TypeError,
+           match=r"`representative_data` must be an array.*Received: representative_data of type generator\. "
+                 r"Fix: pass np\.asarray\(samples\)"),
+    Misuse("calibration arrays with different numbers of samples",
+           lambda: tfopt.export(_two_inputs(), _path(), precision="int8", representative_data=[_x(8, 4), _x(6, 3)]),
+           raises=ValueError,
+           match=r"arrays of `representative_data` hold different numbers of samples: shapes \[\(8, 4\), \(6, 3\)\]\. "
+                 r"Fix: pass one array per model input"),
+    Misuse("representative_data with a float precision",
+           lambda: tfopt.export(_frames(), _path(), representative_data=_x(8, 16, 3)),
+           warns=UserWarning,
+           match=r"`representative_data` calibrates int8 exports only; with precision='float32' it is ignored\. "
+                 r"Fix: pass precision='int8'"),
+    Misuse("check inputs of the wrong shape",
+           lambda: tfopt.export(_frames(), _path(), inputs=_x(8, 17, 3)),
+           raises=ValueError,
+           match=r"`inputs` does not fit model 'tiny', input 'frames': expected shape \(None, 16, 3\).*"
+                 r"received shape \(8, 17, 3\)\. Fix: pass arrays shaped \(num_samples, 16, 3\)"),
+    Misuse("check inputs for the wrong number of model inputs",
+           lambda: tfopt.export(_frames(), _path(), inputs=[_x(8, 16, 3), _x(8, 16, 3)]),
+           raises=ValueError,
+           match=r"model 'tiny' takes 1 input\(s\) \['frames'\], but `inputs` holds 2 array\(s\)\. Received: inputs of "
+                 r"shape\(s\) \[\(8, 16, 3\), \(8, 16, 3\)\]\. Fix: pass a list of 1 arrays"),
+    Misuse("check inputs with no samples",
+           lambda: tfopt.export(_frames(), _path(), inputs=_x(0, 16, 3)),
+           raises=ValueError,
+           match=r"`inputs` holds no samples \(shape \(0, 16, 3\)\)\. Fix: pass at least one input"),
+    Misuse("export to a path that is a directory", _export_into_directory,
+           raises=IsADirectoryError,
+           match=r"path '.*dir\.tflite' is a directory; `path` names the \.tflite file to write\. "
+                 r"Fix: path='.*dir\.tflite/model\.tflite'"),
+    Misuse("export under a path that is a file", _export_under_a_file,
+           raises=NotADirectoryError,
+           match=r"cannot write '.*notes\.txt/m\.tflite': '.*notes\.txt' is a file, not a directory\. Fix"),
+    Misuse("export into a read-only directory", _export_into_read_only_directory,
+           raises=PermissionError,
+           match=r"cannot write '.*m\.tflite': directory '.*' is not writable\. Fix: choose a writable directory"),
+    Misuse("export of a mixed_float16 Lambda layer", lambda: tfopt.export(_mixed_lambda(), _path()),
+           raises=ValueError,
+           match=r"layer 'double' \(Lambda\) of model 'lam' computes in half precision \(dtype policy "
+                 r"'mixed_float16'\).*Fix: create that layer with dtype='float32'"),
+    Misuse("export of a subclassed mixed_float16 model", lambda: tfopt.export(_mixed_subclassed(), _path()),
+           raises=ValueError,
+           match=r"model 'sub' \(_Sub\) computes in half precision \(dtype policies \['mixed_float16'\]\).*"
+                 r"Fix: build the model again under keras\.mixed_precision\.set_global_policy\('float32'\)"),
+]
+
+
+class ExportMisuseTest(MisuseTestCase):
+    def test_table(self):
+        self.run_table(TABLE)
