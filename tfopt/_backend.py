@@ -58,3 +58,28 @@ def cross_replica_sum(values):
     if not in_replica_of_strategy():
         return values
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+def conv(inputs, kernel, strides, padding, data_format, dilation_rate):
+    """`keras.ops.conv`, except that a dilated 2-D convolution runs as one
+    TensorFlow Conv2D with `dilations`: `tf.nn.convolution` splits it into
+    SpaceToBatch, Conv2D and BatchToSpace, and after a bias add the converter
+    no longer fuses them, leaving the convolution in float in an int8 file."""
+    from keras import ops
+
+    strides, dilation_rate = tuple(strides), tuple(dilation_rate)
+    plain = (
+        keras_backend() != "tensorflow" or len(inputs.shape) != 4 or data_format != "channels_last"
+        or max(dilation_rate) == 1 or max(strides) != 1 or inputs.shape[-1] != kernel.shape[-2]
+    )
+    if plain:
+        return ops.conv(inputs, kernel, strides, padding, data_format, dilation_rate)
+    import tensorflow as tf
+
+    return tf.nn.conv2d(inputs, kernel, 1, padding.upper(), "NHWC", dilations=(1,) + dilation_rate + (1,))
+
+
+def keras_backend():
+    import keras
+
+    return keras.backend.backend()

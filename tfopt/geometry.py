@@ -55,6 +55,8 @@ __all__ = [
     "twins",
     "role",
     "is_twin",
+    "expand_height",
+    "unroll_depth",
 ]
 
 WEIGHTS = "weights"  # a layer with optimizable weights
@@ -83,6 +85,15 @@ class WeightSpec:
         prune: pruned by `tfopt.prune`, the twins and the Pruning callback.
         quantize: fake-quantized by quantization-aware training.
         fold: a BatchNormalization that follows the layer folds into this weight.
+        litert_layout: None when LiteRT holds the weight in the Keras layout;
+            else `fn(layer, weight) -> weight` giving the layout of the op
+            LiteRT runs instead (`expand_height`: a 1-D convolution runs as a
+            2-D one; `unroll_depth`: a 3-D convolution as a 2-D one over depth
+            slices, LiteRT's CONV_3D being float only). Quantization-aware
+            training fake-quantizes the weight in that layout, the one whose
+            channels the converter quantizes (per-channel ranges on the Keras
+            layout make it fail: "'tfl.reshape' op requires output type ...
+            cast compatible"), and the twin computes in it.
     """
 
     path: str
@@ -94,6 +105,7 @@ class WeightSpec:
     prune: bool = True
     quantize: bool = True
     fold: bool = False
+    litert_layout: object = None
 
     @property
     def name(self):
@@ -125,6 +137,25 @@ class WeightSpec:
             return (1,) * (rank - 2) + tuple(shape[-2:])
         out = self.out_axis % rank
         return tuple(shape[out] if i == out else 1 for i in range(rank))
+
+
+def expand_height(layer, weight):
+    """`(k, ...)` -> `(1, k, ...)`: a 1-D convolution's kernel as a 2-D one's."""
+    from keras import ops
+
+    return ops.expand_dims(weight, 0)
+
+
+def unroll_depth(layer, weight):
+    """`(kd, kh, kw, in, out)` -> `(kh, kw, kd * in, out)`: a 3-D convolution's
+    kernel as that of a 2-D convolution over `kd` depth slices stacked on the
+    channel axis (channels_last, ungrouped layers; others keep their kernel)."""
+    from keras import ops
+
+    if getattr(layer, "groups", 1) != 1:
+        return weight
+    kd, kh, kw, cin, cout = weight.shape
+    return ops.reshape(ops.transpose(weight, (1, 2, 0, 3, 4)), (kh, kw, kd * cin, cout))
 
 
 @dataclasses.dataclass
@@ -266,20 +297,24 @@ register(L.Dense, [WeightSpec("kernel", in_axis=0, out_axis=-1, fold=True)])
 register(L.EinsumDense, [WeightSpec("kernel", in_axis=0, out_axis=-1, fold=True)])
 register(L.Embedding, [WeightSpec("embeddings", in_axis=-1, out_axis=-1)])
 
-# Convolutions: kernel (..., in, out), per output channel.
-for _conv in (L.Conv1D, L.Conv2D, L.Conv3D):
-    register(_conv, [WeightSpec("kernel", in_axis=-2, out_axis=-1, quant_axis=-1, fold=True)])
+# Convolutions: kernel (..., in, out), per output channel; 1-D ones run as 2-D in LiteRT.
+# Convolutions: kernel (..., in, out), per output channel; LiteRT runs 1-D and 3-D ones as 2-D.
+for _conv, _layout in ((L.Conv1D, expand_height), (L.Conv2D, None), (L.Conv3D, unroll_depth)):
+    register(_conv, [WeightSpec("kernel", in_axis=-2, out_axis=-1, quant_axis=-1, fold=True, litert_layout=_layout)])
 # Transposed: kernel (..., out, in); per tensor.
 for _conv in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
     register(_conv, [WeightSpec("kernel", in_axis=-1, out_axis=-2, fold=True)])
 # Depthwise: kernel (..., channels, multiplier), per channel x multiplier.
-for _conv in (L.DepthwiseConv1D, L.DepthwiseConv2D):
-    register(_conv, [WeightSpec("kernel", in_axis=-2, out_axis=-2, quant_axis=-1, depthwise=True, fold=True)])
-# Separable: a depthwise kernel (quantized only) then a pointwise one.
-for _conv in (L.SeparableConv1D, L.SeparableConv2D):
+for _conv, _layout in ((L.DepthwiseConv1D, expand_height), (L.DepthwiseConv2D, None)):
+    register(_conv, [WeightSpec("kernel", in_axis=-2, out_axis=-2, quant_axis=-1, depthwise=True, fold=True,
+                                litert_layout=_layout)])
+# Separable: a depthwise kernel (quantized only) then a pointwise one; LiteRT
+# runs them as two ops, with a range between them (the twins compute so).
+for _conv, _layout in ((L.SeparableConv1D, expand_height), (L.SeparableConv2D, None)):
     register(_conv, [
-        WeightSpec("depthwise_kernel", in_axis=-2, out_axis=-2, quant_axis=-1, depthwise=True, prune=False),
-        WeightSpec("pointwise_kernel", in_axis=-2, out_axis=-1, quant_axis=-1, fold=True),
+        WeightSpec("depthwise_kernel", in_axis=-2, out_axis=-2, quant_axis=-1, depthwise=True, prune=False,
+                   litert_layout=_layout),
+        WeightSpec("pointwise_kernel", in_axis=-2, out_axis=-1, quant_axis=-1, fold=True, litert_layout=_layout),
     ])
 
 # Recurrent layers: (in, gates * units) kernels, pruned; int8 comes later (issue 12).
@@ -300,6 +335,8 @@ register(L.LayerNormalization, [WeightSpec("gamma", in_axis=None, out_axis=-1, p
 for _layer in (
     L.InputLayer, L.Flatten, L.Reshape, L.Permute,
     L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+    # TFLite's int8 AVERAGE_POOL_2D requires its output on its input's scale.
+    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
     L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
     L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D,
     L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
@@ -311,7 +348,6 @@ for _layer in (
 
 for _layer in (
     L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
-    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
     L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
     L.Activation, L.ReLU, L.LeakyReLU, L.PReLU, L.ELU, L.Softmax,
     L.Rescaling, L.Normalization,
@@ -320,4 +356,4 @@ for _layer in (
 
 register(L.BatchNormalization, role=BATCH_NORM)
 
-del L, _conv, _rnn, _gates, _layer
+del L, _conv, _layout, _rnn, _gates, _layer

@@ -63,8 +63,10 @@ class QuantizationAwareLayersTest(testing.TestCase, parameterized.TestCase):
     def test_harness_int8(self, cls, base_cls, kwargs, shape, weight, dtype):
         base = base_cls(**kwargs)
         base.build(shape)
+        # Tensors LiteRT computes inside the layer (a separable conv's depthwise output) get ranges too.
+        inner = [f"{name}_range_{part}" for name in cls.INTERMEDIATE_RANGES for part in ("min", "max", "updates")]
         self.run_layer_test(cls, {**kwargs, "quantization_aware": "int8"}, shape, input_dtype=dtype,
-                            expected_weight_names=[w.name for w in base.weights] + _RANGE_NAMES)
+                            expected_weight_names=[w.name for w in base.weights] + _RANGE_NAMES + inner)
 
     @parameterized.parameters(_LAYERS_UNDER_TEST)
     def test_outputs_lie_on_the_range_grid(self, cls, base_cls, kwargs, shape, weight, dtype):

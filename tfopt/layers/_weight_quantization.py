@@ -4,7 +4,9 @@ Each weight the entry marks `quantize=True` is fake-quantized with the
 layer's weight `QuantSpec`: per output channel along the entry's `quant_axis`
 when the spec asks for it and the converter accepts it (else per tensor),
 depthwise kernels per channel x multiplier (TFLite's layout). A folded
-BatchNormalization scales the weight first. Modes the converter cannot fold
+BatchNormalization scales the weight first; a weight LiteRT runs with one
+layout (`WeightSpec.litert_layout`: 1-D and 3-D convolutions) is returned in
+that layout, for the twin's integer forward pass. Modes the converter cannot fold
 (binary, ternary) are computed eagerly while exporting.
 """
 
@@ -50,9 +52,11 @@ def quantized_weights(layer, weight_spec, step, times, folding=None):
         flatten = spec.depthwise and qspec.per_channel
         fold = folding is not None and spec.fold
 
-        def read(variable=variable, fold=fold):
+        def read(variable=variable, fold=fold, layout=spec.litert_layout):
             weight = ops.cast(ops.convert_to_tensor(variable), "float32")
-            return folding.fold(weight) if fold else weight
+            weight = folding.fold(weight) if fold else weight
+            # In the layout of the op LiteRT runs (`WeightSpec.litert_layout`).
+            return weight if layout is None else layout(layer, weight)
 
         weight = read()
 

@@ -70,6 +70,9 @@ class Prunable(QuantizingLayer):
 
     #: The keyword arguments tfopt adds to the Keras layer's.
     TFOPT_ARGUMENTS = ("pruning_schedule", "structure", "quantization_aware", "folded_batch_norm")
+    #: Names of tensors inside the layer that get a tracked range of their own
+    #: under quantization-aware training (weights `<name>_range_min`, ...).
+    INTERMEDIATE_RANGES = ()
 
     def __init__(self, *args, pruning_schedule=None, structure=None, quantization_aware=None,
                  folded_batch_norm=None, **kwargs):
@@ -111,6 +114,9 @@ class Prunable(QuantizingLayer):
         if self.output_quant_spec is not None:
             ranges = add_range_weights(self, prefix="output_")
             self.output_range_min, self.output_range_max, self.output_range_updates = ranges
+            # Tensors inside the layer that LiteRT computes as ops of their own.
+            self._intermediate_ranges = {
+                name: add_range_weights(self, prefix=f"{name}_") for name in self.INTERMEDIATE_RANGES}
         if self._folding is not None:
             self._folding.build()
         if self.pruning_schedule is None:
@@ -164,6 +170,8 @@ class Prunable(QuantizingLayer):
         if self.output_quant_spec is not None:
             state += [("output_range_min", self.output_range_min), ("output_range_max", self.output_range_max),
                       ("output_range_updates", self.output_range_updates)]
+            for name, variables in self._intermediate_ranges.items():
+                state += list(zip((f"{name}_range_min", f"{name}_range_max", f"{name}_range_updates"), variables))
         if self._folding is not None:
             state += self._folding.variables()
         if self.pruning_schedule is not None:
@@ -207,7 +215,7 @@ class Prunable(QuantizingLayer):
                 values["bias"] = folded_bias
                 added_bias = None
         with _keras_internal.substituted_weights(self, values):
-            outputs = super().call(inputs, *args, **kwargs)
+            outputs = self.integer_call(inputs, *args, training=training, step=step, times=times, **kwargs)
         if added_bias is not None:
             outputs = outputs + added_bias
         if folded_bias is not None and training:
@@ -222,6 +230,20 @@ class Prunable(QuantizingLayer):
             times=times,
             step=step,
         )
+
+    def integer_call(self, inputs, *args, training=None, step=None, times=None, **kwargs):
+        """The quantization-aware forward pass, with the fake-quantized weights
+        already in place of the variables: the Keras layer's own `call`, unless
+        a twin computes in the form LiteRT runs in integer (see
+        `tfopt/layers/convolutional.py`). `step` and `times` are the
+        layer's quantization step and schedule, for ranges inside the layer."""
+        return super().call(inputs, *args, **kwargs)
+
+    def intermediate(self, name, tensor, training, step, times):
+        """Fake-quantizes `tensor` to the tracked range `name` (one of
+        `INTERMEDIATE_RANGES`), updating it in training."""
+        return track_and_quantize(tensor, self._intermediate_ranges[name], self.output_quant_spec, momentum=0.99,
+                                  update=bool(training), times=times, step=step)
 
     # --- saving ---------------------------------------------------------------------
     def save_own_variables(self, store):
@@ -238,8 +260,18 @@ class Prunable(QuantizingLayer):
     def load_own_variables(self, store):
         state = self.tfopt_variables()
         keys = set(store.keys())
-        if not all(name in keys for name, _ in state):
+        if not any(name in keys for name, _ in state) and state:
             return self._load_positional(store, state)  # a file from tfopt <= 0.1.0
+        # Intermediate ranges came later: a file without them keeps their
+        # initial [-6, 6], replaced by the first training batch.
+        state = [(name, v) for name, v in state if name in keys or not self._is_intermediate(name)]
+        missing = [name for name, _ in state if name not in keys]
+        if missing:
+            raise ValueError(
+                f"Layer '{self.name}' ({type(self).__name__}): the file holds no {missing} (it holds "
+                f"{sorted(keys)}). The file was saved from a layer with other arguments "
+                "(pruning_schedule, quantization_aware, folded_batch_norm) than this one."
+            )
         if _parent_saves_own(type(self)):
             super().load_own_variables(store)
         else:
@@ -255,6 +287,9 @@ class Prunable(QuantizingLayer):
                 variable.assign(store[str(i)])
         for name, variable in state:
             variable.assign(store[name])
+
+    def _is_intermediate(self, name):
+        return any(name.startswith(f"{prefix}_range_") for prefix in self.INTERMEDIATE_RANGES)
 
     def _load_positional(self, store, state):
         """Files written before tfopt saved its state by name: the Keras parent's
@@ -319,10 +354,12 @@ def with_keras_signature(cls):
     return cls
 
 
-def twin(keras_cls, doc=None, module=None):
+def twin(keras_cls, doc=None, module=None, mixin=None):
     """Makes, registers and returns the tfopt twin of `keras_cls`: a
     `Prunable` subclass with the Keras signature plus tfopt's arguments,
     serializable as `tfopt>{name}`, and the `tfopt.geometry` twin of its type.
+    `mixin`, if given, goes before `Prunable` (for an
+    `integer_call` of its own).
 
     Example (what `tfopt/layers/recurrent.py` does for `keras.layers.LSTM`):
     >>> import keras, tfopt
@@ -344,7 +381,7 @@ def twin(keras_cls, doc=None, module=None):
         # Nothing to fake-quantize: keep the Keras `call` (and its signature,
         # which Keras matches against `compute_output_shape`).
         attrs["call"] = keras_cls.call
-    cls = type(name, (Prunable, keras_cls), attrs)
+    cls = type(name, ((mixin,) if mixin else ()) + (Prunable, keras_cls), attrs)
     cls = keras.saving.register_keras_serializable(package="tfopt")(cls)
     cls = with_keras_signature(cls)
     return geometry.register_twin(keras_cls)(cls)

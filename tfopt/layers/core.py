@@ -1,8 +1,25 @@
 """tfopt twins of Keras's core layers: Dense, EinsumDense, Embedding."""
 
 import keras
+from keras import ops
 
 from tfopt.layers.base import twin
+
+
+class IntegerDense:
+    """Mixin of the Dense twin: under quantization-aware training, inputs of
+    rank > 2 (sequences, transformers) are multiplied with an einsum, which the
+    converter turns into one int8 FULLY_CONNECTED; Keras's `matmul` there
+    becomes a BATCH_MATMUL-derived FULLY_CONNECTED, RESHAPE and ADD that the
+    converter leaves in float. Same values as Keras's Dense."""
+
+    def integer_call(self, inputs, training=None, step=None, times=None):
+        if len(inputs.shape) <= 2:
+            return keras.layers.Dense.call(self, inputs)
+        x = ops.einsum("...i,io->...o", inputs, self.kernel)
+        if self.bias is not None:
+            x = x + self.bias
+        return x if self.activation is None else self.activation(x)
 
 __all__ = ["Dense", "EinsumDense", "Embedding"]
 
@@ -20,7 +37,7 @@ Dense = twin(keras.layers.Dense, doc="""Drop-in `keras.layers.Dense` that can pr
     (2, 4)
     >>> [w.name for w in layer.weights]
     ['kernel', 'bias', 'kernel_mask', 'pruning_step']
-    """, module=__name__)
+    """, module=__name__, mixin=IntegerDense)
 
 EinsumDense = twin(keras.layers.EinsumDense, doc="""Drop-in `keras.layers.EinsumDense` that can prune and quantize its `kernel` during `fit`.
 

@@ -217,7 +217,8 @@ def rewrite(the_plan):
         keras.Input(batch_shape=t.shape, dtype=t.dtype, name=_keras_internal.input_name(t))
         for t in functional.inputs
     ]
-    input_ids = {id(t) for t in new_inputs}
+    # Integer inputs (token ids) are not quantized: they are exact already.
+    input_ids = {id(t) for t in new_inputs if "float" in keras.backend.standardize_dtype(t.dtype)}
     clone = keras.models.clone_model(
         functional, input_tensors=new_inputs if len(new_inputs) > 1 else new_inputs[0],
         clone_function=clone_function, call_function=call_function, recursive=True,

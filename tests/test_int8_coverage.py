@@ -1,0 +1,120 @@
+"""int8 coverage: every layer kind tfopt quantizes reaches a full-integer LiteRT file.
+
+One row per layer kind or combination. Each row's model reads scikit-learn's
+digits in the shape the layer takes (images, rows as a sequence, a volume of
+repeated images, pixel values as tokens), goes through
+`tfopt.quantize_model` -> `fit` -> `tfopt.export(precision="int8")`, and is
+checked for: the conversion succeeds, no op computes in float
+(QUANTIZE/DEQUANTIZE at the edges aside; a row names the ops LiteRT has no
+integer kernel for), and top-1 agreement with the Keras QAT model >= 99% on
+the digits test set. A new layer kind is one new row.
+"""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+import tfopt
+from tfopt import testing
+from tfopt.testing.fixtures import compile_classifier, load_digits
+
+L = keras.layers
+
+_SHAPES = {
+    "image": lambda x: x,
+    "sequence": lambda x: x[..., 0],  # 8 steps of 8 features
+    "volume": lambda x: np.repeat(x[:, None], 3, axis=1),  # depth 3
+    "tokens": lambda x: np.round(x[..., 0] * 16).astype("int32").reshape(len(x), 64),
+}
+
+
+def _densely_connected(x):
+    c = L.Conv2D(16, 3, padding="same", activation="relu")(x)
+    c = L.Concatenate()([c, L.Conv2D(8, 1, activation="relu")(c)])
+    return L.Flatten()(L.AveragePooling2D(2)(c))
+
+
+def _chain(*layers):
+    def build(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    return build
+
+
+# (name, input kind, body builder, precision, float ops LiteRT keeps (and why))
+_INT8_CASES = [
+    ("conv1d", "sequence", lambda: _chain(L.Conv1D(16, 3, activation="relu"), L.Flatten()), "int8", ()),
+    ("conv1d_bn_fold", "sequence",
+     lambda: _chain(L.Conv1D(16, 3), L.BatchNormalization(), L.ReLU(), L.GlobalAveragePooling1D()), "int8", ()),
+    ("conv1d_causal_dilated_strided", "sequence",
+     lambda: _chain(L.Conv1D(16, 3, padding="causal", dilation_rate=2, activation="relu"),
+                    L.Conv1D(16, 3, strides=2, padding="same", activation="relu"), L.Flatten()), "int8", ()),
+    ("depthwise_conv1d", "sequence",
+     lambda: _chain(L.DepthwiseConv1D(3, depth_multiplier=2, activation="relu"), L.Flatten()), "int8", ()),
+    ("separable_conv1d_bn", "sequence",
+     lambda: _chain(L.SeparableConv1D(16, 3, depth_multiplier=2), L.BatchNormalization(), L.ReLU(),
+                    L.GlobalAveragePooling1D()), "int8", ()),
+    ("conv2d_dilated", "image", lambda: _chain(L.Conv2D(16, 3, dilation_rate=2, activation="relu"), L.Flatten()),
+     "int8", ()),
+    ("separable_conv2d", "image",
+     lambda: _chain(L.SeparableConv2D(16, 3, padding="same", activation="relu"), L.MaxPooling2D(), L.Flatten()),
+     "int8", ()),
+    ("conv2d_transpose", "image",
+     lambda: _chain(L.Conv2DTranspose(8, 3, strides=2, activation="relu"), L.GlobalAveragePooling2D()), "int8", ()),
+    ("conv1d_transpose", "sequence", lambda: _chain(L.Conv1DTranspose(8, 3, activation="relu"), L.Flatten()),
+     "int8", ()),
+    ("conv3d", "volume",
+     lambda: _chain(L.Conv3D(8, 3, padding="same", activation="relu"), L.Conv3D(8, (2, 3, 3), strides=(1, 2, 2)),
+                    L.Flatten()), "int8", ()),
+    # LiteRT's CONV_3D_TRANSPOSE has a float kernel only (its bias ADD follows it).
+    ("conv3d_transpose", "volume", lambda: _chain(L.Conv3DTranspose(4, 2), L.Flatten()), "int8",
+     ("ADD", "CONV_3D_TRANSPOSE")),
+    ("dense_sequence", "sequence", lambda: _chain(L.Dense(32, activation="relu"), L.Flatten()), "int8", ()),
+    ("dense_rank4", "image", lambda: _chain(L.Dense(8, activation="relu"), L.Flatten()), "int8", ()),
+    ("einsum_dense_sequence", "sequence",
+     lambda: _chain(L.EinsumDense("btc,cd->btd", output_shape=(8, 32), bias_axes="d", activation="relu"),
+                    L.Flatten()), "int8", ()),
+    ("embedding", "tokens", lambda: _chain(L.Embedding(17, 8), L.Flatten()), "int8", ()),
+    ("densely_connected", "image", lambda: _densely_connected, "int8", ()),
+    ("conv1d_int4", "sequence", lambda: _chain(L.Conv1D(16, 3, activation="relu"), L.Flatten()), "int4", ()),
+]
+
+
+class Int8CoverageTest(testing.TestCase, parameterized.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.digits = load_digits(0)
+
+    def _fit_and_export(self, model, kind, epochs=5):
+        x_train, y_train, x_test, _ = self.digits
+        x_train, x_test = _SHAPES[kind](x_train), _SHAPES[kind](x_test)
+        compile_classifier(model)
+        model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "int8.tflite")
+        return tfopt.export(model, path, inputs=x_test, precision="int8")
+
+    def _model(self, kind, body):
+        shape = _SHAPES[kind](self.digits[2][:1]).shape[1:]
+        inputs = keras.Input(shape, dtype="int32" if kind == "tokens" else "float32")
+        return keras.Model(inputs, L.Dense(10)(body(inputs)))
+
+    @parameterized.named_parameters([(name, *rest) for name, *rest in _INT8_CASES])
+    def test_exports_full_integer_with_parity(self, kind, body, precision, float_ops):
+        model = tfopt.quantize_model(self._model(kind, body()), precision)
+        report = self._fit_and_export(model, kind)
+        self.assertEqual(sorted(set(report.float_ops)), sorted(float_ops))
+        self.assertGreaterEqual(report.top1_agreement, 0.99)
+
+    def test_pruned_then_quantized(self):
+        model = self._model("sequence", _chain(L.Conv1D(16, 3, activation="relu"), L.Flatten()))
+        pruned = tfopt.prune(model, tfopt.schedules.ConstantSparsity(0.5, begin_step=0))
+        report = self._fit_and_export(tfopt.quantize_model(pruned, "int8"), "sequence")
+        self.assertEqual(report.float_ops, [])
+        self.assertGreaterEqual(report.top1_agreement, 0.99)
+        self.assertGreaterEqual(report.sparsity, 0.45)
