@@ -17,9 +17,23 @@ single-image interpreter latency (one thread, `--rounds` interleaved rounds of
 50 runs). In the same run, a worker process does the same with tfmot's
 `quantize_model` on tf_keras's MobileNetV2.
 
+`--part sequence`: the models of sequences, float vs int8 vs int16x8 in LiteRT:
+a small transformer classifier (digits read as 8 rows of 8 pixels; Dense
+embedding, 2 pre-norm blocks of LayerNormalization, MultiHeadAttention, GELU
+MLP, residual adds) and a keyword-spotting-shaped Conv1D network (49 frames of
+40 features, generated: each of 10 classes is a smooth template, shifted in
+time and noised). Each is trained in float, then fine-tuned as a
+`tfopt.quantize_model` copy; exported as float32 (the plain Keras model), int8
+(the transformer with `representative_data`: LayerNormalization and attention
+are calibrated) and int16x8 (calibrated); accuracy in the LiteRT interpreter,
+file size, and median single-input latency (one thread, `--rounds`
+interleaved rounds of 50 runs). tfmot has no QAT for LayerNormalization or
+MultiHeadAttention, and no Keras 3 path, so it has no row here.
+
 Usage:
     python benchmarks/quantization.py --part accuracy [--seeds 3]
     python benchmarks/quantization.py --part mobilenet [--rounds 5]
+    python benchmarks/quantization.py --part sequence [--rounds 5]
 """
 
 import argparse
@@ -218,9 +232,146 @@ def mobilenet(args):
                       body)
 
 
+# --- sequence models: transformer and keyword spotting ------------------------------
+def _transformer(dim=64, heads=4, blocks=2):
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8))
+    x = layers.Dense(dim)(inputs)
+    for _ in range(blocks):
+        h = layers.LayerNormalization(epsilon=1e-6)(x)
+        x = layers.Add()([x, layers.MultiHeadAttention(heads, dim // heads)(h, h)])
+        h = layers.LayerNormalization(epsilon=1e-6)(x)
+        x = layers.Add()([x, layers.Dense(dim)(layers.Dense(2 * dim, activation="gelu")(h))])
+    x = layers.GlobalAveragePooling1D()(layers.LayerNormalization(epsilon=1e-6)(x))
+    return keras.Model(inputs, layers.Dense(10)(x), name="transformer")
+
+
+def _keyword_spotter():
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((49, 40))
+    x = inputs
+    for filters, stride in ((64, 1), (64, 2), (96, 2), (128, 1)):
+        x = layers.Conv1D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, layers.Dense(10)(x), name="keyword_spotter")
+
+
+def _keyword_data(seed=0, per_class=200):
+    """Generated keyword-spotting-shaped data: (n, 49, 40) 'MFCC frames', 10 classes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    templates = rng.normal(size=(10, 49 + 10, 40))
+    kernel = np.ones(5) / 5  # smooth in time
+    templates = np.apply_along_axis(lambda v: np.convolve(v, kernel, "same"), 1, templates)
+    x, y = [], []
+    for c in range(10):
+        for _ in range(per_class):
+            shift = rng.integers(0, 11)
+            x.append(templates[c, shift:shift + 49] + rng.normal(scale=1.0, size=(49, 40)))
+            y.append(c)
+    x, y = np.asarray(x, "float32"), np.asarray(y, "int32")
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    n_test = len(x) // 5
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
+def _sequence_case(name, build, data, epochs, finetune_epochs, out_dir):
+    import keras
+
+    import tfopt
+    from tfopt.testing.fixtures import compile_classifier, litert_accuracy
+
+    x_train, y_train, x_test, y_test = data
+    keras.utils.set_random_seed(0)
+    model = build()
+    compile_classifier(model, 2e-3)
+    model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0)
+    float_accuracy = float(model.evaluate(x_test, y_test, verbose=0)[1])
+    files = {"float32": tfopt.export(model, os.path.join(out_dir, f"{name}-f32.tflite"), check=False).path}
+    qat = tfopt.quantize_model(model, "int8")
+    compile_classifier(qat, 5e-4)
+    qat.fit(x_train, y_train, batch_size=64, epochs=finetune_epochs, verbose=0)
+    qat_accuracy = float(qat.evaluate(x_test, y_test, verbose=0)[1])
+    calibration = x_train[:500]
+    reports = {}
+    for precision in ("int8", "int16x8"):
+        reports[precision] = tfopt.export(
+            qat, os.path.join(out_dir, f"{name}-{precision}.tflite"), inputs=x_test, precision=precision,
+            representative_data=calibration)
+        files[precision] = reports[precision].path
+    accuracy = {p: litert_accuracy(path, x_test, y_test) for p, path in files.items()}
+    return dict(float_accuracy=float_accuracy, qat_accuracy=qat_accuracy, files=files, accuracy=accuracy,
+                reports=reports, x_test=x_test)
+
+
+def sequence(args):
+    from _common import table, write_section
+    from tfopt.exporting import litert_latency_ms
+    from tfopt.testing.fixtures import load_digits
+
+    out_dir = tempfile.mkdtemp(prefix="tfopt-bench-")
+    digits = load_digits(0)
+    digits = (digits[0][..., 0], digits[1], digits[2][..., 0], digits[3])
+    cases = {
+        "transformer (digits rows)": _sequence_case("transformer", _transformer, digits, args.epochs * 3,
+                                                    args.finetune_epochs, out_dir),
+        "keyword spotting Conv1D (generated)": _sequence_case("kws", _keyword_spotter, _keyword_data(),
+                                                              args.epochs, args.finetune_epochs, out_dir),
+    }
+    content = {(c, p): open(path, "rb").read() for c, r in cases.items() for p, path in r["files"].items()}
+    times = {key: [] for key in content}
+    for _ in range(args.rounds):  # interleaved
+        for (case, precision), blob in content.items():
+            times[(case, precision)].append(litert_latency_ms(blob, [cases[case]["x_test"][:1]], runs=50))
+    rows = []
+    for case, r in cases.items():
+        f32_bytes, f32_ms = len(content[(case, "float32")]), statistics.median(times[(case, "float32")])
+        for precision in ("float32", "int8", "int16x8"):
+            size, ms = len(content[(case, precision)]), statistics.median(times[(case, precision)])
+            report = r["reports"].get(precision)
+            rows.append({
+                "model": case, "file": precision,
+                "LiteRT accuracy": f"{100 * r['accuracy'][precision]:.2f}",
+                "vs float (points)": "" if precision == "float32" else
+                f"{100 * (r['accuracy'][precision] - r['accuracy']['float32']):+.2f}",
+                "agreement with Keras": "" if report is None else f"{report.top1_agreement:.1%}",
+                "bytes": f"{size:,}", "size vs float": f"{size / f32_bytes:.2f}x",
+                "ms": f"{ms:.3f}", "latency vs float": f"{ms / f32_ms:.2f}x",
+                "float ops": "" if report is None else (", ".join(sorted(set(report.float_ops))) or "none"),
+            })
+    body = table(rows, list(rows[0]))
+    body += "
+
+" + "; ".join(
+        f"{case}: Keras float {100 * r['float_accuracy']:.2f}%, Keras QAT {100 * r['qat_accuracy']:.2f}%"
+        for case, r in cases.items())
+    body += (
+        f".
+
+Float training then {args.finetune_epochs} epochs of QAT (`tfopt.quantize_model`, int8); int8 and "
+        "int16x8 files exported from the QAT model with 500 training inputs as representative_data (the "
+        "transformer's int8 file is calibrated because LayerNormalization/attention have no QAT ranges; the "
+        "Conv1D model's int8 file uses its QAT ranges). LiteRT interpreter, batch 1, one thread, median over "
+        f"{args.rounds} interleaved rounds of 50 runs. Targets: int8 within 1 point of float; "
+        "file <= 0.3x; latency <= 0.6x."
+    )
+    print(body)
+    if not args.no_write:
+        write_section("qat-sequence", "QAT: transformer and keyword-spotting Conv1D, float vs int8 vs int16x8",
+                      f"python benchmarks/quantization.py --part sequence --rounds {args.rounds} "
+                      f"--epochs {args.epochs} --finetune-epochs {args.finetune_epochs}", body)
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["accuracy", "mobilenet"], default="accuracy")
+    parser.add_argument("--part", choices=["accuracy", "mobilenet", "sequence"], default="accuracy")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=10)
@@ -233,6 +384,8 @@ def main():
         worker(args.worker, args.size, steps=8)
     elif args.part == "accuracy":
         accuracy(args)
+    elif args.part == "sequence":
+        sequence(args)
     else:
         mobilenet(args)
 

@@ -201,16 +201,28 @@ class QuantizeModelTest(testing.TestCase):
         self.assertGreaterEqual(report.top1_agreement, 0.9)
 
     def test_unsupported_layers_are_listed_or_left_in_float(self):
+        class Scale(keras.layers.Layer):
+            def call(self, x):
+                return 2.0 * x
+
         inputs = keras.Input((8,))
-        x = keras.layers.Dense(8)(inputs)
-        x = keras.layers.LayerNormalization(name="ln")(x)
+        x = Scale(name="scale")(keras.layers.Dense(8)(inputs))
         model = keras.Model(inputs, keras.layers.Dense(2)(x))
-        with self.assertRaisesRegex(ValueError, r"\['ln \(LayerNormalization\)'\].*unsupported='float'"):
+        with self.assertRaisesRegex(ValueError, r"\['scale \(Scale\)'\].*unsupported='float'"):
             tfopt.quantize_model(model)
         qat = tfopt.quantize_model(model, unsupported="float")
-        self.assertIsInstance(qat.get_layer("ln"), keras.layers.LayerNormalization)
+        self.assertIsInstance(qat.get_layer("scale"), Scale)
         with self.assertRaisesRegex(ValueError, r"Unknown precision: 'int7'"):
             tfopt.quantize_model(model, "int7")
+
+    def test_known_float_layers_stay_float_with_a_range_after_them(self):
+        inputs = keras.Input((4, 8))
+        x = keras.layers.LayerNormalization(name="ln")(keras.layers.Dense(8)(inputs))
+        x = keras.layers.LSTM(4, name="lstm")(x)
+        qat = tfopt.quantize_model(keras.Model(inputs, keras.layers.Dense(2)(x)))
+        self.assertIs(type(qat.get_layer("ln")), keras.layers.LayerNormalization)
+        self.assertIsInstance(qat.get_layer("ln_quantize"), tfopt.layers.QuantizeActivation)
+        self.assertIsInstance(qat.get_layer("lstm_quantize"), tfopt.layers.QuantizeActivation)
 
 
     def test_pruned_model_keeps_masks_and_sparsity_through_qat(self):

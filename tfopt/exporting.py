@@ -18,7 +18,7 @@ import warnings
 import keras
 import numpy as np
 
-from tfopt import _keras_internal, _state, strategies, transforms
+from tfopt import _keras_internal, _state, geometry, strategies, transforms
 from tfopt.layers.quantize_activation import QuantizingLayer
 from tfopt.reporting import prunable_values, zero_fraction
 
@@ -39,9 +39,13 @@ class ExportReport:
             (None if the check was skipped).
         top1_agreement: fraction of check inputs whose arg-max output agrees
             between LiteRT and Keras (None if not checked).
-        precision: "float32", "float16" or "int8".
+        precision: "float32", "float16", "int8" or "int16x8".
         float_ops: the file's ops that still compute in float, other than the
             QUANTIZE/DEQUANTIZE at its edges (empty for a full-integer model).
+        activation_ranges: for int8/int16x8 files, where the activation
+            ranges came from: "quantization-aware training" (the fake-quant
+            ranges learned in `fit`) or "calibrated" (measured on
+            `representative_data` by the converter); None for float files.
         num_check_samples: how many inputs were compared.
         sparsity: fraction of zeros in the exported kernels.
         latency_ms: median time of one single-input inference of the written
@@ -62,6 +66,7 @@ class ExportReport:
     float_ops: list = dataclasses.field(default_factory=list)
     latency_ms: float | None = None
     float_latency_ms: float | None = None
+    activation_ranges: str | None = None
 
     def __str__(self):
         diff = "not checked" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
@@ -100,7 +105,9 @@ def atomic_write_bytes(path, data):
         raise
 
 
-_PRECISIONS = ("float32", "float16", "int8")
+_PRECISIONS = ("float32", "float16", "int8", "int16x8")
+# Below this arg-max agreement on the user's own check inputs, export warns.
+_AGREEMENT_WARNING = 0.9
 
 
 def _convert(model, optimizations=None, precision="float32", representative_data=None):
@@ -112,7 +119,7 @@ def _convert(model, optimizations=None, precision="float32", representative_data
     if precision == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
-    elif precision == "int8":
+    elif precision in ("int8", "int16x8"):
         # Fake-quant ops carry the ranges; without them, calibrate on data.
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if representative_data is not None:
@@ -123,7 +130,10 @@ def _convert(model, optimizations=None, precision="float32", representative_data
                     yield [np.asarray(a[i : i + 1], "float32") for a in arrays]
 
             converter.representative_dataset = samples
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] if precision == "int8" else [
+                # 16-bit activations, 8-bit weights; ops without such a kernel stay float (reported).
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+                tf.lite.OpsSet.TFLITE_BUILTINS]
     # The converter goes through a SavedModel and prints its signature; keep
     # the user's console for the report. Traced with every fake-quant op on:
     # the converter reads the ranges only from ops that feed their consumers.
@@ -366,12 +376,24 @@ def _half_layers(model):
     return out
 
 
-def _float32_model(model):
-    """`model`, or, if any of its layers computes in float16/bfloat16 (mixed precision), a
-    float32 copy with the same weights: the LiteRT converter has no float16 MatMul."""
+def _export_form(model, calibrating=False):
+    """`model`, or a copy with the same weights that the LiteRT converter
+    takes: layers computing in float16/bfloat16 (mixed precision) rebuilt in
+    float32 (the converter has no float16 MatMul), and layers with a
+    `tfopt.geometry` export form rebuilt in it (`tfopt/layers/litert_forms.py`:
+    RNNs unrolled; with `calibrating`, LayerNormalization without NEG)."""
     half = _half_layers(model)
-    if not half:
+    forms = {}
+    if _keras_internal.is_graph_network(model):
+        for layer in _keras_internal.all_layers(model):
+            form = geometry.export_form(layer, calibrating)
+            if form is not None and (form[0] is not type(layer) or form[1] != layer.get_config()):
+                forms[id(layer)] = form
+    if not half and not forms:
         return model
+    half_ids = {id(layer) for layer in half}
+    if not half:
+        return _rebuild(model, forms, half_ids)
     policies = sorted({layer.dtype_policy.name for layer in half})
     if not _keras_internal.is_graph_network(model):
         raise ValueError(
@@ -388,20 +410,24 @@ def _float32_model(model):
             "converter cannot convert, and holds Python code, which tfopt cannot rebuild in float32 "
             "without unsafe deserialization. Fix: create that layer with dtype='float32' (e.g. "
             "keras.layers.Lambda(fn, dtype='float32')), or build the model under the float32 policy.")
-    half_ids = {id(layer) for layer in half}
-
-    def clone_function(layer):
-        config = layer.get_config()
-        if id(layer) in half_ids:
-            config["dtype"] = "float32"
-        return layer.__class__.from_config(config)
-
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")  # sublayers built without a dtype of their own
     try:
-        clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+        return _rebuild(model, forms, half_ids)
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def _rebuild(model, forms, half_ids):
+    def clone_function(layer):
+        if id(layer) not in forms and id(layer) not in half_ids:
+            return layer  # kept as it is (shared with `model`; Lambda layers need no deserializing)
+        cls, config = forms.get(id(layer), (layer.__class__, layer.get_config()))
+        if id(layer) in half_ids:
+            config["dtype"] = "float32"
+        return cls.from_config(config)
+
+    clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
     clone.set_weights([
         np.asarray(w, "float32") if np.issubdtype(np.asarray(w).dtype, np.floating) else w
         for w in model.get_weights()
@@ -409,11 +435,11 @@ def _float32_model(model):
     return clone
 
 
-def _int8_tensor_count(model_content):
+def _tensor_count(model_content, dtype):
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=model_content)
-    return sum(1 for t in interpreter.get_tensor_details() if t["dtype"] == np.int8)
+    return sum(1 for t in interpreter.get_tensor_details() if t["dtype"] == dtype)
 
 
 def _has_quantization(model):
@@ -438,6 +464,8 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     shapes do not fit the model's inputs (None dims match any size), and empty
     or non-finite calibration data. An int8 export whose file holds no int8
     tensor raises instead of writing a float file labelled int8. A
+    Recurrent layers are converted unrolled (Keras 3's RNN loop does not
+    convert), which needs a fixed sequence length. A
     mixed-precision model (`mixed_float16`, `mixed_bfloat16`) is converted from
     a float32 copy with the same weights (the global dtype policy is restored
     afterwards) and checked against the original model's outputs.
@@ -451,14 +479,26 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         num_check_samples: random inputs to draw when `inputs` is None.
         seed: seed of those random inputs.
         optimizations: passed to the converter (e.g. `[tf.lite.Optimize.DEFAULT]`).
-        precision: "float32"; "float16" (weights stored in float16); or "int8":
+        precision: "float32"; "float16" (weights stored in float16); "int8":
             full-integer ops from the ranges of quantization-aware layers (the
             model is then converted as is, fake-quant ops included), or, for a
             model trained without QAT, post-training quantization calibrated on
-            `representative_data`.
-        representative_data: inputs for post-training int8 calibration (an
-            array, or a list of arrays; finite, at least one sample; used
-            only with precision="int8", else ignored with a warning).
+            `representative_data`; "int16x8": 16-bit activations and 8-bit
+            weights (the converter's
+            `EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8`),
+            always calibrated on `representative_data` (QAT models are
+            stripped first; their trained weights are kept), for models whose
+            activations need more than 8 bits (LayerNormalization, softmax,
+            audio front ends). Ops without an int16x8 kernel stay float and are
+            listed in `float_ops`.
+        representative_data: inputs for calibration (an array, or a list of
+            arrays; finite, at least one sample; used only with
+            precision="int8"/"int16x8", else ignored with a warning). For a
+            quantization-aware model exported in int8, it is used only if the
+            QAT conversion leaves float ops (layers QAT does not fake-quantize,
+            such as LayerNormalization, MultiHeadAttention, LSTM/GRU): every
+            activation range is then calibrated on it instead, giving a
+            full-integer file (`report.activation_ranges == "calibrated"`).
         measure_latency: also time the file in the LiteRT interpreter (one
             thread, batch 1, median of 50 runs) and, for float16/int8, a float32
             conversion of the same model, into `latency_ms` and
@@ -494,11 +534,17 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             "`representative_data=` (a few hundred typical inputs) for post-training "
             "quantization, or train with `quantization_aware=` layers first."
         )
+    if precision == "int16x8" and representative_data is None:
+        raise ValueError(
+            f"tfopt.export: precision='int16x8' (16-bit activations, 8-bit weights) calibrates its "
+            f"activation ranges on data (the converter has no quantization-aware int16 path), and model "
+            f"'{model.name}' got no `representative_data`. Fix: pass representative_data= (a few hundred "
+            "typical inputs, e.g. training samples).")
     if representative_data is not None:
-        if precision != "int8":
+        if precision not in ("int8", "int16x8"):
             warnings.warn(
-                f"tfopt.export: `representative_data` calibrates int8 exports only; with "
-                f"precision={precision!r} it is ignored. Fix: pass precision='int8', or drop "
+                f"tfopt.export: `representative_data` calibrates int8 and int16x8 exports only; with "
+                f"precision={precision!r} it is ignored. Fix: pass precision='int8' (or 'int16x8'), or drop "
                 "representative_data (use inputs= for the arrays to check on).", UserWarning, stacklevel=2)
             representative_data = None
         else:
@@ -510,9 +556,22 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         _check_arrays(model, inputs, "inputs")
     # QAT layers must stay: their fake-quant ops carry the int8 ranges.
     stripped = model if (precision == "int8" and quantized) else transforms.strip(model)
-    # A mixed-precision model is converted from a float32 copy and checked against itself.
-    content = _convert(_float32_model(stripped), optimizations, precision, representative_data)
-    if precision == "int8" and not _int8_tensor_count(content):
+    # (A mixed-precision model is converted from a float32 copy and checked against itself.)
+    calibrated = representative_data is not None and not (precision == "int8" and quantized)
+    content = _convert(_export_form(stripped, calibrated), optimizations, precision,
+                       representative_data if calibrated else None)
+    if precision == "int8" and quantized and representative_data is not None and float_ops(content):
+        # Layers that quantization-aware training leaves in float (LayerNormalization,
+        # attention, RNNs, ...): calibrate every range on the data instead, for a
+        # full-integer file; the weights keep what QAT trained.
+        stripped, calibrated = transforms.strip(model), True
+        content = _convert(_export_form(stripped, True), optimizations, precision, representative_data)
+    if precision == "int16x8" and not _tensor_count(content, np.int16):
+        raise ValueError(
+            f"tfopt.export: the converter returned no int16 activation for precision='int16x8' (float ops: "
+            f"{sorted(set(float_ops(content)))}), so nothing was written to {str(path)!r}. Fix: pass "
+            "typical, finite inputs as representative_data, or export with precision='int8'.")
+    if precision == "int8" and not _tensor_count(content, np.int8):
         raise ValueError(
             f"tfopt.export: the converter returned a float model for precision='int8' (no int8 tensor "
             f"in the file; float ops: {sorted(set(float_ops(content)))}), so nothing was written to "
@@ -538,12 +597,19 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             top1 = float(np.mean(np.argmax(got[0], -1) == np.argmax(expected[0], -1)))
         else:
             top1 = None
+        if top1 is not None and top1 < _AGREEMENT_WARNING and inputs is not None:
+            warnings.warn(
+                f"tfopt.export: the {precision} LiteRT file agrees with the Keras model on only {top1:.1%} of "
+                f"the {len(arrays[0])} check inputs (arg-max; max |difference| {max_diff:.3g}). It was written, "
+                "but it computes something else than the model: try another precision (int16x8 or int8, "
+                "or float32), more representative_data, or report the model to tfopt.", UserWarning,
+                stacklevel=2)
     latency = float_latency = None
     if measure_latency:
         timing_inputs = arrays or _check_inputs(stripped, inputs, num_check_samples, seed)
         latency = litert_latency_ms(content, timing_inputs)
         float_latency = latency if precision == "float32" else litert_latency_ms(
-            _convert(_float32_model(transforms.strip(model))), timing_inputs)
+            _convert(_export_form(transforms.strip(model))), timing_inputs)
     atomic_write_bytes(path, content)
     return ExportReport(
         path=str(path),
@@ -554,7 +620,9 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
         sparsity=_kernel_sparsity(stripped),
         top1_agreement=top1,
         precision=precision,
-        float_ops=float_ops(content) if precision == "int8" else [],
+        float_ops=float_ops(content) if precision in ("int8", "int16x8") else [],
+        activation_ranges=("calibrated" if calibrated else "quantization-aware training")
+        if precision in ("int8", "int16x8") else None,
         latency_ms=latency,
         float_latency_ms=float_latency,
     )

@@ -57,6 +57,8 @@ __all__ = [
     "is_twin",
     "expand_height",
     "unroll_depth",
+    "register_export_form",
+    "export_form",
 ]
 
 WEIGHTS = "weights"  # a layer with optimizable weights
@@ -166,6 +168,8 @@ class Geometry:
     weights: tuple = ()
     role: str = WEIGHTS
     twin: type | None = None
+    export_form: object = None  # fn(layer, config) -> (class, config), see `register_export_form`
+    export_form_calibration_only: bool = False
 
 
 _REGISTRY = {}  # layer type -> Geometry
@@ -200,6 +204,8 @@ def register(layer_type, weights=(), role=None):
         )
     old = _REGISTRY.get(layer_type)
     entry = Geometry(layer_type, weights, role, twin=old.twin if old else None)
+    if old is not None:
+        entry.export_form, entry.export_form_calibration_only = old.export_form, old.export_form_calibration_only
     _REGISTRY[layer_type] = entry
     return entry
 
@@ -221,6 +227,32 @@ def register_twin(keras_type):
         return twin
 
     return decorate
+
+
+def register_export_form(keras_type, calibration_only=False):
+    """Decorator: registers `fn(layer, config) -> (class, config)`, how
+    `tfopt.export` rebuilds layers of `keras_type` (a registered type, and its
+    subclasses) so that the LiteRT converter takes them: RNNs unrolled,
+    LayerNormalization without the NEG op LiteRT has no integer kernel for.
+    `calibration_only`: only when activation ranges are calibrated
+    (`representative_data`), where the form matters."""
+
+    def decorate(fn):
+        entry = _REGISTRY.get(keras_type)
+        if entry is None:
+            raise ValueError(f"register the geometry of {keras_type.__name__} before its export form.")
+        entry.export_form, entry.export_form_calibration_only = fn, calibration_only
+        return fn
+
+    return decorate
+
+
+def export_form(layer, calibrating):
+    """The `(class, config)` `tfopt.export` rebuilds `layer` as, or None to keep it."""
+    entry = of(layer)
+    if entry is None or entry.export_form is None or (entry.export_form_calibration_only and not calibrating):
+        return None
+    return entry.export_form(layer, layer.get_config())
 
 
 def of(layer):

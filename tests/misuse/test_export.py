@@ -55,6 +55,20 @@ def _export_into_read_only_directory():
         os.chmod(directory, 0o755)
 
 
+def _export_open_length_lstm():
+    steps = keras.Input((None, 3), name="steps")
+    model = keras.Model(steps, keras.layers.Dense(2)(keras.layers.LSTM(4, name="lstm")(steps)), name="open")
+    return tfopt.export(model, _path())
+
+
+def _export_disagreeing_file():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="head")], name="tiny")
+    x = _x(8, 4)
+    wrong = -np.asarray(model(x))  # every arg-max moves
+    with mock.patch.object(export_lib, "run_litert", return_value=[wrong]):
+        return tfopt.export(model, _path(), inputs=x)
+
+
 def _two_inputs():
     a, b = keras.Input((4,), name="a"), keras.Input((3,), name="b")
     return keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])), name="pair")
@@ -131,8 +145,21 @@ TABLE = [
     Misuse("representative_data with a float precision",
            lambda: tfopt.export(_frames(), _path(), representative_data=_x(8, 16, 3)),
            warns=UserWarning,
-           match=r"`representative_data` calibrates int8 exports only; with precision='float32' it is ignored\. "
-                 r"Fix: pass precision='int8'"),
+           match=r"`representative_data` calibrates int8 and int16x8 exports only; with precision='float32' it is "
+                 r"ignored\. Fix: pass precision='int8'"),
+    Misuse("int16x8 export without representative_data",
+           lambda: tfopt.export(_frames(), _path(), precision="int16x8"),
+           raises=ValueError,
+           match=r"precision='int16x8' \(16-bit activations, 8-bit weights\) calibrates its activation ranges on "
+                 r"data.*model 'tiny' got no `representative_data`\. Fix: pass representative_data="),
+    Misuse("export of an LSTM without a fixed sequence length", _export_open_length_lstm,
+           raises=ValueError,
+           match=r"layer 'lstm' \(LSTM\) is recurrent, which LiteRT runs unrolled .*needs a fixed sequence "
+                 r"length; its input has shape \(None, None, 3\)\. Fix: give the model's Input a fixed number of steps"),
+    Misuse("a file that disagrees with the model on your inputs", _export_disagreeing_file,
+           warns=UserWarning,
+           match=r"the float32 LiteRT file agrees with the Keras model on only 0\.0% of the 8 check inputs.*"
+                 r"It was written, but it computes something else than the model"),
     Misuse("check inputs of the wrong shape",
            lambda: tfopt.export(_frames(), _path(), inputs=_x(8, 17, 3)),
            raises=ValueError,

@@ -21,6 +21,7 @@ from tfopt.layers.convolutional import (
     SeparableConv2D,
 )
 from tfopt.layers.core import Dense, EinsumDense, Embedding
+from tfopt.layers.litert_forms import IntegerLayerNormalization
 from tfopt.layers.quantize_activation import QuantizeActivation, QuantizedRescaling
 from tfopt.layers.recurrent import GRU, LSTM, SimpleRNN
 
@@ -44,4 +45,5 @@ __all__ = [
     "LSTM",
     "GRU",
     "SimpleRNN",
+    "IntegerLayerNormalization",
 ]

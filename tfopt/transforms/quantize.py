@@ -47,9 +47,19 @@ def _quantizable(layer):
     return geometry.twin_of(layer) is not None and entry is not None and any(s.quantize for s in entry.weights)
 
 
+def _float_with_range(layer):
+    """A layer tfopt knows (a `tfopt.geometry` entry with weights) but does not
+    fake-quantize: LayerNormalization, MultiHeadAttention, LSTM, GRU,
+    SimpleRNN. It stays float under QAT with a range after it; a
+    `representative_data` export calibrates it to integer."""
+    entry = geometry.of(layer)
+    return (entry is not None and entry.role == geometry.WEIGHTS and not _quantizable(layer)
+            and not isinstance(layer, QuantizingLayer))
+
+
 def _known(layer):
-    return _quantizable(layer) or isinstance(layer, QuantizingLayer) or geometry.role(layer) in (
-        geometry.PASS_THROUGH, geometry.NEEDS_RANGE, geometry.BATCH_NORM)
+    return _quantizable(layer) or isinstance(layer, QuantizingLayer) or _float_with_range(layer) or geometry.role(
+        layer) in (geometry.PASS_THROUGH, geometry.NEEDS_RANGE, geometry.BATCH_NORM)
 
 
 def plan(model, numerical_precision="int8", layers=None, unsupported="error", overrides=None):
@@ -70,7 +80,9 @@ def plan(model, numerical_precision="int8", layers=None, unsupported="error", ov
     candidates = _graph.graph_layers(model)
     chosen, _ = pruning.select_layers(candidates, layers)
     precisions = _precision_overrides(candidates, overrides)
-    unknown = [layer for layer in candidates if not _known(layer)]
+    # (Sublayers of a known layer, such as an LSTM's cell, go with it.)
+    inside_known = {id(sub) for layer in candidates if _known(layer) for sub in _keras_internal.all_layers(layer)}
+    unknown = [layer for layer in candidates if not _known(layer) and id(layer) not in inside_known]
     if unknown and unsupported == "error":
         raise ValueError(
             "tfopt.quantize_model does not know how to quantize layers "
@@ -104,6 +116,11 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
     Normalization, BatchNormalization); layers that only move values (Flatten,
     Reshape, max pooling, padding, dropout, ...) keep their input's range.
     Which is which is the layer type's `tfopt.geometry` role.
+    Layers tfopt knows but does not fake-quantize (LayerNormalization,
+    MultiHeadAttention, LSTM, GRU, SimpleRNN) stay float with a range after
+    them: an int8 export without data runs them as float ops between
+    QUANTIZE/DEQUANTIZE (listed in `float_ops`); with `representative_data`
+    every range is calibrated and the file is full-integer.
     Sequential models come back as Functional ones (a Sequential model cannot
     hold the inserted layers between its own). Activation ranges start at
     [-6, 6] and are set by the first training batch, so fit the copy (a few
@@ -205,8 +222,8 @@ def rewrite(the_plan):
         if id(layer) in split_activations:
             outputs = keras.layers.Activation(split_activations[id(layer)], name=f"{layer.name}_activation")(outputs)
             outputs = QuantizeActivation(name=f"{layer.name}_activation_quantize")(outputs)
-        if geometry.role(layer) in (geometry.NEEDS_RANGE, geometry.BATCH_NORM) or not isinstance(
-                layer, keras.layers.Layer):
+        if geometry.role(layer) in (geometry.NEEDS_RANGE, geometry.BATCH_NORM) or _float_with_range(
+                layer) or not isinstance(layer, keras.layers.Layer):
             # (A `keras.ops` call in a Functional model, such as MobileNetV3's
             # `x + 3.0` in hard-swish, makes new values too.)
             outputs = keras.tree.map_structure(
