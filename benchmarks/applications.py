@@ -110,9 +110,10 @@ def main():
         "models). One process per application."
     )
     print(body)
-    if not args.no_write and not args.only:
+    if not args.no_write:
+        only = f" --only {args.only}" if args.only else ""
         write_section("int8-applications", "int8 coverage of keras.applications",
-                      f"python benchmarks/applications.py --timeout {args.timeout}", body)
+                      f"python benchmarks/applications.py --timeout {args.timeout}{only}", body)
 
 
 if __name__ == "__main__":

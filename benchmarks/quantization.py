@@ -347,15 +347,11 @@ def sequence(args):
                 "float ops": "" if report is None else (", ".join(sorted(set(report.float_ops))) or "none"),
             })
     body = table(rows, list(rows[0]))
-    body += "
-
-" + "; ".join(
+    body += "\n\n" + "; ".join(
         f"{case}: Keras float {100 * r['float_accuracy']:.2f}%, Keras QAT {100 * r['qat_accuracy']:.2f}%"
         for case, r in cases.items())
     body += (
-        f".
-
-Float training then {args.finetune_epochs} epochs of QAT (`tfopt.quantize_model`, int8); int8 and "
+        f".\n\nFloat training then {args.finetune_epochs} epochs of QAT (`tfopt.quantize_model`, int8); int8 and "
         "int16x8 files exported from the QAT model with 500 training inputs as representative_data (the "
         "transformer's int8 file is calibrated because LayerNormalization/attention have no QAT ranges; the "
         "Conv1D model's int8 file uses its QAT ranges). LiteRT interpreter, batch 1, one thread, median over "

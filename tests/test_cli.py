@@ -114,6 +114,11 @@ class CliCommandsTest(testing.TestCase):
                                        "--representative-data", self.paths["data"])
         self.assertEqual(code, 0, err)
         self.assertIn("float ops left: none", stdout)
+        out16 = os.path.join(self.dir, "p16x8.tflite")
+        code, stdout, err = self._main("export", self.paths["pruned"], "-o", out16, "--precision", "int16x8",
+                                       "--representative-data", self.paths["data"])
+        self.assertEqual(code, 0, err)
+        self.assertIn("float ops left: none", stdout)
 
     def test_user_mistakes_are_one_line_and_exit_1(self):
         text = os.path.join(self.dir, "notes.txt")

@@ -54,9 +54,11 @@ def _parser():
     export = sub.add_parser("export", help="strip and export a saved .keras model to LiteRT, with a report")
     export.add_argument("model", help="a .keras file")
     export.add_argument("-o", "--output", required=True, help="the .tflite file to write")
-    export.add_argument("--precision", choices=["float32", "float16", "int8"], default="float32")
+    export.add_argument("--precision", choices=["float32", "float16", "int8", "int16x8"],
+                        default="float32")
     export.add_argument("--representative-data", default=None,
-                        help="a .npy file of typical inputs, for int8 export of a model trained without QAT")
+                        help="a .npy file of typical inputs: calibration for int8 (a model trained "
+                        "without QAT, or one whose QAT file keeps float ops) and int16x8")
     export.add_argument("--unsafe", action="store_true",
                         help="load files containing Python code (Lambda layers). Only for files you trust.")
     return parser
@@ -119,12 +121,12 @@ def _export(args):
 
     try:
         report = tfopt.export(model, args.output, precision=args.precision,
-                              representative_data=data if args.precision == "int8" else None,
+                              representative_data=data if args.precision in ("int8", "int16x8") else None,
                               inputs=data[:64] if data is not None else None)
     except (ValueError, OSError) as e:
         raise UserError(_one_line(e).removeprefix("tfopt.export: ")) from None
     print(report)
-    if args.precision == "int8":
+    if args.precision in ("int8", "int16x8"):
         print(f"float ops left: {', '.join(sorted(set(report.float_ops))) or 'none'}")
 
 
