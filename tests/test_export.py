@@ -104,6 +104,27 @@ def _int8_tensors(path):
     return sum(1 for t in interpreter.get_tensor_details() if t["dtype"] == np.int8)
 
 
+class DictInputsTest(testing.TestCase):
+    def test_dict_input_model_quantizes_strips_and_exports(self):
+        # The structure of keras-hub's models ({"token_ids": ..., ...}); TF's `from_keras_model`
+        # cannot convert some of them, and export then converts a traced function instead.
+        inputs = {"a": keras.Input((4,), name="a"), "b": keras.Input((3,), name="b")}
+        x = keras.layers.Concatenate()([keras.layers.Dense(4)(inputs["a"]), inputs["b"]])
+        model = keras.Model(inputs, keras.layers.Dense(3)(x))
+        qat = tfopt.quantize_model(model)
+        data = {"a": self.make_input((16, 4)), "b": self.make_input((16, 3), seed=1)}
+        qat.compile("adam", "mse")
+        qat.fit(data, self.make_input((16, 3), seed=2), verbose=0)
+        arrays = [data["a"], data["b"]]  # model.inputs order
+        report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "d.tflite"), inputs=arrays, precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertLess(report.max_abs_diff, 0.1)
+        self.assertEqual(len(tfopt.strip(qat).inputs), 2)
+        traced = tfopt.exporting._convert_with(tfopt.strip(qat), True, None, "float32", None)
+        out = tfopt.exporting.run_litert(traced, arrays, ["a", "b"])[0]
+        self.assertAllClose(out, tfopt.strip(qat)(data), atol=1e-5)
+
+
 class ExportMisuseBehaviourTest(testing.TestCase):
     def test_mixed_float16_global_policy_exports_float32_and_int8(self):
         keras.mixed_precision.set_global_policy("mixed_float16")

@@ -215,6 +215,12 @@ class QuantizeModelTest(testing.TestCase):
         with self.assertRaisesRegex(ValueError, r"Unknown precision: 'int7'"):
             tfopt.quantize_model(model, "int7")
 
+    def test_convnext_layer_scale_is_known(self):
+        model = keras.applications.ConvNeXtTiny(input_shape=(32, 32, 3), weights=None, classes=10)
+        qat = tfopt.quantize_model(model)  # no longer refused for its LayerScale layers
+        scale = next(layer for layer in qat.layers if type(layer).__name__ == "LayerScale")
+        self.assertIsInstance(qat.get_layer(f"{scale.name}_quantize"), tfopt.layers.QuantizeActivation)
+
     def test_known_float_layers_stay_float_with_a_range_after_them(self):
         inputs = keras.Input((4, 8))
         x = keras.layers.LayerNormalization(name="ln")(keras.layers.Dense(8)(inputs))

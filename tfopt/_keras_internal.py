@@ -19,6 +19,7 @@ import keras
 
 __all__ = [
     "CHECKED_KERAS_VERSIONS",
+    "convnext_layer_scale",
     "KerasInternalsMoved",
     "all_layers",
     "producer",
@@ -270,3 +271,15 @@ def own_variables(layer):
     """The variables `layer` itself holds (its sublayers' excluded), in the order
     Keras's `Layer.save_own_variables` writes them: trainable, then non-trainable."""
     return list(_get(layer, "_trainable_variables")) + list(_get(layer, "_non_trainable_variables"))
+
+
+def convnext_layer_scale():
+    """ConvNeXt's `LayerScale` layer class (`keras.src.applications.convnext`,
+    not exported by Keras), or None where this Keras release does not have it:
+    `keras.applications.ConvNeXt*` models hold it, so `tfopt.geometry`
+    describes it."""
+    try:
+        from keras.src.applications.convnext import LayerScale
+    except ImportError:
+        return None
+    return LayerScale

@@ -111,9 +111,39 @@ _AGREEMENT_WARNING = 0.9
 
 
 def _convert(model, optimizations=None, precision="float32", representative_data=None):
+    try:
+        return _convert_with(model, False, optimizations, precision, representative_data)
+    except TypeError as e:
+        if "NoneType" not in str(e):
+            raise
+        # `from_keras_model` failed in the converter's tf_keras fallback (seen on keras-hub
+        # models with dict inputs): convert a traced function of the model instead.
+        return _convert_with(model, True, optimizations, precision, representative_data)
+
+
+def _traced_converter(model):
+    """A converter for a `tf.function` calling `model` with its inputs in
+    `model.inputs` order, packed into the model's own input structure."""
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    specs = [tf.TensorSpec(t.shape, t.dtype, name=_keras_internal.input_name(t)) for t in model.inputs]
+
+    @tf.function(input_signature=specs)
+    def serve(*tensors):
+        return model(keras.tree.pack_sequence_as(model.input, list(tensors)), training=False)
+
+    from tensorflow.python.framework import convert_to_constants  # (TensorFlow has no public path for it)
+
+    # Variables frozen to constants, as `from_keras_model` does: the int8 path needs
+    # the fake-quant ranges as constants.
+    frozen = convert_to_constants.convert_variables_to_constants_v2(serve.get_concrete_function())
+    return tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+
+
+def _convert_with(model, traced, optimizations, precision, representative_data):
+    import tensorflow as tf
+
+    converter = _traced_converter(model) if traced else tf.lite.TFLiteConverter.from_keras_model(model)
     if optimizations:
         converter.optimizations = list(optimizations)
     if precision == "float16":
@@ -125,9 +155,12 @@ def _convert(model, optimizations=None, precision="float32", representative_data
         if representative_data is not None:
             arrays = representative_data if isinstance(representative_data, (list, tuple)) else [representative_data]
 
-            def samples():
+            dtypes = [keras.backend.standardize_dtype(t.dtype) for t in getattr(model, "inputs", None) or []]
+            dtypes = dtypes if len(dtypes) == len(arrays) else ["float32"] * len(arrays)
+
+            def samples():  # (integer inputs, such as token ids, stay integers)
                 for i in range(len(arrays[0])):
-                    yield [np.asarray(a[i : i + 1], "float32") for a in arrays]
+                    yield [np.asarray(a[i : i + 1], dtype) for a, dtype in zip(arrays, dtypes)]
 
             converter.representative_dataset = samples
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] if precision == "int8" else [
@@ -582,7 +615,9 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     arrays = []
     if check:
         arrays = _check_inputs(stripped, inputs, num_check_samples, seed)
-        expected = [np.asarray(o) for o in _flat_outputs(stripped(arrays if len(arrays) > 1 else arrays[0]))]
+        structured = keras.tree.pack_sequence_as(stripped.input, arrays) if getattr(stripped, "inputs", None) and \
+            len(stripped.inputs) == len(arrays) else (arrays if len(arrays) > 1 else arrays[0])
+        expected = [np.asarray(o) for o in _flat_outputs(stripped(structured))]
         model_inputs = getattr(stripped, "inputs", None) or []
         names = [_keras_internal.input_name(t) for t in model_inputs] or None
         got = run_litert(content, arrays, input_names=names)

@@ -37,6 +37,8 @@ import dataclasses
 
 import keras
 
+from tfopt import _keras_internal
+
 __all__ = [
     "WeightSpec",
     "Geometry",
@@ -363,6 +365,10 @@ register(L.MultiHeadAttention, [
     for part in ("query", "key", "value")
 ] + [WeightSpec("_output_dense.kernel", in_axis=0, out_axis=-1, prune=False, quantize=False)])
 register(L.LayerNormalization, [WeightSpec("gamma", in_axis=None, out_axis=-1, prune=False, quantize=False)])
+# ConvNeXt's per-channel LayerScale (`x * gamma`): float under QAT, integer once calibrated.
+_layer_scale = _keras_internal.convnext_layer_scale()
+if _layer_scale is not None:
+    register(_layer_scale, [WeightSpec("gamma", in_axis=None, out_axis=-1, prune=False, quantize=False)])
 
 for _layer in (
     L.InputLayer, L.Flatten, L.Reshape, L.Permute,
@@ -388,4 +394,4 @@ for _layer in (
 
 register(L.BatchNormalization, role=BATCH_NORM)
 
-del L, _conv, _layout, _rnn, _gates, _layer
+del L, _conv, _layout, _rnn, _gates, _layer, _layer_scale

@@ -34,11 +34,12 @@ def graph_layers(model):
 
 def _named_inputs(model):
     """Fresh `keras.Input`s like `model`'s, keeping their names (clone_model
-    would call them "keras_tensor")."""
-    return [
-        keras.Input(batch_shape=t.shape, dtype=t.dtype, sparse=t.sparse, name=_keras_internal.input_name(t))
-        for t in model.inputs
-    ]
+    would call them "keras_tensor") and their structure (a tensor, a list, a
+    dict of named inputs)."""
+    return keras.tree.map_structure(
+        lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, sparse=t.sparse,
+                              name=_keras_internal.input_name(t)),
+        model.input)
 
 
 def clone(model, make_layer, call_function=None):
@@ -55,8 +56,7 @@ def clone(model, make_layer, call_function=None):
     if call_function is not None:
         kwargs["call_function"] = call_function
     if not isinstance(model, keras.Sequential):
-        inputs = _named_inputs(model)
-        kwargs["input_tensors"] = inputs[0] if len(inputs) == 1 else inputs
+        kwargs["input_tensors"] = _named_inputs(model)
     copy = keras.models.clone_model(model, clone_function=clone_function, recursive=True, **kwargs)
     return copy, list(pairs.values())
 

@@ -87,8 +87,9 @@ def plan(model, numerical_precision="int8", layers=None, unsupported="error", ov
         raise ValueError(
             "tfopt.quantize_model does not know how to quantize layers "
             f"{[f'{layer.name} ({type(layer).__name__})' for layer in unknown]}. Fix: pass "
-            "unsupported='float' to leave them in float (the int8 export then reports them as "
-            "float ops), or replace them with supported layers."
+            "unsupported='float' to leave them in float (an int8 export then lists them in "
+            "`float_ops`, or, with representative_data=, calibrates them to integer), or replace "
+            "them with supported layers."
         )
     functional = _graph.to_functional(model)
     selected = {}
@@ -230,14 +231,14 @@ def rewrite(the_plan):
                 lambda t: QuantizeActivation(name=f"{layer.name}_quantize")(t), outputs)
         return outputs
 
-    new_inputs = [
-        keras.Input(batch_shape=t.shape, dtype=t.dtype, name=_keras_internal.input_name(t))
-        for t in functional.inputs
-    ]
+    # Fresh inputs in the structure of the model's own (a list, a dict of named inputs, ...).
+    new_inputs = keras.tree.map_structure(
+        lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=_keras_internal.input_name(t)),
+        functional.input)
     # Integer inputs (token ids) are not quantized: they are exact already.
-    input_ids = {id(t) for t in new_inputs if "float" in keras.backend.standardize_dtype(t.dtype)}
+    input_ids = {id(t) for t in keras.tree.flatten(new_inputs) if "float" in keras.backend.standardize_dtype(t.dtype)}
     clone = keras.models.clone_model(
-        functional, input_tensors=new_inputs if len(new_inputs) > 1 else new_inputs[0],
+        functional, input_tensors=new_inputs,
         clone_function=clone_function, call_function=call_function, recursive=True,
     )
     for old, new in pairs.values():
