@@ -121,6 +121,18 @@ def _convert(model, optimizations=None, precision="float32", representative_data
         return _convert_with(model, True, optimizations, precision, representative_data)
 
 
+def _structured(model, arrays):
+    """`arrays` (in `model.inputs` order) as the model takes them: a dict for a
+    model with named dict inputs, else the list (or the one array)."""
+    try:
+        structure = model.input
+    except (AttributeError, ValueError):  # a Sequential or subclassed model never called
+        structure = None
+    if isinstance(structure, dict) and len(keras.tree.flatten(structure)) == len(arrays):
+        return keras.tree.pack_sequence_as(structure, list(arrays))
+    return arrays if len(arrays) > 1 else arrays[0]
+
+
 def _traced_converter(model):
     """A converter for a `tf.function` calling `model` with its inputs in
     `model.inputs` order, packed into the model's own input structure."""
@@ -132,11 +144,9 @@ def _traced_converter(model):
     def serve(*tensors):
         return model(keras.tree.pack_sequence_as(model.input, list(tensors)), training=False)
 
-    from tensorflow.python.framework import convert_to_constants  # (TensorFlow has no public path for it)
-
     # Variables frozen to constants, as `from_keras_model` does: the int8 path needs
     # the fake-quant ranges as constants.
-    frozen = convert_to_constants.convert_variables_to_constants_v2(serve.get_concrete_function())
+    frozen = _keras_internal.frozen_concrete_function(serve.get_concrete_function())
     return tf.lite.TFLiteConverter.from_concrete_functions([frozen])
 
 
@@ -615,9 +625,7 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     arrays = []
     if check:
         arrays = _check_inputs(stripped, inputs, num_check_samples, seed)
-        structured = keras.tree.pack_sequence_as(stripped.input, arrays) if getattr(stripped, "inputs", None) and \
-            len(stripped.inputs) == len(arrays) else (arrays if len(arrays) > 1 else arrays[0])
-        expected = [np.asarray(o) for o in _flat_outputs(stripped(structured))]
+        expected = [np.asarray(o) for o in _flat_outputs(stripped(_structured(stripped, arrays)))]
         model_inputs = getattr(stripped, "inputs", None) or []
         names = [_keras_internal.input_name(t) for t in model_inputs] or None
         got = run_litert(content, arrays, input_names=names)

@@ -39,7 +39,12 @@ def _named_inputs(model):
     return keras.tree.map_structure(
         lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, sparse=t.sparse,
                               name=_keras_internal.input_name(t)),
-        model.input)
+        _single(model.input))
+
+
+def _single(structure):
+    """A list of one input as that input (how Keras itself calls one-input models)."""
+    return structure[0] if isinstance(structure, (list, tuple)) and len(structure) == 1 else structure
 
 
 def clone(model, make_layer, call_function=None):

@@ -234,7 +234,7 @@ def rewrite(the_plan):
     # Fresh inputs in the structure of the model's own (a list, a dict of named inputs, ...).
     new_inputs = keras.tree.map_structure(
         lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=_keras_internal.input_name(t)),
-        functional.input)
+        _graph._single(functional.input))
     # Integer inputs (token ids) are not quantized: they are exact already.
     input_ids = {id(t) for t in keras.tree.flatten(new_inputs) if "float" in keras.backend.standardize_dtype(t.dtype)}
     clone = keras.models.clone_model(
