@@ -58,9 +58,12 @@ class MisuseTestCase(testing.TestCase):
     def run_table(self, table):
         names = [row.name for row in table]
         self.assertEqual(len(names), len(set(names)), "misuse names must be unique")
+        checked = 0
         for row in table:
             with self.subTest(row.name):
                 self.check(row)
+                checked += 1
+        return checked
 
 
 def all_rows():
