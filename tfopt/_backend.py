@@ -65,11 +65,12 @@ def conv(inputs, kernel, strides, padding, data_format, dilation_rate):
     TensorFlow Conv2D with `dilations`: `tf.nn.convolution` splits it into
     SpaceToBatch, Conv2D and BatchToSpace, and after a bias add the converter
     no longer fuses them, leaving the convolution in float in an int8 file."""
+    import keras
     from keras import ops
 
     strides, dilation_rate = tuple(strides), tuple(dilation_rate)
     plain = (
-        keras_backend() != "tensorflow" or len(inputs.shape) != 4 or data_format != "channels_last"
+        keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4 or data_format != "channels_last"
         or max(dilation_rate) == 1 or max(strides) != 1 or inputs.shape[-1] != kernel.shape[-2]
     )
     if plain:
@@ -78,8 +79,3 @@ def conv(inputs, kernel, strides, padding, data_format, dilation_rate):
 
     return tf.nn.conv2d(inputs, kernel, 1, padding.upper(), "NHWC", dilations=(1,) + dilation_rate + (1,))
 
-
-def keras_backend():
-    import keras
-
-    return keras.backend.backend()
