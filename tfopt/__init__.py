@@ -7,6 +7,8 @@ Public API:
 - `tfopt.callbacks.Pruning`: prune any model, subclassed included, during `fit`.
 - `tfopt.prune(model, schedule)`: a pruning copy of a Sequential/Functional model.
 - `tfopt.strip(model)`: a plain Keras model with the masks baked in.
+- `tfopt.shrink(model, fraction)`: a smaller dense model, channels/heads/units removed
+  (`tfopt.plan_shrink` says which first).
 - `tfopt.summary(model)`: per-layer sparsity table, printed and returned.
 - `tfopt.export(model, path)`: LiteRT file, checked in the interpreter, with sizes.
 - `tfopt.quantize_model(model)`, `tfopt.quantizers`, `tfopt.callbacks.QuantizationSchedule`:
@@ -33,7 +35,7 @@ from tfopt import (  # noqa: E402
 from tfopt.exporting import ExportReport, export  # noqa: E402
 from tfopt.plots import plot_accuracy_vs_size, plot_sparsity  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
-from tfopt.transforms import load_model, prune, quantize_model, strip  # noqa: E402
+from tfopt.transforms import ShrinkPlan, load_model, plan_shrink, prune, quantize_model, shrink, strip  # noqa: E402
 
 __all__ = [
     "callbacks",
@@ -47,6 +49,9 @@ __all__ = [
     "compat",
     "prune",
     "strip",
+    "shrink",
+    "plan_shrink",
+    "ShrinkPlan",
     "load_model",
     "quantize_model",
     "summary",

@@ -117,6 +117,42 @@ def graph_calls(model):
     return out
 
 
+def ordered_calls(model):
+    """`[(layer, node)]` of the calls in `model`'s own graph (nested models'
+    insides not included), each after the calls that feed it. A Sequential
+    model is read through the Functional graph Keras keeps for it."""
+    model = graph_of(model)
+    by_depth = _get(model, "_nodes_by_depth", "`Function._nodes_by_depth`")
+    out = []
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            if not node.is_input and node.operation is not None:
+                out.append((node.operation, node))
+    return out
+
+
+def node_outputs(node):
+    """The output tensors of one call node."""
+    return list(node.outputs)
+
+
+def node_call_arguments(node):
+    """`(args, kwargs)` one call node was called with (tensors as KerasTensors)."""
+    arguments = _get(node, "arguments", "`Node.arguments`")
+    return list(arguments.args), dict(arguments.kwargs)
+
+
+def graph_of(model):
+    """The Functional graph of a graph model: itself, or the one Keras keeps
+    behind a built Sequential model."""
+    if isinstance(model, keras.Sequential):
+        functional = _get(model, "_functional", "`Sequential._functional` (its graph)")
+        if functional is None:
+            raise _moved("a built Sequential model's graph", model)
+        return functional
+    return model
+
+
 def is_input_layer(layer):
     """True for the `InputLayer` behind a model input."""
     return isinstance(layer, keras.layers.InputLayer)

@@ -12,7 +12,10 @@ nothing else in tfopt asks `isinstance` of Keras layer types. An entry says:
   output range of their own; `BATCH_NORM`: folded into the layer before it
   when it can be, else given a range);
 - the tfopt *twin*: the drop-in class `tfopt.prune`/`quantize_model` swap in
-  (registered by the twin itself, with `register_twin`).
+  (registered by the twin itself, with `register_twin`);
+- `channels`: how the layer carries channels (the last axis), read by
+  `tfopt.shrink` to remove channels, heads and units, and by `macs` to count
+  multiply-adds (see `register_channels`).
 
 Lookups walk the layer's class hierarchy, so a subclass of a registered type
 gets its parent's entry (but is never swapped for a twin: that would drop
@@ -61,12 +64,29 @@ __all__ = [
     "unroll_depth",
     "register_export_form",
     "export_form",
+    "register_channels",
+    "channel_flow",
+    "NEW",
+    "SAME",
+    "MERGE",
+    "CONCAT",
+    "FLATTEN",
+    "HEADS",
+    "macs",
 ]
 
 WEIGHTS = "weights"  # a layer with optimizable weights
 PASS_THROUGH = "pass_through"  # moves or selects values: no range of its own
 NEEDS_RANGE = "needs_range"  # makes new values: QAT puts a range after it
 BATCH_NORM = "batch_norm"  # folded into the layer before it, or given a range
+
+# How a layer carries channels (the last axis of its inputs and outputs), for `tfopt.shrink`.
+NEW = "new"  # makes its own output channels from its input channels (conv, Dense): removable on both sides
+SAME = "same"  # per channel: output channel c is made from input channel c only (BN, activations, pooling)
+MERGE = "merge"  # element-wise over several inputs (Add, Multiply, ...): their channels are the same ones
+CONCAT = "concat"  # concatenation on the channel axis: output channels are the inputs' in order
+FLATTEN = "flatten"  # (..., C) -> (... * C): each output unit carries one input channel
+HEADS = "heads"  # MultiHeadAttention: heads are removable units; its in/out channels are not
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +192,8 @@ class Geometry:
     twin: type | None = None
     export_form: object = None  # fn(layer, config) -> (class, config), see `register_export_form`
     export_form_calibration_only: bool = False
+    channels: str | None = None  # NEW, SAME, MERGE, CONCAT, FLATTEN, HEADS; None: unknown (nothing removed)
+    size_key: str | None = None  # NEW layers: the config key of their output width ("filters", "units")
 
 
 _REGISTRY = {}  # layer type -> Geometry
@@ -208,6 +230,7 @@ def register(layer_type, weights=(), role=None):
     entry = Geometry(layer_type, weights, role, twin=old.twin if old else None)
     if old is not None:
         entry.export_form, entry.export_form_calibration_only = old.export_form, old.export_form_calibration_only
+        entry.channels, entry.size_key = old.channels, old.size_key
     _REGISTRY[layer_type] = entry
     return entry
 
@@ -247,6 +270,121 @@ def register_export_form(keras_type, calibration_only=False):
         return fn
 
     return decorate
+
+
+def register_channels(layer_type, flow, size_key=None):
+    """Says how `layer_type` (registered) carries channels, so `tfopt.shrink`
+    can remove channels through it: `NEW` (its registered weights' `in_axis`
+    reads input channels and `out_axis` makes output channels, as do its
+    vectors of output width; `size_key` is the config key of that width),
+    `SAME` (per channel: its weights' last axis, or a depthwise kernel's
+    channel axis, follows the channels), `MERGE`, `CONCAT`, `FLATTEN` or
+    `HEADS`. A `SAME` layer whose config holds its width (Reshape's
+    `target_shape`) names that key too. Layers without it stop removal: their inputs and outputs keep
+    every channel."""
+    if flow not in (NEW, SAME, MERGE, CONCAT, FLATTEN, HEADS):
+        raise ValueError(f"`flow` must be one of {(NEW, SAME, MERGE, CONCAT, FLATTEN, HEADS)}. Received: flow={flow!r}")
+    if flow == NEW and size_key is None:
+        raise ValueError(f"register_channels({layer_type.__name__}, NEW) needs `size_key`, the config key of its width.")
+    entry = _REGISTRY.get(layer_type)
+    if entry is None:
+        entry = register(layer_type, role=PASS_THROUGH if flow == SAME else NEEDS_RANGE)
+    entry.channels, entry.size_key = flow, size_key
+    return entry
+
+
+def channel_flow(layer):
+    """`(flow, size_key)` of `layer` for `tfopt.shrink`, or `(None, None)`.
+
+    Layer configurations that break the per-channel reading are unknown here:
+    grouped or channels_first convolutions, depth multipliers other than 1,
+    normalization over another axis, EinsumDense other than a matmul on the
+    last axis, concatenation on another axis."""
+    entry = of(layer)
+    if entry is None or entry.channels is None:
+        return None, None
+    flow = entry.channels
+    if getattr(layer, "data_format", "channels_last") != "channels_last" or getattr(layer, "groups", 1) != 1:
+        return None, None
+    if getattr(layer, "depth_multiplier", 1) != 1:
+        return None, None
+    axis = getattr(layer, "axis", -1)
+    if flow in (SAME, CONCAT) and isinstance(axis, (list, tuple)):
+        axis = axis[0] if len(axis) == 1 else None
+    if flow in (SAME, CONCAT) and axis != -1 and isinstance(getattr(layer, "input", None), keras.KerasTensor):
+        rank = len(layer.input.shape) if not isinstance(layer.input, list) else len(layer.input[0].shape)
+        axis = axis % rank - rank if isinstance(axis, int) else None  # BatchNormalization(axis=3) on rank 4
+    if flow in (SAME, CONCAT) and axis != -1 and (flow == CONCAT or role(layer) == BATCH_NORM):
+        return None, None
+    if isinstance(layer, keras.layers.EinsumDense) and _einsum_last_axis(layer) is None:
+        return None, None
+    return flow, entry.size_key
+
+
+def _einsum_last_axis(layer):
+    """For an EinsumDense that is a matmul over the last axis ("abc,cd->abd"), True; else None."""
+    try:
+        inputs, rest = layer.equation.split(",")
+        kernel, output = rest.split("->")
+    except ValueError:
+        return None
+    ok = (len(kernel) == 2 and inputs[-1] == kernel[0] and output[-1] == kernel[1]
+          and kernel[0] not in output and (layer.bias_axes or kernel[1]) == kernel[1])
+    return True if ok else None
+
+
+def macs(layer, input_shapes, output_shapes):
+    """Multiply-adds of one call of `layer` on one example (batch axis left
+    out), from its input and output shapes (lists of tuples, batch first);
+    0 for layers without weights, None for layers whose count is unknown.
+
+    Example:
+    >>> import keras
+    >>> conv = keras.layers.Conv2D(8, 3, padding="same")
+    >>> conv.build((None, 16, 16, 4))
+    >>> macs(conv, [(None, 16, 16, 4)], [(None, 16, 16, 8)])
+    73728
+    """
+    import numpy as np
+
+    entry = of(layer)
+    if entry is None or not entry.weights:
+        return 0 if not layer.weights else None
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        q, v = input_shapes[0], input_shapes[1] if len(input_shapes) > 1 else input_shapes[0]
+        k = input_shapes[2] if len(input_shapes) > 2 else v
+        tq, ts = int(np.prod(q[1:-1])), int(np.prod(v[1:-1]))
+        h, dk = layer.num_heads, layer.key_dim
+        dv = layer.value_dim or dk
+        out = output_shapes[0][-1]
+        return (tq * q[-1] * h * dk + ts * k[-1] * h * dk + ts * v[-1] * h * dv  # projections
+                + tq * ts * h * (dk + dv) + tq * h * dv * out)  # scores, weighted sum, output
+    if isinstance(layer, keras.layers.EinsumDense):  # every distinct index once, the batch's aside
+        inputs, rest = layer.equation.split(",")
+        kernel, output = rest.split("->")
+        sizes = {}
+        for letters, shape in ((inputs, input_shapes[0]), (kernel, tuple(layer.kernel.shape)),
+                               (output, output_shapes[0])):
+            for letter, size in zip(letters.replace("...", ""), shape[-len(letters.replace("...", "")):]):
+                if size is not None:
+                    sizes[letter] = int(size)
+        sizes.pop(inputs[0], None) if inputs[0] in output and inputs[0] not in kernel else None
+        return int(np.prod(list(sizes.values())))
+    total = 0
+    out_positions = int(np.prod([d for d in output_shapes[0][1:-1]])) if output_shapes else 1
+    for spec, variable in weights_of(layer):
+        shape = tuple(variable.shape)
+        if spec.gates > 1 or spec.path.startswith("cell."):  # RNN: every kernel once per time step
+            total += int(np.prod(shape)) * int(np.prod(input_shapes[0][1:-1]))
+        elif isinstance(layer, keras.layers.Embedding):
+            continue  # a lookup
+        elif spec.in_axis == -1 and spec.out_axis == -2:  # transposed conv: per input position
+            total += int(np.prod(shape)) * int(np.prod(input_shapes[0][1:-1]))
+        elif spec.path == "pointwise_kernel" or not spec.depthwise:
+            total += int(np.prod(shape)) * out_positions
+        else:  # depthwise: each kernel entry once per output position
+            total += int(np.prod(shape)) * out_positions
+    return total
 
 
 def export_form(layer, calibrating):
@@ -394,4 +532,31 @@ for _layer in (
 
 register(L.BatchNormalization, role=BATCH_NORM)
 
-del L, _conv, _layout, _rnn, _gates, _layer, _layer_scale
+# How each type carries channels, for `tfopt.shrink` (layers not listed keep all their channels).
+for _layer, _key in ((L.Dense, "units"), (L.EinsumDense, "output_shape"), (L.Embedding, "output_dim"),
+                     (L.Conv1D, "filters"), (L.Conv2D, "filters"), (L.Conv3D, "filters"),
+                     (L.Conv1DTranspose, "filters"), (L.Conv2DTranspose, "filters"),
+                     (L.Conv3DTranspose, "filters"), (L.SeparableConv1D, "filters"),
+                     (L.SeparableConv2D, "filters")):
+    register_channels(_layer, NEW, _key)
+for _layer in (
+    L.BatchNormalization, L.DepthwiseConv1D, L.DepthwiseConv2D,
+    L.Activation, L.ReLU, L.LeakyReLU, L.PReLU, L.ELU,
+    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+    L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+    L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout,
+    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D,
+    L.UpSampling1D, L.UpSampling2D, L.Identity, L.ActivityRegularization,
+):
+    register_channels(_layer, SAME)
+for _layer in (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum):
+    register_channels(_layer, MERGE)
+register_channels(L.Concatenate, CONCAT)
+register_channels(L.Flatten, FLATTEN)
+register_channels(L.Reshape, SAME, "target_shape")  # when it keeps the last axis (tfopt.shrink checks)
+register_channels(L.MultiHeadAttention, HEADS)
+if _layer_scale is not None:
+    register_channels(_layer_scale, SAME)
+
+del L, _conv, _layout, _rnn, _gates, _layer, _layer_scale, _key
