@@ -8,7 +8,7 @@ its inputs' channels are the same channels, a `Concatenate` lines them up, a
 `Flatten` repeats them. Atoms that must go together are joined (union-find),
 so a channel of a residual stream is one unit across every block that adds
 to it, and a squeeze-and-excitation multiply ties its two sides together.
-Channels that reach a model output, a model input, or a layer tfopt does not
+Channels that reach a model output, a model input (a nested model's too), or a layer tfopt does not
 know (a Lambda, LayerNormalization, a Reshape that moves the channel axis)
 are kept. MultiHeadAttention contributes its heads as units.
 
@@ -144,6 +144,8 @@ class _Walker:
             ins = [self._atoms_of(t) for t in _keras_internal.node_inputs(node)]
             outs = _keras_internal.node_outputs(node)
             if isinstance(layer, keras.Model) and _keras_internal.is_graph_network(layer):
+                for atoms in ins:  # a nested model's inputs are rebuilt at their old width: kept
+                    self.atoms.freeze(atoms)
                 results = self.walk(layer, ins)
             else:
                 results = self._call(layer, node, ins, outs)
@@ -497,7 +499,7 @@ def plan_shrink(model, fraction, scope="layer", importance="l2", min_channels=1,
             mean = np.mean([scores.get(r, 0.0) for r in roots]) or 1.0
             candidates.extend((scores.get(r, 0.0) / mean, r, group, limit) for r in free)
     if scope == "global":
-        total = sum(len(roots) for roots in groups.values())
+        total = len(candidates)
         budget = int(round(fraction * total))
         taken = {}
         for score, root, group, limit in sorted(candidates):
@@ -520,7 +522,7 @@ def shrink(model, fraction, scope="layer", importance="l2", min_channels=1, data
     query/key/value/output projections). Each removable group (the channels
     one layer makes, joined with those they must go with) is scored and its
     lowest `fraction` removed (`scope="layer"`), or the lowest `fraction` of
-    all units after each group's scores are divided by their mean
+    all removable units after each group's scores are divided by their mean
     (`scope="global"`); every group keeps at least `min_channels`. Channels
     that reach a model input or output, or pass through a layer tfopt cannot
     see through (Lambda, LayerNormalization, Reshape that moves the channel
