@@ -278,6 +278,41 @@ class ShrinkTest(_ShrinkCase):
         self.assertEqual(small.get_layer("h1").units, 16)
 
 
+class MacsTest(testing.TestCase):
+    def test_counts_per_layer_kind(self):
+        inputs = keras.Input((8, 8, 4))
+        x = L.Conv2D(6, 3, padding="same", name="conv")(inputs)  # 8*8 positions x 3*3*4*6
+        x = L.DepthwiseConv2D(3, strides=2, padding="same", name="dw")(x)  # 4*4 x 3*3*6
+        x = L.SeparableConv2D(5, 3, padding="same", name="sep")(x)  # 4*4 x (3*3*6 + 6*5)
+        x = L.Reshape((16, 5))(x)
+        x = L.Dense(7, name="dense")(x)  # 16 x 5*7
+        a = L.MultiHeadAttention(2, 3, name="mha")(x, x)
+        # q, k, v projections 3 x 16*7*2*3, scores and weighted sum 16*16*2*(3+3), output 16*2*3*7
+        model = keras.Model(inputs, a)
+        counts = tfopt.reporting.macs(model)
+        self.assertEqual(counts["conv"], 64 * 216)
+        self.assertEqual(counts["dw"], 16 * 54)
+        self.assertEqual(counts["sep"], 16 * (54 + 30))
+        self.assertEqual(counts["dense"], 16 * 35)
+        self.assertEqual(counts["mha"], 3 * 16 * 7 * 6 + 16 * 16 * 2 * 6 + 16 * 6 * 7)
+        self.assertEqual(counts["reshape"], 0)
+
+    def test_summary_and_inspect_report_macs_before_and_after_shrink(self):
+        model = _residual()
+        before = tfopt.summary(model, print_fn=None)[-1]["macs"]
+        after = tfopt.summary(tfopt.shrink(model, 0.5), print_fn=None)[-1]["macs"]
+        self.assertEqual(before, tfopt.reporting.total_macs(tfopt.reporting.macs(model)))
+        self.assertLess(after, 0.3 * before)  # both sides of the 3x3 conv halve: a quarter, plus the head
+        self.assertIsNone(tfopt.reporting.macs(_Subclassed()))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "m.keras")
+            model.save(path)
+            result = subprocess.run([sys.executable, "-m", "tfopt", "inspect", path], capture_output=True,
+                                    text=True, timeout=300)
+            self.assertIn(f"multiply-adds per example: {before}", result.stdout, result.stderr[-2000:])
+            self.assertIn("macs", result.stdout)
+
+
 class _Subclassed(keras.Model):
     def __init__(self):
         super().__init__()

@@ -46,7 +46,7 @@ def _parser():
                            "when matplotlib is installed)")
     demo.add_argument("--seed", type=int, default=0)
 
-    inspect = sub.add_parser("inspect", help="per-layer sparsity, bits and sizes of a saved .keras model")
+    inspect = sub.add_parser("inspect", help="per-layer sparsity, bits, sizes and multiply-adds of a saved .keras model")
     inspect.add_argument("model", help="a .keras file")
     inspect.add_argument("--unsafe", action="store_true",
                          help="load files containing Python code (Lambda layers). Only for files you trust.")
@@ -93,7 +93,8 @@ def _inspect(args):
 
     model = _load(args.model, args.unsafe)
     print(f"{args.model}: model '{model.name}' ({type(model).__name__})")
-    tfopt.summary(model)
+    rows = tfopt.summary(model)
+    print(f"multiply-adds per example: {rows[-1]['macs']}")
 
 
 def _export(args):

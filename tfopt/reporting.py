@@ -1,11 +1,46 @@
 """`summary`: what was pruned, layer by layer, as a table and as data."""
 
+import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _keras_internal, pruning
+from tfopt import _keras_internal, geometry, pruning
 
-__all__ = ["summary", "overall_sparsity", "prunable_values", "zero_fraction"]
+__all__ = ["summary", "overall_sparsity", "prunable_values", "zero_fraction", "macs"]
+
+
+def macs(model):
+    """Multiply-adds of one example through `model`, per layer: `{layer name:
+    count}` in graph order, every call of a shared layer counted, nested
+    models' layers included; layers without weights count 0. A layer whose
+    count tfopt does not know (a custom layer with weights) is None, and so is
+    the result for a subclassed model (it has no graph to read).
+
+    Example:
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="a"),
+    ...                           keras.layers.Dense(2, name="b")])
+    >>> macs(model)
+    {'a': 32, 'b': 8}
+    """
+    if not _keras_internal.is_graph_network(model) or not model.built or not model.inputs:
+        return None
+    out = {}
+    for layer, node in reversed(_keras_internal.graph_calls(model)):
+        if isinstance(layer, keras.Model) or _keras_internal.is_input_layer(layer):
+            continue
+        count = geometry.macs(layer, [tuple(t.shape) for t in _keras_internal.node_inputs(node)],
+                              [tuple(t.shape) for t in _keras_internal.node_outputs(node)])
+        previous = out.get(layer.name, 0)
+        out[layer.name] = None if count is None or previous is None else previous + count
+    return out
+
+
+def total_macs(counts):
+    """The sum of `macs(model)`'s counts (unknown layers left out), or None."""
+    if counts is None:
+        return None
+    return int(sum(c for c in counts.values() if c is not None))
 
 
 def prunable_values(model, pruned_only=False):
@@ -43,7 +78,12 @@ def summary(model, print_fn=print):
     count, the weight's size, its nonzeros and sparsity (measured on the
     weights themselves), and the structure and schedule pruning it ("-" when
     nothing prunes it). A last row totals the whole model: its `size` is
-    every parameter, `nonzeros` what is left after pruning.
+    every parameter, `nonzeros` what is left after pruning. `macs` is the
+    layer's multiply-adds per example (on its first row; see `macs`), the
+    total row's the whole model's: compare a model with its `tfopt.shrink`
+    result to see what removing channels saves (zeros left in place by
+    unstructured pruning save nothing on most runtimes, so they are not
+    subtracted).
 
     Args:
         model: a built Keras model.
@@ -54,7 +94,7 @@ def summary(model, print_fn=print):
         `nonzeros`, `sparsity`, `structure`, `schedule`, `bits` (per weight once
         exported: the quantization-aware spec's, else the dtype's) and
         `est_bytes` (size x bits / 8, before any compression; the total row
-        sums the listed weights only); the last is the total
+        sums the listed weights only), `macs`; the last is the total
         (`layer == "total"`, `params` counting every model parameter; tfopt's
         masks and step counters are state, not parameters, and never counted).
 
@@ -67,6 +107,8 @@ def summary(model, print_fn=print):
     """
     rows = []
     state = _state_ids(model)
+    counts = macs(model)
+    counted = set()
     for layer, pw, value in prunable_values(model):
         info = pruning.record_of(pw.variable)
         nonzeros = int(np.count_nonzero(value))
@@ -83,8 +125,11 @@ def summary(model, print_fn=print):
                 "bits": _weight_bits(layer, value),
                 "est_bytes": int(np.ceil(value.size * _weight_bits(layer, value) / 8)),
                 "schedule": "-" if info is None or info.schedule is None else repr(info.schedule),
+                "macs": "" if layer.name in counted else ("-" if counts is None or counts.get(layer.name) is None
+                                                          else counts[layer.name]),
             }
         )
+        counted.add(layer.name)
     params = _model_params(model)
     pruned_away = sum(r["size"] - r["nonzeros"] for r in rows)
     rows.append(
@@ -100,6 +145,7 @@ def summary(model, print_fn=print):
             "schedule": "",
             "bits": "",
             "est_bytes": sum(r["est_bytes"] for r in rows),
+            "macs": "-" if counts is None else total_macs(counts),
         }
     )
     if print_fn is not None:
@@ -135,7 +181,7 @@ def _weight_bits(layer, value):
 
 
 def render(rows, columns=("layer", "type", "weight", "size", "nonzeros", "sparsity", "structure", "bits",
-                          "est_bytes")):
+                          "est_bytes", "macs")):
     """Renders rows of dicts as a plain-text table."""
 
     def cell(value):
