@@ -230,3 +230,63 @@ class ExportMisuseBehaviourTest(testing.TestCase):
         report8 = tfopt.export(model, os.path.join(d, "lam8.tflite"), inputs=x, precision="int8",
                                representative_data=self.make_input((32, 8), seed=1))
         self.assertEqual(report8.float_ops, [])
+
+
+def _masked_mlp(structure, sparsity=0.8):
+    """A 128-256-256-10 MLP whose kernels are `sparsity` zeros in `structure`."""
+    model = keras.Sequential([keras.Input((128,)), keras.layers.Dense(256, activation="relu"),
+                              keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10)])
+    for layer in model.layers:
+        kernel = layer.kernel.numpy()
+        mask = np.asarray(tfopt.sparsity.get(structure).mask(kernel, sparsity, 0, -1))
+        layer.kernel.assign(kernel * mask)
+    return model
+
+
+class SparseExportTest(testing.TestCase):
+    def _export(self, model, **kwargs):
+        path = os.path.join(tempfile.mkdtemp(), "m.tflite")
+        report = tfopt.export(model, path, **kwargs)
+        with open(path, "rb") as f:
+            self.assertIsNone(export_lib.litert_load_error(f.read()))  # every written file loads
+        return report
+
+    def test_float_unstructured_file_is_smaller_and_correct(self):
+        report = self._export(_masked_mlp(None), sparse=True)
+        self.assertTrue(report.sparse_encoding)
+        self.assertLess(report.size_bytes, 0.35 * report.dense_size_bytes)
+        self.assertLess(report.max_abs_diff, 1e-4)
+
+    def test_int8_unstructured_does_not_load_sparse_so_dense_is_written(self):
+        model = _masked_mlp(None)
+        data = self.make_input((16, 128))
+        with self.assertWarnsRegex(UserWarning, "does not load in the default LiteRT interpreter"):
+            report = self._export(model, precision="int8", representative_data=data, sparse=True)
+        self.assertFalse(report.sparse_encoding)
+        self.assertEqual(report.size_bytes, report.dense_size_bytes)
+
+    def test_int8_in_litert_1x16_blocks_loads_sparse(self):
+        model = _masked_mlp("litert_1x16")
+        data = self.make_input((16, 128))
+        report = self._export(model, precision="int8", representative_data=data, sparse=True)
+        self.assertTrue(report.sparse_encoding)
+        self.assertLess(report.size_bytes, 0.5 * report.dense_size_bytes)
+        self.assertEqual(report.top1_agreement is None or report.top1_agreement >= 0.75, True)
+
+    def test_auto_and_no_gain(self):
+        dense = _masked_mlp(None, sparsity=0.0)
+        report = self._export(dense, sparse="auto")
+        self.assertFalse(report.sparse_encoding)
+        with self.assertWarnsRegex(UserWarning, "did not make the file smaller"):
+            report = self._export(dense, sparse=True)
+        self.assertFalse(report.sparse_encoding)
+        self.assertTrue(self._export(_masked_mlp(None), sparse="auto").sparse_encoding)
+
+    def test_bad_value(self):
+        for value in ("yes", 1, None):
+            with self.subTest(value), self.assertRaisesRegex(ValueError, "`sparse` must be True, False or 'auto'"):
+                tfopt.export(_masked_mlp(None, 0.0), os.path.join(tempfile.mkdtemp(), "m.tflite"), sparse=value)
+
+    def test_named_litert_blocks(self):
+        self.assertEqual(tfopt.sparsity.get("litert_1x4").block_shape, (4, 1))
+        self.assertEqual(tfopt.sparsity.get("litert_1x16").block_shape, (16, 1))

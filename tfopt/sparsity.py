@@ -317,14 +317,25 @@ class Channel(Structure):
         return ops.moveaxis(keep, -1, out_axis)
 
 
-_NAMES = {"unstructured": Unstructured, "channel": Channel, "filter": Channel}
+_NAMES = {
+    "unstructured": Unstructured,
+    "channel": Channel,
+    "filter": Channel,
+    # The blocks LiteRT's sparse FULLY_CONNECTED kernels run (`tfopt.export(sparse=True)`):
+    # 4 (float) or 16 (int8) consecutive weights along the input axis of one output unit.
+    "litert_1x4": lambda: Block((4, 1)),
+    "litert_1x16": lambda: Block((16, 1)),
+}
 
 
 def get(identifier):
     """Returns a `Structure` from None, a name, an "N:M" string, a block tuple or a config.
 
     Accepted: None or "unstructured"; "channel" / "filter"; "2:4" (any "N:M");
-    a tuple `(rows, cols)` for blocks; a `Structure`.
+    a tuple `(rows, cols)` for blocks; "litert_1x4" / "litert_1x16", the
+    blocks LiteRT's sparse FULLY_CONNECTED kernels run in float / int8 (4 or
+    16 consecutive inputs of one output: `(4, 1)`, `(16, 1)` on a Dense
+    kernel; see `tfopt.export(sparse=True)`); a `Structure`.
 
     Example:
     >>> get("2:4")
@@ -352,7 +363,7 @@ def get(identifier):
             return obj
     raise ValueError(
         f"Unknown pruning structure: structure={identifier!r}. Expected None or "
-        "'unstructured', 'channel' (alias 'filter'), an 'N:M' string such as '2:4', "
+        "'unstructured', 'channel' (alias 'filter'), 'litert_1x4', 'litert_1x16', an 'N:M' string such as '2:4', "
         "a block shape such as (1, 4), or a `tfopt.sparsity.Structure`."
     )
 
