@@ -618,10 +618,10 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             `report.dense_size_bytes` the dense size. Measured here (LiteRT
             2.3, 784-512-512-10 MLP, 80% zeros): float unstructured 0.30x of
             the dense file, same speed (the interpreter densifies); float in
-            4x1 blocks (`structure="litert_1x4"`) 0.21x and faster (sparse
-            FULLY_CONNECTED kernel); int8 loads only with 1x16 blocks
-            (`"litert_1x16"`), 0.23x of the dense int8 file but slower than
-            it (no XNNPACK); int8 unstructured fails to load (dense written).
+            4x1 blocks (`structure="litert_1x4"`) 0.21x, 0.93x the latency;
+            int8 loads only with 1x16 blocks (`"litert_1x16"`), 0.23x of the
+            dense int8 file but 5.7x slower than it (no XNNPACK kernel); int8
+            unstructured fails to load (dense written).
             Only `tfopt.shrink` makes every runtime faster.
 
     Returns:

@@ -107,7 +107,29 @@ def _int8_left_in_float():
         return tfopt.export(_frames(), _path(), precision="int8", representative_data=_x(8, 16, 3))
 
 
+def _masked_mlp():
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, name="hidden"),
+                              keras.layers.Dense(4, name="head")], name="mlp")
+    for layer in model.layers:
+        kernel = layer.kernel.numpy()
+        layer.kernel.assign(kernel * np.asarray(tfopt.sparsity.get(None).mask(kernel, 0.8, 0, -1)))
+    return model
+
+
 TABLE = [
+    Misuse("sparse export of an int8 file the default interpreter cannot load",
+           lambda: tfopt.export(_masked_mlp(), _path(), precision="int8", representative_data=_x(8, 64),
+                                sparse=True),
+           warns=UserWarning,
+           match=r"the sparse-encoded file does not load in the default LiteRT interpreter \(.*\), so the dense "
+                 r"file was written to .*Fix: prune with that structure, export in float32, or drop sparse="),
+    Misuse("sparse export that is not smaller",
+           lambda: tfopt.export(_frames(), _path(), sparse=True),
+           warns=UserWarning,
+           match=r"sparse encoding did not make the file smaller \(.* bytes; the kernels are 0% zeros"),
+    Misuse("sparse export with a value that is not True/False/'auto'",
+           lambda: tfopt.export(_frames(), _path(), sparse="yes"),
+           raises=ValueError, match=r"`sparse` must be True, False or 'auto'\. Received: sparse='yes'"),
     Misuse("int8 export with empty calibration data",
            lambda: tfopt.export(_frames(), _path(), precision="int8", representative_data=_x(0, 16, 3)),
            raises=ValueError,

@@ -107,6 +107,18 @@ TABLE = [
         "a bad total_steps for the Pruning callback",
         lambda: tfopt.callbacks.Pruning("gradual", total_steps=0),
         raises=ValueError, match=r"`total_steps` must be a positive int.*Received: total_steps=0"),
+    Misuse("shrink with a fraction of 1 or more",
+           lambda: tfopt.shrink(_mlp(), 1.0), raises=ValueError,
+           match=r"`tfopt.shrink\(fraction=...\)` is the share of each group's channels to remove, a number in "
+                 r"\[0, 1\)\. Received: fraction=1.0"),
+    Misuse("shrink of a model with tfopt layers",
+           lambda: tfopt.shrink(tfopt.prune(_mlp(), "baseline"), 0.5), raises=TypeError,
+           match=r"`tfopt.shrink` takes a plain Keras model, and layer 'hidden' is a tfopt Dense\. "
+                 r"Fix: `tfopt.strip\(model\)` first"),
+    Misuse("shrink by Taylor importance without data",
+           lambda: tfopt.shrink(_mlp(), 0.5, importance="taylor"), raises=ValueError,
+           match=r"`importance='taylor'` scores channels by \|weight x gradient\| and needs `data`.*"
+                 r"Fix: pass both, or use importance='l2'"),
 ]
 
 

@@ -50,6 +50,12 @@ def augment(x, n, seed=0):
     return np.clip(out, 0.0, 1.0).astype("float32")
 
 
+def augment_labelled(x, y, n, seed=0):
+    """`augment(x, n, seed)` and the labels `y` of the images it perturbed."""
+    picks = np.random.default_rng(seed).integers(0, len(x), n)  # the first draw `augment` makes
+    return augment(x, n, seed=seed), y[picks]
+
+
 def build_cnn(input_shape=(8, 8, 1), classes=10, widths=(32, 64, 128), name="digits_cnn"):
     """The demo's small CNN, in plain Keras (`widths`: the two convolutions' and the hidden Dense's)."""
     return keras.Sequential(
