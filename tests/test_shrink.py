@@ -273,6 +273,17 @@ class ShrinkTest(_ShrinkCase):
         with self.assertRaisesRegex(TypeError, "subclassed"):
             tfopt.shrink(_Subclassed(), 0.5)
 
+    def test_a_frozen_teacher_gives_a_trainable_student(self):
+        teacher = _sequential()
+        teacher.trainable = False
+        student = tfopt.shrink(teacher, 0.5)
+        self.assertTrue(student.trainable)
+        self.assertEqual(len(student.trainable_weights), 6)
+        self.assertFalse(teacher.trainable)
+        partly = _sequential()
+        partly.get_layer("h1").trainable = False  # a frozen backbone layer stays frozen
+        self.assertFalse(tfopt.shrink(partly, 0.5).get_layer("h1").trainable)
+
     def test_numpy_fraction(self):
         small = tfopt.shrink(_sequential(), np.float32(0.5))
         self.assertEqual(small.get_layer("h1").units, 16)

@@ -368,7 +368,12 @@ class ShrinkPlan:
                 config[key] = kept
             return layer.__class__.from_config(config)
 
-        return self._rebuild(make_layer, cut=True)
+        small = self._rebuild(make_layer, cut=True)
+        if not self.model.trainable:  # a teacher frozen for distillation: its student is to be trained
+            small.trainable = True
+            for layer in _keras_internal.all_layers(small):
+                layer.trainable = True
+        return small
 
     def masked(self):
         """The model, same size, with every removed slice set to zero."""
@@ -528,8 +533,10 @@ def shrink(model, fraction, scope="layer", importance="l2", min_channels=1, data
     see through (Lambda, LayerNormalization, Reshape that moves the channel
     axis, grouped convolutions, unknown custom layers), are kept.
 
-    The result is a plain Keras model (same layer names and topology; no
-    tfopt import needed to load it) that computes what `model` computes with
+    The result is a plain Keras model (same layer names, topology and
+    per-layer `trainable` flags, except that a model frozen as a whole with
+    `model.trainable = False`, a distillation teacher, gives a trainable one;
+    no tfopt import needed to load it) that computes what `model` computes with
     the removed slices set to zero (`tfopt.plan_shrink(...).masked()`). That
     is not what `model` computes: recover accuracy by training it briefly or,
     better, distilling from `model` (the Minitron recipe; see the README's
