@@ -92,6 +92,26 @@ class MirroredPruningTest(testing.TestCase, parameterized.TestCase):
                 self.assertEqual(float(np.mean(k == 0)), 0.5)
 
 
+    def test_width_pruning_under_mirrored(self):
+        strategy = _strategy("mirrored")
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+                                      keras.layers.Dense(4)])
+            model.compile("adam", "mse")
+        rng = np.random.default_rng(0)
+        model.fit(rng.standard_normal((32, 16)), rng.standard_normal((32, 4)), batch_size=8, verbose=0,
+                  callbacks=[tfopt.callbacks.WidthPruning(tfopt.schedules.ConstantSparsity(0.5, frequency=1))])
+        kernels = [_replica_values(layer.kernel) for layer in model.layers]
+        for values in kernels:
+            self.assertEqual(len(values), 2)
+            self.assertAllEqual(values[1], values[0])
+        dead = np.all(kernels[0][0] == 0, axis=0)
+        self.assertEqual(int(dead.sum()), 16)
+        self.assertTrue(np.all(kernels[1][0][dead] == 0))  # the rows that read them too
+        small = tfopt.shrink(tfopt.strip(model))
+        self.assertEqual(small.layers[0].units, 16)
+
+
 class MirroredQuantizationTest(testing.TestCase):
     def test_ranges_equal_on_every_replica_and_cover_all_replicas_data(self):
         strategy = _strategy("mirrored")

@@ -119,6 +119,18 @@ TABLE = [
            lambda: tfopt.shrink(_mlp(), 0.5, importance="taylor"), raises=ValueError,
            match=r"`importance='taylor'` scores channels by \|weight x gradient\| and needs `data`.*"
                  r"Fix: pass both, or use importance='l2'"),
+    Misuse("WidthPruning of a model with nothing to remove",
+           lambda: _fit(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)], name="one"),
+                        [tfopt.callbacks.WidthPruning("baseline")]),
+           raises=ValueError,
+           match=r"tfopt.callbacks.WidthPruning: model 'one' has no channel, head or unit it can remove .*"
+                 r"Fix: use Pruning\(structure='channel'\) or unstructured pruning"),
+    Misuse("shrink without a fraction after channel pruning of producers only",
+           lambda: tfopt.shrink(tfopt.strip(_fit(_mlp(), [tfopt.callbacks.Pruning(
+               tfopt.schedules.ConstantSparsity(0.5, frequency=1), structure="channel")]))),
+           logs="tfopt",
+           match=r"tfopt.shrink\(model\) found no channel, head or unit that is zero wherever it is read and "
+                 r"written, so it removed nothing.*train with tfopt.callbacks.WidthPruning, or pass a fraction"),
 ]
 
 

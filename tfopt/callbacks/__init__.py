@@ -1,7 +1,8 @@
-"""Callbacks: prune any model during `fit`, schedule quantization, write TensorBoard summaries."""
+"""Callbacks: prune any model during `fit` (weights, or whole channels with `WidthPruning`), schedule quantization, write TensorBoard summaries."""
 
 from tfopt.callbacks.pruning import Pruning
 from tfopt.callbacks.quantization import QuantizationSchedule
 from tfopt.callbacks.summaries import TensorBoardSummaries
+from tfopt.callbacks.width_pruning import WidthPruning
 
-__all__ = ["Pruning", "QuantizationSchedule", "TensorBoardSummaries"]
+__all__ = ["Pruning", "WidthPruning", "QuantizationSchedule", "TensorBoardSummaries"]

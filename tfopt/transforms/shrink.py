@@ -397,6 +397,26 @@ class ShrinkPlan:
         return clone
 
 
+def _unit_groups(walker, layers, model):
+    """`{group: [atom roots]}`: the units each removable group holds (the
+    channels or heads made by the layers `layers` selects, all by default),
+    frozen ones included (they count for the floor, and are never removed)."""
+    allowed = None
+    if layers is not None:
+        selected, _ = pruning.select_layers(_graph.graph_layers(model), layers)
+        allowed = {id(layer) for layer in selected}
+    atoms = walker.atoms
+    groups = {}
+    for record in walker.records.values():
+        if record.units is None or (allowed is not None and id(record.layer) not in allowed):
+            continue
+        for root in atoms.roots(record.units).tolist():
+            roots = groups.setdefault(atoms.group_of(root), [])
+            if root not in roots:
+                roots.append(root)
+    return groups
+
+
 def _scores(walker, importance, gradients):
     """Importance of each atom root: summed squares (L2) or |w * dL/dw| (Taylor)
     of every kernel slice that reads or writes it."""
@@ -436,7 +456,7 @@ def _taylor_gradients(model, data, loss):
     return {k: v / batches for k, v in sums.items()}
 
 
-def plan_shrink(model, fraction, scope="layer", importance="l2", min_channels=1, data=None, loss=None,
+def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1, data=None, loss=None,
                 layers=None):
     """Plans which channels, heads and units `tfopt.shrink` removes (see `shrink`).
 
@@ -445,10 +465,11 @@ def plan_shrink(model, fraction, scope="layer", importance="l2", min_channels=1,
     """
     _graph.check_graph_model(model, "shrink")
     fraction = python_number(fraction)
-    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
+    if fraction is not None and (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+                                 or not 0.0 <= fraction < 1.0):
         raise ValueError(
             "`tfopt.shrink(fraction=...)` is the share of each group's channels to remove, a number in "
-            f"[0, 1). Received: fraction={fraction!r}"
+            f"[0, 1), or None for the units pruning already zeroed. Received: fraction={fraction!r}"
         )
     if scope not in ("layer", "global"):
         raise ValueError(f"`scope` must be 'layer' or 'global'. Received: scope={scope!r}")
@@ -477,23 +498,23 @@ def plan_shrink(model, fraction, scope="layer", importance="l2", min_channels=1,
     outputs = walker.walk(_graph.to_functional(model))
     for atoms in outputs:
         walker.atoms.freeze(atoms)
-    allowed = None
-    if layers is not None:
-        selected, _ = pruning.select_layers(_graph.graph_layers(model), layers)
-        allowed = {id(layer) for layer in selected}
     gradients = _taylor_gradients(model, data, loss) if importance == "taylor" else None
     scores = _scores(walker, importance, gradients)
 
-    # Units per group: atom roots that may go (not frozen), and all of the group's roots (the floor).
     atoms = walker.atoms
-    groups = {}  # group -> {root}
-    for record in walker.records.values():
-        if record.units is None or (allowed is not None and id(record.layer) not in allowed):
-            continue
-        for root in atoms.roots(record.units).tolist():
-            groups.setdefault(atoms.group_of(root), set()).add(root)
+    groups = _unit_groups(walker, layers, model)
     removed = set()
     candidates = []
+    if fraction is None:  # the units whose every kernel slice is zero (after WidthPruning)
+        for roots in groups.values():
+            dead = [r for r in roots if not atoms.frozen[r] and scores.get(r, 0.0) == 0.0]
+            removed.update(dead[:max(len(roots) - min_channels, 0)])
+        if not removed:
+            log.warning(
+                "tfopt.shrink(model) found no channel, head or unit that is zero wherever it is read and "
+                "written, so it removed nothing. Pruning(structure='channel') zeroes only the producing "
+                "kernels; train with tfopt.callbacks.WidthPruning, or pass a fraction.")
+        return ShrinkPlan(model, walker, removed)
     for group, roots in groups.items():
         free = sorted((r for r in roots if not atoms.frozen[r]), key=lambda r: (scores.get(r, 0.0), r))
         limit = max(len(roots) - min_channels, 0)
@@ -516,7 +537,7 @@ def plan_shrink(model, fraction, scope="layer", importance="l2", min_channels=1,
     return ShrinkPlan(model, walker, removed)
 
 
-def shrink(model, fraction, scope="layer", importance="l2", min_channels=1, data=None, loss=None, layers=None):
+def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1, data=None, loss=None, layers=None):
     """Returns a smaller, dense copy of `model`: channels, attention heads and
     feed-forward units removed, not just zeroed.
 
@@ -542,14 +563,19 @@ def shrink(model, fraction, scope="layer", importance="l2", min_channels=1, data
     better, distilling from `model` (the Minitron recipe; see the README's
     "Pruning that makes models faster" and `tfopt.distillation`).
 
-    A model pruned with `structure="channel"` has its weakest channels'
-    kernels at zero already: they score lowest and go first, but the bias
-    they still carry is dropped with them.
+    `fraction=None` removes the units already pruned: those whose every
+    kernel slice is zero, as `tfopt.callbacks.WidthPruning` leaves them (train
+    with it, `tfopt.strip`, then `tfopt.shrink(model)`: the result computes
+    what the pruned model computes). `Pruning(structure="channel")` zeroes only
+    the producing kernels, per layer: its channels still feed the next layer
+    their bias, so `fraction=None` keeps them (with a warning); a fraction
+    removes them first (they score lowest), bias and all.
 
     Args:
         model: a Keras 3 Sequential or Functional model of Keras layers
             (`tfopt.strip` a tfopt model first; shrink before `quantize_model`).
-        fraction: share of each group's units to remove, in [0, 1).
+        fraction: share of each group's units to remove, in [0, 1); None:
+            the units whose kernels are all zero.
         scope: "layer" (each group loses `fraction`) or "global".
         importance: "l2" (summed squares of every kernel slice of the unit)
             or "taylor" (|w x dL/dw| summed, from `data` and `loss`).

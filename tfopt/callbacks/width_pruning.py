@@ -1,0 +1,202 @@
+"""`WidthPruning`: prunes whole channels, heads and units, dependency groups together, during `fit`."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from tfopt import _backend, _keras_internal, pruning
+from tfopt import sparsity as sparsity_lib
+from tfopt._config import python_number
+from tfopt.callbacks.pruning import Pruning
+from tfopt.transforms import _graph
+from tfopt.transforms.shrink import _unit_groups, _Walker
+
+__all__ = ["WidthPruning"]
+
+
+class _Width(sparsity_lib.Structure):
+    """What `tfopt.summary` names the structure of weights `WidthPruning` prunes."""
+
+    name = "width"
+    unit = "channel"
+
+    def mask(self, weight, sparsity, in_axis, out_axis):  # masks come from the groups, not one weight
+        raise NotImplementedError
+
+    def describe(self):
+        return "width (channel groups)"
+
+
+class WidthPruning(Pruning):
+    """Prunes channels, attention heads and feed-forward units during `fit`,
+    the channels that must go together together, so that `tfopt.shrink(model)`
+    afterwards removes them and computes exactly what the pruned model does.
+
+    The structured counterpart of `Pruning(structure="channel")`, which masks
+    each kernel's output channels on its own: here the units are those of
+    `tfopt.shrink` (a residual stream's channel across every block, a
+    depthwise convolution with the convolution before it, a MultiHeadAttention
+    head across its four kernels, a Dense unit with the rows that read it), and
+    a pruned unit is zeroed everywhere it is read or written (producing and
+    consuming kernels, biases, depthwise and normalization scales). At each
+    update step of `pruning_schedule`, every group keeps its units of highest
+    L2 norm (summed over those slices) and loses `round(sparsity * units)`,
+    keeping at least `min_channels`; pruned units stay pruned. Like `Pruning`,
+    the masks are variables updated inside the train step (through the weight
+    constraints), so `steps_per_execution > 1`, `jit_compile=True` and
+    strategies work, and `tfopt.strip` bakes them.
+
+    Sequential and Functional models of Keras layers (it reads the graph).
+
+    Args:
+        pruning_schedule: a `tfopt.schedules.SparsitySchedule` or preset name;
+            its sparsity is the share of each group's units pruned.
+        min_channels: units each group keeps at least.
+        layers: only units made by these layers are pruned (as in `tfopt.prune`).
+        log_sparsity, total_steps: as in `Pruning`.
+
+    Example:
+    >>> import keras, numpy as np, tfopt
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+    ...                           keras.layers.Dense(4)])
+    >>> model.compile("adam", "mse")
+    >>> schedule = tfopt.schedules.ConstantSparsity(0.5, begin_step=0, frequency=1)
+    >>> _ = model.fit(np.ones((8, 16)), np.ones((8, 4)), verbose=0,
+    ...               callbacks=[tfopt.callbacks.WidthPruning(schedule)])
+    >>> tfopt.shrink(tfopt.strip(model)).layers[0].units
+    16
+    """
+
+    def __init__(self, pruning_schedule, min_channels=1, layers=None, log_sparsity=True, total_steps=None):
+        if pruning_schedule is None:
+            raise ValueError("tfopt.callbacks.WidthPruning needs a `pruning_schedule`. Received: None")
+        super().__init__(pruning_schedule, None, layers=layers, log_sparsity=log_sparsity, total_steps=total_steps)
+        min_channels = python_number(min_channels)
+        if not isinstance(min_channels, int) or isinstance(min_channels, bool) or min_channels < 1:
+            raise ValueError(
+                "WidthPruning: `min_channels` is how many units each group keeps at least, an int >= 1. "
+                f"Received: min_channels={min_channels!r}")
+        self.min_channels = min_channels
+        self.structure = _Width()
+        self._groups = []  # [(keep variable, total, limit, free)]
+
+    def on_train_begin(self, logs=None):
+        _graph.check_graph_model(self.model, "callbacks.WidthPruning")
+        super().on_train_begin(logs)
+
+    def _attach(self):
+        if self._masks:
+            return False
+        model = self.model
+        walker = _Walker()
+        for atoms in walker.walk(_graph.to_functional(model)):
+            walker.atoms.freeze(atoms)
+        groups = _unit_groups(walker, self.layers, model)
+        if not any(not walker.atoms.frozen[r] for roots in groups.values() for r in roots):
+            raise ValueError(
+                f"tfopt.callbacks.WidthPruning: model '{model.name}' has no channel, head or unit it can "
+                "remove (every channel reaches an output, an input, or a layer tfopt cannot see through, "
+                "such as a Lambda or LayerNormalization). Fix: use Pruning(structure='channel') or "
+                "unstructured pruning.")
+        atoms = walker.atoms
+        position = {}  # root -> (group index, position)
+        optimizer = model.optimizer
+        resuming = int(ops.convert_to_numpy(optimizer.iterations)) > 0
+        self._groups = []
+        for roots in groups.values():
+            free = [r for r in roots if not atoms.frozen[r]]
+            if not free:  # (a group that reaches an output)
+                continue
+            g = len(self._groups)
+            for i, r in enumerate(free):
+                position[r] = (g, i)
+            total, limit = len(roots), max(len(roots) - self.min_channels, 0)
+            keep = _backend.in_init_scope(lambda n=len(free): self._variable(np.ones(n, "float32"), "width_keep"))
+            self._groups.append((keep, total, limit, len(free)))
+        # Per variable: its slices as (axis, group, index vector) with len(free) for "not this group's".
+        by_variable = {}
+        for s in walker.slices:
+            roots = atoms.roots(s.atoms)
+            per_group = {}
+            for i, root in enumerate(roots.tolist()):
+                if root in position:
+                    g, p = position[root]
+                    per_group.setdefault(g, np.full(len(roots), self._groups[g][3], "int32"))[i] = p
+            for g, index in per_group.items():
+                by_variable.setdefault(id(s.variable), (s.variable, []))[1].append((s.axis, g, index, s.score))
+        trainable = {id(v) for v in model.trainable_variables}
+        self._slices = [(variable, entries) for variable, entries in by_variable.values() if id(variable) in trainable]
+        leader = self._slices[0][0]
+        for variable, entries in self._slices:
+            value = ops.convert_to_numpy(variable)
+            initial = (value != 0).astype(value.dtype) if resuming else np.ones_like(value)
+            mask = _backend.in_init_scope(lambda v=initial, n=variable.name: self._variable(v, f"{n}_width_mask"))
+            self._masks[id(variable)] = (variable, mask, None)
+        for variable, entries in self._slices:
+            mask = self._masks[id(variable)][1]
+            constraint = self._constraint(variable, mask, entries, leader=variable is leader)
+            variable.constraint = constraint
+            pruning._state.PRUNED.set(variable, pruning._state.PruneRecord(
+                mask, self.structure, self.pruning_schedule, None, None, owner=self))
+            self._masks[id(variable)] = (variable, mask, constraint)
+        return True
+
+    def _variable(self, value, name):
+        with _backend.strategy_scope(self.model):
+            return keras.Variable(value, trainable=False, name=name, aggregation="only_first_replica")
+
+    def _full_mask(self, variable, entries, keeps):
+        mask = None
+        for axis, g, index, _ in entries:
+            vector = ops.take(ops.concatenate([keeps[g], ops.ones((1,), "float32")]), index)
+            shape = [1] * len(variable.shape)
+            shape[axis] = len(index)
+            vector = ops.reshape(vector, shape)
+            mask = vector if mask is None else mask * vector
+        return ops.cast(ops.broadcast_to(mask, variable.shape), variable.dtype)
+
+    def _scores(self):
+        """Per group, the L2 score of each free unit, from the masked weights."""
+        sums = [ops.zeros((free + 1,), "float32") for _, _, _, free in self._groups]
+        for variable, entries in self._slices:
+            mask = self._masks[id(variable)][1]
+            value = ops.square(ops.cast(ops.convert_to_tensor(variable) * ops.convert_to_tensor(mask), "float32"))
+            for axis, g, index, scored in entries:
+                if not scored:
+                    continue
+                moved = ops.moveaxis(value, axis, 0)
+                per_index = ops.sum(ops.reshape(moved, (moved.shape[0], -1)), axis=1)
+                onehot = np.eye(self._groups[g][3] + 1, dtype="float32")[index]
+                sums[g] = sums[g] + ops.matmul(per_index[None, :], onehot)[0]
+        return [s[:-1] for s in sums]
+
+    def _constraint(self, variable, mask, entries, leader):
+        inner = pruning.inner_constraint(variable)
+        schedule, optimizer = self.pruning_schedule, self.model.optimizer
+
+        def apply(weight):
+            if inner is not None:
+                weight = inner(weight)
+            keeps = [ops.convert_to_tensor(keep) for keep, _, _, _ in self._groups]
+            if leader:  # the first pruned variable updates every group's keep vector
+                total_len = ops.convert_to_tensor(self._length) if schedule.is_relative else None
+                should_prune, sparsity = schedule(optimizer.iterations, total_len)
+
+                def recompute():
+                    new = []
+                    for scores, (keep, total, limit, free) in zip(self._scores(), self._groups):
+                        count = ops.minimum(ops.cast(ops.round(ops.cast(sparsity, "float32") * total), "int32"),
+                                            min(limit, free))
+                        new.append(ops.cast(sparsity_lib.prune_lowest(scores, count), "float32")
+                                   * ops.convert_to_tensor(keep))  # pruned units stay pruned
+                    return new
+
+                keeps = ops.cond(should_prune, recompute, lambda: keeps)
+                keeps = list(keeps) if isinstance(keeps, (list, tuple)) else [keeps]
+                for (keep, _, _, _), value in zip(self._groups, keeps):
+                    keep.assign(value)
+            full = self._full_mask(variable, entries, keeps)
+            mask.assign(full)
+            return ops.multiply(weight, full)
+
+        return pruning._PruningConstraint(apply, inner)
