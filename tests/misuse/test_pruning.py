@@ -110,7 +110,7 @@ TABLE = [
     Misuse("shrink with a fraction of 1 or more",
            lambda: tfopt.shrink(_mlp(), 1.0), raises=ValueError,
            match=r"`tfopt.shrink\(fraction=...\)` is the share of each group's channels to remove, a number in "
-                 r"\[0, 1\)\. Received: fraction=1.0"),
+                 r"\[0, 1\), or None for the units pruning already zeroed\. Received: fraction=1.0"),
     Misuse("shrink of a model with tfopt layers",
            lambda: tfopt.shrink(tfopt.prune(_mlp(), "baseline"), 0.5), raises=TypeError,
            match=r"`tfopt.shrink` takes a plain Keras model, and layer 'hidden' is a tfopt Dense\. "
