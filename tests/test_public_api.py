@@ -6,7 +6,7 @@ import tfopt
 from tfopt import testing
 
 _PUBLIC = {
-    "tfopt": ["callbacks", "distillation", "geometry", "layers", "quantizers", "schedules", "sparsity", "strategies", "compat", "prune", "strip", "load_model", "quantize_model",
+    "tfopt": ["callbacks", "distillation", "geometry", "layers", "quantizers", "schedules", "sparsity", "strategies", "compat", "prune", "strip", "shrink", "plan_shrink", "ShrinkPlan", "load_model", "quantize_model",
               "summary", "export", "ExportReport", "plot_sparsity", "plot_accuracy_vs_size"],
     "tfopt.layers": ["Prunable", "QuantizeActivation", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
                      "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",
@@ -15,8 +15,10 @@ _PUBLIC = {
     "tfopt.geometry": ["WeightSpec", "Geometry", "PASS_THROUGH", "NEEDS_RANGE", "BATCH_NORM", "WEIGHTS", "register",
                        "register_twin", "of", "weights_of", "prunable_weights", "quantized_weights", "fold_weight",
                        "twin_of", "twins", "role", "is_twin", "expand_height", "unroll_depth",
-                       "register_export_form", "export_form"],
-    "tfopt.callbacks": ["Pruning", "QuantizationSchedule", "TensorBoardSummaries"],
+                       "register_export_form", "export_form", "register_channels", "channel_flow", "NEW", "SAME",
+                       "MERGE", "CONCAT", "FLATTEN", "HEADS", "macs"],
+    "tfopt.callbacks": ["Pruning", "WidthPruning", "QuantizationSchedule", "TensorBoardSummaries"],
+    "tfopt.reporting": ["summary", "overall_sparsity", "prunable_values", "zero_fraction", "macs", "total_macs"],
     "tfopt.schedules": ["SparsitySchedule", "ConstantSparsity", "PolynomialDecay", "constant_sparsity",
                         "polynomial_decay", "PRESETS", "get"],
     "tfopt.strategies": ["auto", "Mirrored", "TPU", "MultiWorker", "global_batch_size",

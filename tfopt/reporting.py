@@ -6,7 +6,7 @@ from keras import ops
 
 from tfopt import _keras_internal, geometry, pruning
 
-__all__ = ["summary", "overall_sparsity", "prunable_values", "zero_fraction", "macs"]
+__all__ = ["summary", "overall_sparsity", "prunable_values", "zero_fraction", "macs", "total_macs"]
 
 
 def macs(model):
