@@ -32,7 +32,7 @@ class CliTest(testing.TestCase):
         student = next(line for line in lines if line.startswith("student distilled + 80% pruned + int8"))
         self.assertTrue(any(line.startswith("teacher (float32)") for line in lines), result.stdout)
         self.assertEqual(len(student.split()), 13)  # name (7 words) + 6 figures
-        self.assertEqual(sorted(os.listdir(out)), ["accuracy_vs_size.png", "dense.tflite", "pruned.tflite",
+        self.assertEqual(sorted(os.listdir(out)), ["accuracy_vs_size.png", "dense.tflite", "pruned.tflite", "shrunk.tflite",
                                                   "student.tflite", "teacher.tflite"])
         self.assertGreater(os.path.getsize(os.path.join(out, "accuracy_vs_size.png")), 1000)
 

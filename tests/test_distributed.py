@@ -5,6 +5,7 @@ import tempfile
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 
@@ -164,6 +165,47 @@ class MirroredQuantizationTest(testing.TestCase):
             self.assertEqual(len(values), 2)
             self.assertAllEqual(values[0], values[1])
         self.assertGreater(np.abs(conv.bn_moving_variance.numpy() - 1.0).max(), 0.5)
+
+
+def _collective_ops(strategy, model, x, y):
+    """Collective ops in one traced train step (every replica's, with the
+    functions it calls), by op type."""
+    import collections
+
+    @tf.function
+    def step(x, y):
+        return strategy.run(model.train_step, args=((x, y),))
+
+    graph = step.get_concrete_function(tf.TensorSpec(x.shape, tf.float32), tf.TensorSpec(y.shape, tf.int32)).graph
+    definition = graph.as_graph_def()
+    nodes = list(definition.node) + [n for f in definition.library.function for n in f.node_def]
+    return collections.Counter(n.op for n in nodes if n.op.startswith("Collective") or "AllReduce" in n.op)
+
+
+class CollectiveCountTest(testing.TestCase):
+    @pytest.mark.slow
+    def test_one_collective_per_step_for_every_range_and_folded_batch_norm(self):
+        strategy = _strategy("mirrored")
+        rng = np.random.default_rng(0)
+        x, y = rng.uniform(0, 1, (8, 32, 32, 3)).astype("float32"), rng.integers(0, 5, 8).astype("int32")
+        counts = {}
+        for kind in ("plain", "pruned", "quantized + pruned"):
+            keras.utils.set_random_seed(0)
+            with strategy.scope():
+                base = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=5, alpha=0.35,
+                                                      classifier_activation=None)
+                model = base if kind == "plain" else tfopt.prune(base, tfopt.schedules.ConstantSparsity(0.5, frequency=1))
+                if kind == "quantized + pruned":
+                    model = tfopt.quantize_model(model, "int8")
+                model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                model.optimizer.build(model.trainable_variables)
+            counts[kind] = sum(_collective_ops(strategy, model, x[:4], y[:4]).values())
+        ranges = sum(1 for v in model.weights if v.path.endswith("range_max"))
+        self.assertGreater(ranges, 60)  # (one collective each before)
+        # Masks come from weights that are already equal on every replica: no collective.
+        self.assertEqual(counts["pruned"], counts["plain"])
+        # Every range and folded BatchNormalization: one collective per replica in all.
+        self.assertEqual(counts["quantized + pruned"], counts["plain"] + strategy.num_replicas_in_sync)
 
 
 class MirroredDistillationTest(testing.TestCase):

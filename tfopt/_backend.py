@@ -5,6 +5,9 @@ TensorFlow can tell (distribution contexts, init scopes) lives here, imported
 lazily, so that the core stays readable as backend-agnostic code.
 """
 
+import contextlib
+import threading
+
 
 def in_replica_of_strategy():
     """True while tracing inside `strategy.run` of a non-default tf.distribute strategy."""
@@ -33,31 +36,77 @@ def strategy_scope(model):
     return strategy.scope()
 
 
-def cross_replica_min_max(lo, hi):
-    """Global (min, max) of scalar statistics over all replicas of the running
-    strategy (the same values on every replica); identity without one.
+_BATCHED = threading.local()  # per replica thread: statistics waiting for the one collective
 
-    `all_reduce` offers only SUM and MEAN (a mean of maxima is not a maximum),
-    so the replicas' values are all-gathered and reduced here."""
+
+@contextlib.contextmanager
+def batched_statistics():
+    """Within it, in a replica of a tf.distribute strategy, `reduce_statistics`
+    defers its reductions; on exit they all go in one collective over one packed
+    vector (instead of one collective per activation range and folded
+    BatchNormalization). Outside a replica, or nested, it does nothing."""
+    if not in_replica_of_strategy() or getattr(_BATCHED, "pending", None) is not None:
+        yield
+        return
+    _BATCHED.pending = []
+    try:
+        yield
+        pending = _BATCHED.pending
+    finally:
+        _BATCHED.pending = None
+    _reduce_packed(pending)
+
+
+def reduce_statistics(values, reductions, apply):
+    """Reduces per-replica statistics over all replicas and calls `apply` with
+    the results (lists of tensors, in order; `reductions` says "max" or "sum"
+    for each). Without a strategy `apply(values)` runs now; in a
+    `batched_statistics` scope it runs when the scope closes, with every other
+    pending statistic in the same single collective; else now, with one
+    collective for these values."""
+    pending = getattr(_BATCHED, "pending", None)
+    if not in_replica_of_strategy():
+        apply(values)
+    elif pending is not None:
+        pending.append((values, reductions, apply))
+    else:
+        _reduce_packed([(values, reductions, apply)])
+
+
+def _reduce_packed(pending):
+    """One collective for every pending statistic, packed into one float32
+    vector (each replica's vector gathered as a row); then max or sum per slot
+    over the replicas, and each `apply`."""
     import tensorflow as tf
 
-    if not in_replica_of_strategy():
-        return lo, hi
+    if not pending:
+        return
+    flat, shapes = [], []
+    for values, _, _ in pending:
+        for v in values:
+            v = tf.cast(v, tf.float32)
+            shapes.append(v.shape)  # static: ranges are scalars, moments one value per channel
+            flat.append(tf.reshape(v, [-1]))
+    sizes = [int(f.shape[0]) for f in flat]
+    packed = tf.concat(flat, 0)
+    # An all-gather as one all-reduce: each replica fills its own row of a zero
+    # matrix (tf.where, so another replica's Inf/NaN never leaks in), the sum
+    # holds every replica's row exactly. (MirroredStrategy's all_gather costs
+    # two collective ops, one for the shapes.)
     ctx = tf.distribute.get_replica_context()
-    both = tf.stack([-tf.reshape(lo, []), tf.reshape(hi, [])])[None, :]
-    gathered = ctx.all_gather(both, axis=0)
-    top = tf.reduce_max(gathered, axis=0)
-    return -top[0], top[1]
-
-
-def cross_replica_sum(values):
-    """Sums of a list of tensors over all replicas of the running strategy (the
-    same on every replica); identity without one."""
-    import tensorflow as tf
-
-    if not in_replica_of_strategy():
-        return values
-    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+    own = tf.equal(tf.range(ctx.num_replicas_in_sync), ctx.replica_id_in_sync_group)[:, None]
+    rows = tf.where(own, packed[None, :], tf.zeros_like(packed)[None, :])
+    gathered = ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows)
+    parts = tf.split(gathered, sizes, axis=1)
+    i = 0
+    for values, reductions, apply in pending:
+        reduced = []
+        for v, how in zip(values, reductions):
+            part = parts[i]
+            value = tf.reduce_max(part, axis=0) if how == "max" else tf.reduce_sum(part, axis=0)
+            reduced.append(tf.cast(tf.reshape(value, shapes[i]), v.dtype))
+            i += 1
+        apply(reduced)
 
 
 def conv(inputs, kernel, strides, padding, data_format, dilation_rate):

@@ -184,7 +184,8 @@ def is_graph_network(model):
     if isinstance(model, keras.Sequential):
         return True
     return isinstance(model, keras.Model) and (
-        bool(getattr(model, "_is_graph_network", False)) or type(model).__name__ == "Functional"
+        bool(getattr(model, "_is_graph_network", False))
+        or any(klass.__name__ == "Functional" for klass in type(model).__mro__)
     )
 
 

@@ -105,21 +105,28 @@ class BatchNormFolding:
         layer = self.layer
         y = ops.stop_gradient(ops.cast(outputs, "float32") - ops.cast(folded_bias, "float32"))
         y = ops.reshape(y, (-1, y.shape[-1]))
-        count = ops.cast(ops.shape(y)[0], "float32")
-        total, squares, count = _backend.cross_replica_sum(
-            [ops.sum(y, axis=0), ops.sum(ops.square(y), axis=0), count])
-        mean_y = total / count
-        var_y = ops.maximum(squares / count - ops.square(mean_y), 0.0)
+        count = ops.reshape(ops.cast(ops.shape(y)[0], "float32"), (1,))
         scale = ops.stop_gradient(ops.cast(self.channel_scale(), "float32"))
-        usable = ops.greater(ops.abs(scale), 1e-6)
-        safe = ops.where(usable, scale, 1.0)
         bias = ops.cast(ops.convert_to_tensor(layer.bias), "float32") if getattr(layer, "bias", None) is not None else 0.0
-        momentum = self.momentum
         old_mean = ops.convert_to_tensor(layer.bn_moving_mean)
         old_var = ops.convert_to_tensor(layer.bn_moving_variance)
-        if active is not None:
-            usable = ops.logical_and(usable, active)
-        new_mean = momentum * old_mean + (1.0 - momentum) * (mean_y / safe + bias)
-        new_var = momentum * old_var + (1.0 - momentum) * (var_y / ops.square(safe))
-        layer.bn_moving_mean.assign(ops.where(usable, new_mean, old_mean))
-        layer.bn_moving_variance.assign(ops.where(usable, new_var, old_var))
+        momentum = self.momentum
+
+        def apply(reduced):
+            total, squares, n = reduced
+            n = ops.reshape(n, ())
+            mean_y = total / n
+            var_y = ops.maximum(squares / n - ops.square(mean_y), 0.0)
+            usable = ops.greater(ops.abs(scale), 1e-6)
+            safe = ops.where(usable, scale, 1.0)
+            if active is not None:
+                usable = ops.logical_and(usable, active)
+            new_mean = momentum * old_mean + (1.0 - momentum) * (mean_y / safe + bias)
+            new_var = momentum * old_var + (1.0 - momentum) * (var_y / ops.square(safe))
+            layer.bn_moving_mean.assign(ops.where(usable, new_mean, old_mean))
+            layer.bn_moving_variance.assign(ops.where(usable, new_var, old_var))
+
+        # Summed over all replicas (as a synchronized BatchNormalization), with
+        # every other statistic of the step in one collective.
+        _backend.reduce_statistics([ops.sum(y, axis=0), ops.sum(ops.square(y), axis=0), count],
+                                   ["sum", "sum", "sum"], apply)

@@ -55,32 +55,45 @@ def add_range_weights(layer, prefix=""):
 
 
 def track_and_quantize(inputs, range_weights, spec, momentum, update, times=None, step=None):
-    """Updates a tracked range from `inputs` (if `update`, and while the
-    range's update count is below `times.freeze_ranges`) and fake-quantizes
-    `inputs` to it (once the count `step`, by default the range's own, reaches
-    `times.start`). The range always includes 0, as TFLite requires."""
+    """Fake-quantizes `inputs` to a tracked range (once the count `step`, by
+    default the range's own, reaches `times.start`), then, if `update` (and
+    while the range's update count is below `times.freeze_ranges`), moves the
+    range towards this batch's min/max. The range always includes 0, as
+    TFLite requires.
+
+    The batch quantizes with the range as it stood before the batch (the very
+    first training batch, which sets the range outright, passes through
+    unquantized): so the update needs no result in this forward pass, and
+    under a tf.distribute strategy every range's min/max is reduced over the
+    replicas together, in one collective per step (`_backend.batched_statistics`),
+    with the same values as on one device."""
     range_min, range_max, range_updates = range_weights
     lo, hi = ops.convert_to_tensor(range_min), ops.convert_to_tensor(range_max)
     count = ops.convert_to_tensor(range_updates)
     step = count if step is None else step
+    # TFLite needs 0 inside the range; lo <= 0 < 1e-6 <= hi keeps it non-empty.
+    q_lo, q_hi = ops.minimum(lo, 0.0), ops.maximum(hi, 1e-6)
+    outputs = when_started(step, times, lambda: quantizers.quantize_activation(inputs, q_lo, q_hi, spec), inputs)
     if update:
         # Few ops: on small models each op's fixed cost, not the reductions,
         # is most of what QAT adds to a step.
+        outputs = ops.cond(ops.equal(count, 0), lambda: inputs, lambda: outputs)
         x = ops.stop_gradient(inputs)
-        batch_lo, batch_hi = _backend.cross_replica_min_max(
-            ops.cast(ops.min(x), "float32"), ops.cast(ops.max(x), "float32"))
-        old = ops.where(ops.equal(count, 0), 0.0, momentum)  # the first batch sets the range
-        new_lo, new_hi = batch_lo + old * (lo - batch_lo), batch_hi + old * (hi - batch_hi)
         stop = frozen(count, None if times is None else times.freeze_ranges)
-        if stop is not None:
-            new_lo, new_hi = ops.where(stop, lo, new_lo), ops.where(stop, hi, new_hi)
-        lo, hi = new_lo, new_hi
-        range_min.assign(lo)
-        range_max.assign(hi)
-        range_updates.assign_add(1)
-    # TFLite needs 0 inside the range; lo <= 0 < 1e-6 <= hi keeps it non-empty.
-    lo, hi = ops.minimum(lo, 0.0), ops.maximum(hi, 1e-6)
-    return when_started(step, times, lambda: quantizers.quantize_activation(inputs, lo, hi, spec), inputs)
+
+        def apply(reduced):
+            batch_lo, batch_hi = -reduced[0], reduced[1]
+            old = ops.where(ops.equal(count, 0), 0.0, momentum)  # the first batch sets the range
+            new_lo, new_hi = batch_lo + old * (lo - batch_lo), batch_hi + old * (hi - batch_hi)
+            if stop is not None:
+                new_lo, new_hi = ops.where(stop, lo, new_lo), ops.where(stop, hi, new_hi)
+            range_min.assign(new_lo)
+            range_max.assign(new_hi)
+            range_updates.assign_add(1)
+
+        _backend.reduce_statistics([-ops.cast(ops.min(x), "float32"), ops.cast(ops.max(x), "float32")],
+                                   ["max", "max"], apply)
+    return outputs
 
 
 @keras.saving.register_keras_serializable(package="tfopt")

@@ -11,7 +11,7 @@ import dataclasses
 
 import keras
 
-from tfopt import _keras_internal, geometry, pruning, quantizers
+from tfopt import _backend, _keras_internal, geometry, pruning, quantizers
 from tfopt.layers.quantize_activation import QuantizeActivation, QuantizingLayer
 from tfopt.transforms import _graph
 
@@ -249,7 +249,24 @@ def rewrite(the_plan):
         bn = folds.get(id(old))
         if bn is not None:
             new._folding.set_from(bn)
-    return clone
+    return QuantizedModel(clone.inputs if isinstance(clone.input, (list, tuple)) else clone.input, clone.outputs
+                          if isinstance(clone.output, (list, tuple)) else clone.output, name=clone.name)
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class QuantizedModel(keras.Model):
+    """The Functional model `tfopt.quantize_model` returns: a plain Keras
+    Functional model, except that under a `tf.distribute` strategy the
+    statistics its layers track (activation ranges, folded BatchNormalization
+    moments) are reduced over the replicas together, in one collective per
+    train step, instead of one per range and per folded layer. A `.keras` file
+    of it loads with tfopt imported, as any file with tfopt layers;
+    `tfopt.strip` returns a plain `keras.Model`."""
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        # (The signature is Functional.call's: Keras reads `training` from it.)
+        with _backend.batched_statistics():
+            return super().call(inputs, training=training, mask=mask, **kwargs)
 
 
 def _precision_overrides(candidates, overrides):
