@@ -13,9 +13,14 @@ tfopt, alternating with the others, and the table gains its rows and the
 ratio of this tree's tfopt step time to the baseline's: the check that a
 change costs nothing per step.
 
+`--device cpu` hides any GPU from the workers (CUDA_VISIBLE_DEVICES=-1);
+`--device gpu` requires one (TensorFlow places the training on it); `auto`
+(the default) uses a GPU when TensorFlow sees one. The device is written with
+the figures (a separate RESULTS.md section for GPU runs).
+
 Usage:
     python benchmarks/step_time.py [--mode prune|qat] [--rounds 5] [--steps 60] [--no-write]
-                                   [--baseline DIR]
+                                   [--baseline DIR] [--device auto|cpu|gpu]
 """
 
 import argparse
@@ -163,7 +168,18 @@ def main():
     parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
     parser.add_argument("--mode", choices=["prune", "qat"], default="prune",
                         help="compare pruning (default) or quantization-aware training with plain training")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     args = parser.parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # (inherited by the workers)
+    elif not args.worker:
+        probe = "import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='3'; import tensorflow as tf; " \
+                "print(len(tf.config.list_physical_devices('GPU')))"
+        gpus = int((subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split()
+                    or ["0"])[-1])
+        if args.device == "gpu" and not gpus:
+            raise SystemExit("--device gpu: TensorFlow sees no GPU here.")
+        args.device = "gpu" if gpus else "cpu"
 
     if args.worker:
         fn = worker_keras3 if args.worker == "keras3" else worker_tfmot
@@ -231,10 +247,13 @@ def main():
     if not args.no_write:
         section, title = (("qat_step_time", "Training step time, int8 QAT / plain") if args.mode == "qat"
                           else ("step_time", "Training step time, pruned / plain"))
+        if args.device == "gpu":
+            section, title = section + "_gpu", title + " (GPU)"
         mode = " --mode qat" if args.mode == "qat" else ""
         write_section(section, title,
                       f"python benchmarks/step_time.py{mode} --rounds {args.rounds} --repeats {args.repeats} --steps {args.steps}"
-                      + (" --baseline BASELINE_CHECKOUT" if args.baseline else ""),
+                      + (" --baseline BASELINE_CHECKOUT" if args.baseline else "")
+                      + (" --device gpu" if args.device == "gpu" else ""),
                       body)
 
 

@@ -60,13 +60,15 @@ def batched_statistics():
 def reduce_statistics(values, reductions, apply):
     """Reduces per-replica statistics over all replicas and calls `apply` with
     the results (lists of tensors, in order; `reductions` says "max" or "sum"
-    for each). Without a strategy `apply(values)` runs now; in a
-    `batched_statistics` scope it runs when the scope closes, with every other
-    pending statistic in the same single collective; else now, with one
-    collective for these values."""
+    for each); `apply` returns the `[(variable, new value)]` to write. Without
+    a strategy it runs and they are written now; in a `batched_statistics`
+    scope, when the scope closes, with every other pending statistic in the
+    same single collective and every write in one cross-replica step; else
+    now, with one collective for these values."""
     pending = getattr(_BATCHED, "pending", None)
     if not in_replica_of_strategy():
-        apply(values)
+        for variable, value in apply(values):
+            variable.assign(value)
     elif pending is not None:
         pending.append((values, reductions, apply))
     else:
@@ -98,7 +100,7 @@ def _reduce_packed(pending):
     rows = tf.where(own, packed[None, :], tf.zeros_like(packed)[None, :])
     gathered = ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows)
     parts = tf.split(gathered, sizes, axis=1)
-    i = 0
+    i, writes = 0, []
     for values, reductions, apply in pending:
         reduced = []
         for v, how in zip(values, reductions):
@@ -106,7 +108,17 @@ def _reduce_packed(pending):
             value = tf.reduce_max(part, axis=0) if how == "max" else tf.reduce_sum(part, axis=0)
             reduced.append(tf.cast(tf.reshape(value, shapes[i]), v.dtype))
             i += 1
-        apply(reduced)
+        writes.extend(apply(reduced))
+    # Writing an `only_first_replica` variable from a replica is a merge_call,
+    # where the replicas wait for each other: one for all the step's writes.
+    variables = [getattr(variable, "value", variable) for variable, _ in writes]
+
+    def write_all(strategy, *new_values):
+        for variable, value in zip(variables, new_values):
+            strategy.extended.update(variable, lambda v, x: v.assign(x), args=(value,), group=False)
+
+    ctx.merge_call(write_all, args=tuple(tf.cast(value, variable.dtype) for variable, (_, value)
+                                         in zip(variables, writes)))
 
 
 def conv(inputs, kernel, strides, padding, data_format, dilation_rate):

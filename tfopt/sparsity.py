@@ -52,7 +52,7 @@ def prune_lowest(scores, num_pruned):
     scores = ops.convert_to_tensor(scores)
     n = scores.shape[0]
     num_pruned = ops.cast(num_pruned, "int32")
-    threshold = ops.take(ops.sort(scores), ops.clip(num_pruned - 1, 0, n - 1))
+    threshold = _kth_smallest(scores, ops.clip(num_pruned, 1, n))
     below = ops.less(scores, threshold)
     tie = ops.equal(scores, threshold)
     remaining = num_pruned - ops.sum(ops.cast(below, "int32"))
@@ -60,6 +60,35 @@ def prune_lowest(scores, num_pruned):
     pruned = ops.logical_or(below, ops.logical_and(tie, ops.less_equal(tie_rank, remaining)))
     pruned = ops.logical_and(pruned, ops.greater(num_pruned, 0))
     return ops.logical_not(pruned)
+
+
+# Above this many scores, the k-th smallest is found by bisection instead of a sort.
+_BISECT_ABOVE = 4096
+
+
+def _kth_smallest(scores, k):
+    """The `k`-th smallest (1-based, a tensor) of non-negative `scores`.
+
+    Small tensors are sorted. Large ones (a mask update of a big kernel at a
+    high frequency, where the sort was the cost) use 31 rounds of bisection
+    over the float32 bit patterns, which order non-negative floats as their
+    values do: each round one comparison and one sum over the scores, no sort,
+    static shapes (so it runs under XLA)."""
+    n = scores.shape[0]
+    view = getattr(ops, "view", None)
+    if n is None or n <= _BISECT_ABOVE or view is None:
+        return ops.take(ops.sort(scores), k - 1)
+    scores = ops.cast(scores, "float32") + 0.0  # (-0.0 + 0.0 is +0.0: every pattern >= 0)
+    bits = view(scores, "int32")
+
+    def step(_, bounds):
+        lo, hi = bounds  # count(bits <= lo) < k <= count(bits <= hi)
+        mid = lo + (hi - lo) // 2
+        enough = ops.greater_equal(ops.sum(ops.cast(ops.less_equal(bits, mid), "int32")), k)
+        return ops.where(enough, lo, mid), ops.where(enough, mid, hi)
+
+    _, hi = ops.fori_loop(0, 31, step, (ops.convert_to_tensor(-1, "int32"), ops.max(bits)))
+    return ops.max(ops.where(ops.less_equal(bits, hi), scores, 0.0))
 
 
 def _num_pruned(sparsity, units):

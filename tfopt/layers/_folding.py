@@ -123,8 +123,8 @@ class BatchNormFolding:
                 usable = ops.logical_and(usable, active)
             new_mean = momentum * old_mean + (1.0 - momentum) * (mean_y / safe + bias)
             new_var = momentum * old_var + (1.0 - momentum) * (var_y / ops.square(safe))
-            layer.bn_moving_mean.assign(ops.where(usable, new_mean, old_mean))
-            layer.bn_moving_variance.assign(ops.where(usable, new_var, old_var))
+            return [(layer.bn_moving_mean, ops.where(usable, new_mean, old_mean)),
+                    (layer.bn_moving_variance, ops.where(usable, new_var, old_var))]
 
         # Summed over all replicas (as a synchronized BatchNormalization), with
         # every other statistic of the step in one collective.

@@ -87,9 +87,7 @@ def track_and_quantize(inputs, range_weights, spec, momentum, update, times=None
             new_lo, new_hi = batch_lo + old * (lo - batch_lo), batch_hi + old * (hi - batch_hi)
             if stop is not None:
                 new_lo, new_hi = ops.where(stop, lo, new_lo), ops.where(stop, hi, new_hi)
-            range_min.assign(new_lo)
-            range_max.assign(new_hi)
-            range_updates.assign_add(1)
+            return [(range_min, new_lo), (range_max, new_hi), (range_updates, count + 1)]
 
         _backend.reduce_statistics([-ops.cast(ops.min(x), "float32"), ops.cast(ops.max(x), "float32")],
                                    ["max", "max"], apply)
