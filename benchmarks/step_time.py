@@ -20,7 +20,7 @@ the figures (a separate RESULTS.md section for GPU runs).
 
 Usage:
     python benchmarks/step_time.py [--mode prune|qat] [--rounds 5] [--steps 60] [--no-write]
-                                   [--baseline DIR] [--device auto|cpu|gpu]
+                                   [--baseline DIR] [--device auto|cpu|gpu] [--frequency 100]
 """
 
 import argparse
@@ -32,7 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SPARSITY, FREQUENCY, BATCH = 0.8, 100, 64
+SPARSITY, BATCH = 0.8, 64
+FREQUENCY = int(os.environ.get("TFOPT_BENCH_FREQUENCY", "100"))  # mask updates every N steps (--frequency)
 
 
 def _timer_callback(keras_module, warmup):
@@ -169,7 +170,9 @@ def main():
     parser.add_argument("--mode", choices=["prune", "qat"], default="prune",
                         help="compare pruning (default) or quantization-aware training with plain training")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--frequency", type=int, default=100, help="pruning: steps between mask updates")
     args = parser.parse_args()
+    os.environ["TFOPT_BENCH_FREQUENCY"] = str(args.frequency)  # (read by the workers at import)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # (inherited by the workers)
     elif not args.worker:
@@ -232,7 +235,7 @@ def main():
     body = table(rows, ["model", "framework", "variant", "plain ms/step", "optimized ms/step",
                         "ratio (median of per-round ratios)"])
     what = ("int8 QAT (`tfopt.quantize_model` / `tfmot.quantization.keras.quantize_model`)"
-            if args.mode == "qat" else f"Sparsity {SPARSITY} (`ConstantSparsity`, frequency {FREQUENCY})")
+            if args.mode == "qat" else f"Sparsity {SPARSITY} (`ConstantSparsity`, frequency {args.frequency})")
     target = ("Target: tfopt <= 1.15x and below tfmot's ratio." if args.mode == "qat"
               else "Target: tfopt <= 1.05x and below tfmot's ratio.")
     body += (
@@ -247,13 +250,16 @@ def main():
     if not args.no_write:
         section, title = (("qat_step_time", "Training step time, int8 QAT / plain") if args.mode == "qat"
                           else ("step_time", "Training step time, pruned / plain"))
+        if args.mode == "prune" and args.frequency != 100:
+            section, title = f"{section}_f{args.frequency}", f"{title}, mask update every {args.frequency} steps"
         if args.device == "gpu":
             section, title = section + "_gpu", title + " (GPU)"
         mode = " --mode qat" if args.mode == "qat" else ""
         write_section(section, title,
                       f"python benchmarks/step_time.py{mode} --rounds {args.rounds} --repeats {args.repeats} --steps {args.steps}"
                       + (" --baseline BASELINE_CHECKOUT" if args.baseline else "")
-                      + (" --device gpu" if args.device == "gpu" else ""),
+                      + (" --device gpu" if args.device == "gpu" else "")
+                      + (f" --frequency {args.frequency}" if args.mode == "prune" and args.frequency != 100 else ""),
                       body)
 
 
