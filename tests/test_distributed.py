@@ -284,7 +284,7 @@ class MirroredEverythingTest(testing.TestCase, parameterized.TestCase):
 
             test = f"{os.path.abspath(__file__)}::MirroredEverythingTest::test_matches_single_device_four_cpus"
             result = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", test],
+                [sys.executable, "-m", "pytest", "-q", "-n", "0", test],
                 env={**os.environ, "TFOPT_TEST_FOUR_REPLICAS": "1"}, capture_output=True, text=True, timeout=600,
                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
             )
