@@ -20,7 +20,7 @@ the figures (a separate RESULTS.md section for GPU runs).
 
 Usage:
     python benchmarks/step_time.py [--mode prune|qat] [--rounds 5] [--steps 60] [--no-write]
-                                   [--baseline DIR] [--device auto|cpu|gpu] [--frequency 100]
+                                   [--baseline DIR] [--device auto|cpu|gpu] [--frequency 100] [--jit]
 """
 
 import argparse
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SPARSITY, BATCH = 0.8, 64
 FREQUENCY = int(os.environ.get("TFOPT_BENCH_FREQUENCY", "100"))  # mask updates every N steps (--frequency)
+JIT = os.environ.get("TFOPT_BENCH_JIT") == "1"  # compile(jit_compile=True) for every variant (--jit)
 
 
 def _timer_callback(keras_module, warmup):
@@ -91,7 +92,7 @@ def worker_keras3(model_name, rounds, steps, mode="prune"):
 
     def compiled(model):
         model.compile(keras.optimizers.Adam(1e-3),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=JIT)
         return model
 
     keras.utils.set_random_seed(0)
@@ -125,14 +126,14 @@ def worker_tfmot(model_name, rounds, steps, mode="prune"):
         if prune:
             model = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
         model.compile(tf_keras.optimizers.Adam(1e-3),
-                      tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                      tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=JIT)
         return model
 
     if mode == "qat":
         def build_qat():
             model = tfmot.quantization.keras.quantize_model(_build(tf_keras.layers, model_name, tf_keras))
             model.compile(tf_keras.optimizers.Adam(1e-3),
-                          tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                          tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=JIT)
             return model
 
         variants = {"plain": (build(False), []), "tfmot QAT int8": (build_qat(), [])}
@@ -171,8 +172,10 @@ def main():
                         help="compare pruning (default) or quantization-aware training with plain training")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--frequency", type=int, default=100, help="pruning: steps between mask updates")
+    parser.add_argument("--jit", action="store_true", help="compile every variant with jit_compile=True (XLA)")
     args = parser.parse_args()
     os.environ["TFOPT_BENCH_FREQUENCY"] = str(args.frequency)  # (read by the workers at import)
+    os.environ["TFOPT_BENCH_JIT"] = "1" if args.jit else "0"
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # (inherited by the workers)
     elif not args.worker:
@@ -242,7 +245,8 @@ def main():
         f"\n\n{what}, batch {BATCH}, "
         f"{args.steps} steps per round, {args.rounds} rounds x {args.repeats} worker starts per framework, "
         "plain and optimized variants interleaved within each worker. CNN: Conv2D 32, pool, Conv2D 64, pool, Dense 128, "
-        "Dense 10 on 28x28x1; MLP: 784-512-512-10. " + target
+        "Dense 10 on 28x28x1; MLP: 784-512-512-10. " + ("Every variant compiled with jit_compile=True (XLA). "
+                                                        if args.jit else "") + target
     )
     if versus:
         body += "\n\nThis tree against the baseline checkout, same run:\n\n" + "\n".join(f"- {v}" for v in versus)
@@ -254,12 +258,15 @@ def main():
             section, title = f"{section}_f{args.frequency}", f"{title}, mask update every {args.frequency} steps"
         if args.device == "gpu":
             section, title = section + "_gpu", title + " (GPU)"
+        if args.jit:
+            section, title = section + "_jit", title + ", jit_compile=True"
         mode = " --mode qat" if args.mode == "qat" else ""
         write_section(section, title,
                       f"python benchmarks/step_time.py{mode} --rounds {args.rounds} --repeats {args.repeats} --steps {args.steps}"
                       + (" --baseline BASELINE_CHECKOUT" if args.baseline else "")
                       + (" --device gpu" if args.device == "gpu" else "")
-                      + (f" --frequency {args.frequency}" if args.mode == "prune" and args.frequency != 100 else ""),
+                      + (f" --frequency {args.frequency}" if args.mode == "prune" and args.frequency != 100 else "")
+                      + (" --jit" if args.jit else ""),
                       body)
 
 
