@@ -680,18 +680,18 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     stripped = model if (precision == "int8" and quantized) else transforms.strip(model)
     # (A mixed-precision model is converted from a float32 copy and checked against itself.)
     calibrated = representative_data is not None and not (precision == "int8" and quantized)
-    content = _convert(_export_form(stripped, calibrated), optimizations, precision,
-                       representative_data if calibrated else None)
+    convert_args = (_export_form(stripped, calibrated), optimizations, precision,
+                    representative_data if calibrated else None)
+    content = _convert(*convert_args)
     if precision == "int8" and quantized and representative_data is not None and float_ops(content):
         # Layers that quantization-aware training leaves in float (LayerNormalization,
         # attention, RNNs, ...): calibrate every range on the data instead, for a
         # full-integer file; the weights keep what QAT trained.
         stripped, calibrated = transforms.strip(model), True
-        content = _convert(_export_form(stripped, True), optimizations, precision, representative_data)
+        convert_args = (_export_form(stripped, True), optimizations, precision, representative_data)
+        content = _convert(*convert_args)
     dense_size = None
-    if sparse:
-        convert_args = (_export_form(stripped, calibrated), optimizations, precision,
-                        representative_data if calibrated else None)
+    if sparse:  # (the same model and arguments, sparse-encoded)
         dense_size = len(content)
         content, sparse = _sparse_content(content, convert_args, sparse, _kernel_sparsity(stripped), path)
     if precision == "int16x8" and not _tensor_count(content, np.int16):
