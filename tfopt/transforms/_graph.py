@@ -5,7 +5,7 @@ from keras import ops
 
 from tfopt import _keras_internal, pruning
 
-__all__ = ["check_graph_model", "clone", "plain_copy", "copy_weights", "to_functional", "graph_layers"]
+__all__ = ["check_graph_model", "clone", "plain_copy", "copy_weights", "to_functional", "graph_layers", "rewrap"]
 
 
 def check_graph_model(model, fn):
@@ -88,6 +88,14 @@ def copy_weights(old, new):
     values = [ops.convert_to_numpy(v) for v in old.weights]
     current = new.get_weights()
     new.set_weights(values[: len(current)] + current[len(values):])
+
+
+def rewrap(model, cls=keras.Model):
+    """A model of class `cls` over the same graph (inputs, outputs and layers) as
+    the Functional `model`: how `quantize_model` makes its `QuantizedModel` and
+    `strip` turns one back into a plain Functional model."""
+    return cls(_single(model.inputs) if not isinstance(model.input, dict) else model.input,
+               _single(model.outputs), name=model.name)
 
 
 def to_functional(model):

@@ -249,8 +249,7 @@ def rewrite(the_plan):
         bn = folds.get(id(old))
         if bn is not None:
             new._folding.set_from(bn)
-    return QuantizedModel(clone.inputs if isinstance(clone.input, (list, tuple)) else clone.input, clone.outputs
-                          if isinstance(clone.output, (list, tuple)) else clone.output, name=clone.name)
+    return _graph.rewrap(clone, QuantizedModel)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")

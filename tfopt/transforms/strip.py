@@ -6,6 +6,7 @@ from tfopt import _keras_internal, geometry, pruning
 from tfopt.layers.base import Prunable
 from tfopt.layers.quantize_activation import QuantizeActivation
 from tfopt.transforms import _graph
+from tfopt.transforms.quantize import QuantizedModel
 
 __all__ = ["strip", "load_model"]
 
@@ -60,12 +61,8 @@ def strip(model):
         clone, pairs = _graph.clone(_graph.to_functional(model), make_layer, call_function=call_function)
     else:
         clone, pairs = _graph.clone(model, make_layer)
-    if type(clone) not in (keras.Model, keras.Sequential) and not isinstance(clone, keras.Sequential) \
-            and _keras_internal.is_graph_network(clone) and type(clone).__module__.startswith("tfopt"):
-        # (tfopt.quantize_model's QuantizedModel: back to a plain Functional model)
-        clone = keras.Model(clone.inputs if isinstance(clone.input, (list, tuple)) else clone.input,
-                            clone.outputs if isinstance(clone.output, (list, tuple)) else clone.output,
-                            name=clone.name)
+    if isinstance(clone, QuantizedModel):  # (cloning keeps the class): back to a plain Functional model
+        clone = _graph.rewrap(clone)
     for old, new in pairs:
         if not getattr(new, "weights", None) or isinstance(old, QuantizeActivation):
             continue
