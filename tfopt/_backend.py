@@ -36,6 +36,27 @@ def strategy_scope(model):
     return strategy.scope()
 
 
+def mean_gradients(model, loss_fn, batches):
+    """`{id(variable): numpy mean gradient}` of `loss_fn(y, model(x))` (averaged
+    over each batch, then over `batches` of `(x, y)`) for every trainable
+    weight; raises if `batches` is empty."""
+    import numpy as np
+    import tensorflow as tf
+
+    sums = {id(v): np.zeros(v.shape, "float32") for v in model.trainable_weights}
+    count = 0
+    for x, y in batches:
+        with tf.GradientTape() as tape:
+            value = tf.reduce_mean(loss_fn(y, model(x, training=False)))
+        for v, g in zip(model.trainable_weights, tape.gradient(value, model.trainable_weights)):
+            if g is not None:
+                sums[id(v)] += g.numpy()
+        count += 1
+    if not count:
+        raise ValueError("tfopt.shrink(importance='taylor') got `data` with no batches.")
+    return {k: v / count for k, v in sums.items()}
+
+
 _BATCHED = threading.local()  # per replica thread: statistics waiting for the one collective
 
 

@@ -142,6 +142,13 @@ def node_call_arguments(node):
     return list(arguments.args), dict(arguments.kwargs)
 
 
+def attention_projections(layer):
+    """`(query, key, value, output)`: the EinsumDense sublayers of a Keras
+    MultiHeadAttention (kernels `(dim, heads, head_dim)` and `(heads, head_dim, out)`)."""
+    return tuple(_get(layer, f"_{part}_dense", "MultiHeadAttention's projection sublayers")
+                 for part in ("query", "key", "value", "output"))
+
+
 def graph_of(model):
     """The Functional graph of a graph model: itself, or the one Keras keeps
     behind a built Sequential model."""

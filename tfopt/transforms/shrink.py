@@ -26,7 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _keras_internal, geometry, pruning
+from tfopt import _backend, _keras_internal, geometry, pruning
 from tfopt._config import python_number
 from tfopt.transforms import _graph
 
@@ -255,7 +255,7 @@ class _Walker:
         return [out]
 
     def _flatten(self, layer, node, ins, outs):
-        shape = node.input_tensors[0].shape
+        shape = _keras_internal.node_inputs(node)[0].shape
         if len(ins) != 1 or any(d is None for d in shape[1:]):
             return None
         positions = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
@@ -276,8 +276,8 @@ class _Walker:
             self.atoms.freeze(self._atoms_of(t))
         heads = self.atoms.new(layer.num_heads)
         out = self._fresh(outs[0], frozen=True)  # the output width follows the query's: kept
-        for part, source in (("query", "query"), ("key", "key"), ("value", "value")):
-            dense = getattr(layer, f"_{part}_dense")
+        *projections, output = _keras_internal.attention_projections(layer)
+        for dense, source in zip(projections, ("query", "key", "value")):
             x = self.tensors[id(tensors[source])]
             if dense.kernel.shape[0] != len(x) or dense.kernel.shape[1] != len(heads):
                 return None
@@ -285,7 +285,6 @@ class _Walker:
             self.slices.append(_Slice(dense.kernel, 1, heads, True))
             if dense.bias is not None:
                 self.slices.append(_Slice(dense.bias, 0, heads, False))
-        output = layer._output_dense
         self.slices.append(_Slice(output.kernel, 0, heads, True))
         self.slices.append(_Slice(output.kernel, len(output.kernel.shape) - 1, out, False))
         if output.bias is not None:
@@ -435,27 +434,6 @@ def _scores(walker, importance, gradients):
     return scores
 
 
-def _taylor_gradients(model, data, loss):
-    """Mean gradients of `loss` over `data` (batches of (x, y)) for every weight."""
-    import tensorflow as tf
-
-    loss_fn = keras.losses.get(loss)
-    sums = {id(v): np.zeros(v.shape, "float32") for v in model.trainable_weights}
-    batches = 0
-    for x, y in data:
-        with tf.GradientTape() as tape:
-            value = loss_fn(y, model(x, training=False))
-            value = ops.mean(value)
-        grads = tape.gradient(value, model.trainable_weights)
-        for v, g in zip(model.trainable_weights, grads):
-            if g is not None:
-                sums[id(v)] += ops.convert_to_numpy(g)
-        batches += 1
-    if not batches:
-        raise ValueError("tfopt.shrink(importance='taylor') got `data` with no batches.")
-    return {k: v / batches for k, v in sums.items()}
-
-
 def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1, data=None, loss=None,
                 layers=None):
     """Plans which channels, heads and units `tfopt.shrink` removes (see `shrink`).
@@ -498,7 +476,7 @@ def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channe
     outputs = walker.walk(_graph.to_functional(model))
     for atoms in outputs:
         walker.atoms.freeze(atoms)
-    gradients = _taylor_gradients(model, data, loss) if importance == "taylor" else None
+    gradients = _backend.mean_gradients(model, keras.losses.get(loss), data) if importance == "taylor" else None
     scores = _scores(walker, importance, gradients)
 
     atoms = walker.atoms
