@@ -1,10 +1,12 @@
 """`WidthPruning`: prunes whole channels, heads and units, dependency groups together, during `fit`."""
 
+import collections
+
 import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _backend, _keras_internal, pruning
+from tfopt import _backend, _state, pruning
 from tfopt import sparsity as sparsity_lib
 from tfopt._config import python_number
 from tfopt.callbacks.pruning import Pruning
@@ -12,6 +14,10 @@ from tfopt.transforms import _graph
 from tfopt.transforms.shrink import _unit_groups, _Walker
 
 __all__ = ["WidthPruning"]
+
+# One removable group: its keep vector (a variable, one 0/1 per free unit), its unit count (frozen
+# ones included: the sparsity and the floor count them), the most it may lose, its free units.
+_Group = collections.namedtuple("_Group", ["keep", "total", "limit", "free"])
 
 
 class _Width(sparsity_lib.Structure):
@@ -78,7 +84,7 @@ class WidthPruning(Pruning):
                 f"Received: min_channels={min_channels!r}")
         self.min_channels = min_channels
         self.structure = _Width()
-        self._groups = []  # [(keep variable, total, limit, free)]
+        self._groups = []  # [_Group]
 
     def on_train_begin(self, logs=None):
         _graph.check_graph_model(self.model, "callbacks.WidthPruning")
@@ -112,7 +118,7 @@ class WidthPruning(Pruning):
                 position[r] = (g, i)
             total, limit = len(roots), max(len(roots) - self.min_channels, 0)
             keep = _backend.in_init_scope(lambda n=len(free): self._variable(np.ones(n, "float32"), "width_keep"))
-            self._groups.append((keep, total, limit, len(free)))
+            self._groups.append(_Group(keep, total, limit, len(free)))
         # Per variable: its slices as (axis, group, index vector) with len(free) for "not this group's".
         by_variable = {}
         for s in walker.slices:
@@ -121,11 +127,12 @@ class WidthPruning(Pruning):
             for i, root in enumerate(roots.tolist()):
                 if root in position:
                     g, p = position[root]
-                    per_group.setdefault(g, np.full(len(roots), self._groups[g][3], "int32"))[i] = p
+                    per_group.setdefault(g, np.full(len(roots), self._groups[g].free, "int32"))[i] = p
             for g, index in per_group.items():
                 by_variable.setdefault(id(s.variable), (s.variable, []))[1].append((s.axis, g, index, s.score))
-        trainable = {id(v) for v in model.trainable_variables}
-        self._slices = [(variable, entries) for variable, entries in by_variable.values() if id(variable) in trainable]
+        # In the order the optimizer applies constraints, so that the first (the leader, which
+        # updates the groups) runs before every other one of the step.
+        self._slices = [by_variable[id(v)] for v in model.trainable_variables if id(v) in by_variable]
         leader = self._slices[0][0]
         for variable, entries in self._slices:
             value = ops.convert_to_numpy(variable)
@@ -136,8 +143,8 @@ class WidthPruning(Pruning):
             mask = self._masks[id(variable)][1]
             constraint = self._constraint(variable, mask, entries, leader=variable is leader)
             variable.constraint = constraint
-            pruning._state.PRUNED.set(variable, pruning._state.PruneRecord(
-                mask, self.structure, self.pruning_schedule, None, None, owner=self))
+            _state.PRUNED.set(variable, _state.PruneRecord(mask, self.structure, self.pruning_schedule, None, None,
+                                                          owner=self))
             self._masks[id(variable)] = (variable, mask, constraint)
         return True
 
@@ -157,7 +164,7 @@ class WidthPruning(Pruning):
 
     def _scores(self):
         """Per group, the L2 score of each free unit, from the masked weights."""
-        sums = [ops.zeros((free + 1,), "float32") for _, _, _, free in self._groups]
+        sums = [ops.zeros((group.free + 1,), "float32") for group in self._groups]
         for variable, entries in self._slices:
             mask = self._masks[id(variable)][1]
             value = ops.square(ops.cast(ops.convert_to_tensor(variable) * ops.convert_to_tensor(mask), "float32"))
@@ -166,9 +173,15 @@ class WidthPruning(Pruning):
                     continue
                 moved = ops.moveaxis(value, axis, 0)
                 per_index = ops.sum(ops.reshape(moved, (moved.shape[0], -1)), axis=1)
-                onehot = np.eye(self._groups[g][3] + 1, dtype="float32")[index]
+                onehot = np.eye(self._groups[g].free + 1, dtype="float32")[index]
                 sums[g] = sums[g] + ops.matmul(per_index[None, :], onehot)[0]
         return [s[:-1] for s in sums]
+
+    @staticmethod
+    def _count(sparsity, group):
+        """Units of `group` to prune at `sparsity`: round(sparsity x units), within its floor."""
+        return ops.minimum(ops.cast(ops.round(ops.cast(sparsity, "float32") * group.total), "int32"),
+                           min(group.limit, group.free))
 
     def _constraint(self, variable, mask, entries, leader):
         inner = pruning.inner_constraint(variable)
@@ -177,26 +190,37 @@ class WidthPruning(Pruning):
         def apply(weight):
             if inner is not None:
                 weight = inner(weight)
-            keeps = [ops.convert_to_tensor(keep) for keep, _, _, _ in self._groups]
-            if leader:  # the first pruned variable updates every group's keep vector
-                total_len = ops.convert_to_tensor(self._length) if schedule.is_relative else None
-                should_prune, sparsity = schedule(optimizer.iterations, total_len)
+            total_len = ops.convert_to_tensor(self._length) if schedule.is_relative else None
+            should_prune, sparsity = schedule(optimizer.iterations, total_len)
 
-                def recompute():
-                    new = []
-                    for scores, (keep, total, limit, free) in zip(self._scores(), self._groups):
-                        count = ops.minimum(ops.cast(ops.round(ops.cast(sparsity, "float32") * total), "int32"),
-                                            min(limit, free))
-                        new.append(ops.cast(sparsity_lib.prune_lowest(scores, count), "float32")
-                                   * ops.convert_to_tensor(keep))  # pruned units stay pruned
-                    return new
+            def compute():
+                """[this variable's mask] + the groups' keep vectors, updated by the leader."""
+                keeps = [ops.convert_to_tensor(group.keep) for group in self._groups]
+                if leader:  # the first pruned variable updates every group's keep vector
+                    keeps = [ops.cast(sparsity_lib.prune_lowest(scores, self._count(sparsity, group)), "float32")
+                             * keep for scores, group, keep in zip(self._scores(), self._groups, keeps)]
+                return [self._full_mask(variable, entries, keeps)] + keeps  # (pruned units stay pruned)
 
-                keeps = ops.cond(should_prune, recompute, lambda: keeps)
-                keeps = list(keeps) if isinstance(keeps, (list, tuple)) else [keeps]
-                for (keep, _, _, _), value in zip(self._groups, keeps):
-                    keep.assign(value)
-            full = self._full_mask(variable, entries, keeps)
-            mask.assign(full)
+            def write(values):
+                if leader:
+                    for group, value in zip(self._groups, values[1:]):
+                        group.keep.assign(value)
+                mask.assign(values[0])
+
+            if _backend.in_replica_of_strategy():
+                # Writing synchronized variables inside a cond branch needs a merge_call, which TF
+                # does not allow in control flow: compute in the cond, write after it (as Pruning does).
+                current = [ops.convert_to_tensor(mask)] + [ops.convert_to_tensor(g.keep) for g in self._groups]
+                values = ops.cond(should_prune, compute, lambda: current)
+                write(values)
+                full = values[0]
+            else:  # no strategy: the groups and this mask are written on update steps only
+                def update():
+                    values = compute()
+                    write(values)
+                    return values[0]
+
+                full = ops.cond(should_prune, update, lambda: ops.convert_to_tensor(mask))
             return ops.multiply(weight, full)
 
         return pruning._PruningConstraint(apply, inner)
