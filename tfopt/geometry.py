@@ -380,9 +380,7 @@ def macs(layer, input_shapes, output_shapes):
             continue  # a lookup
         elif spec.in_axis == -1 and spec.out_axis == -2:  # transposed conv: per input position
             total += int(np.prod(shape)) * int(np.prod(input_shapes[0][1:-1]))
-        elif spec.path == "pointwise_kernel" or not spec.depthwise:
-            total += int(np.prod(shape)) * out_positions
-        else:  # depthwise: each kernel entry once per output position
+        else:  # convolutions (depthwise too) and Dense: each kernel entry once per output position
             total += int(np.prod(shape)) * out_positions
     return total
 

@@ -11,7 +11,7 @@ from tfopt import sparsity as sparsity_lib
 from tfopt._config import python_number
 from tfopt.callbacks.pruning import Pruning
 from tfopt.transforms import _graph
-from tfopt.transforms.shrink import _unit_groups, _Walker
+from tfopt.transforms.shrink import _unit_groups, _Walker, sum_per_index
 
 __all__ = ["WidthPruning"]
 
@@ -171,8 +171,7 @@ class WidthPruning(Pruning):
             for axis, g, index, scored in entries:
                 if not scored:
                     continue
-                moved = ops.moveaxis(value, axis, 0)
-                per_index = ops.sum(ops.reshape(moved, (moved.shape[0], -1)), axis=1)
+                per_index = sum_per_index(value, axis)
                 onehot = np.eye(self._groups[g].free + 1, dtype="float32")[index]
                 sums[g] = sums[g] + ops.matmul(per_index[None, :], onehot)[0]
         return [s[:-1] for s in sums]

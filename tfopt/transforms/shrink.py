@@ -416,6 +416,14 @@ def _unit_groups(walker, layers, model):
     return groups
 
 
+def sum_per_index(value, axis):
+    """`value` summed over every axis but `axis`: one number per index along
+    it (a channel's, a head's). With `keras.ops`, so the one-shot `shrink` and
+    the in-graph `WidthPruning` score units alike."""
+    moved = ops.moveaxis(value, axis, 0)
+    return ops.sum(ops.reshape(moved, (moved.shape[0], -1)), axis=1)
+
+
 def _scores(walker, importance, gradients):
     """Importance of each atom root: summed squares (L2) or |w * dL/dw| (Taylor)
     of every kernel slice that reads or writes it."""
@@ -428,7 +436,7 @@ def _scores(walker, importance, gradients):
             value = np.abs(value * gradients[id(s.variable)])
         else:
             value = np.square(value)
-        per_index = np.moveaxis(value, s.axis, 0).reshape(value.shape[s.axis], -1).sum(axis=1)
+        per_index = ops.convert_to_numpy(sum_per_index(value, s.axis))
         for root, v in zip(walker.atoms.roots(s.atoms).tolist(), per_index.tolist()):
             scores[root] = scores.get(root, 0.0) + v
     return scores
