@@ -265,6 +265,12 @@ class SparseExportTest(testing.TestCase):
         self.assertFalse(report.sparse_encoding)
         self.assertEqual(report.size_bytes, report.dense_size_bytes)
 
+    def test_float_in_litert_1x4_blocks_is_smaller_and_correct(self):
+        report = self._export(_masked_mlp("litert_1x4"), sparse=True)
+        self.assertTrue(report.sparse_encoding)
+        self.assertLess(report.size_bytes, 0.3 * report.dense_size_bytes)
+        self.assertLess(report.max_abs_diff, 1e-4)
+
     def test_int8_in_litert_1x16_blocks_loads_sparse(self):
         model = _masked_mlp("litert_1x16")
         data = self.make_input((16, 128))
