@@ -106,8 +106,8 @@ def _int8_tensors(path):
 
 class DictInputsTest(testing.TestCase):
     def test_dict_input_model_quantizes_strips_and_exports(self):
-        # The structure of keras-hub's models ({"token_ids": ..., ...}); TF's `from_keras_model`
-        # cannot convert some of them, and export then converts a traced function instead.
+        # The structure of keras-hub's models ({"token_ids": ..., ...}), through both conversion
+        # paths: the traced function export uses, and `from_keras_model` it falls back to.
         inputs = {"a": keras.Input((4,), name="a"), "b": keras.Input((3,), name="b")}
         x = keras.layers.Concatenate()([keras.layers.Dense(4)(inputs["a"]), inputs["b"]])
         model = keras.Model(inputs, keras.layers.Dense(3)(x))
@@ -120,9 +120,28 @@ class DictInputsTest(testing.TestCase):
         self.assertEqual(report.float_ops, [])
         self.assertLess(report.max_abs_diff, 0.1)
         self.assertEqual(len(tfopt.strip(qat).inputs), 2)
-        traced = tfopt.exporting._convert_with(tfopt.strip(qat), True, None, "float32", None)
-        out = tfopt.exporting.run_litert(traced, arrays, ["a", "b"])[0]
-        self.assertAllClose(out, tfopt.strip(qat)(data), atol=1e-5)
+        for traced in (True, False):
+            content = tfopt.exporting._convert_with(tfopt.strip(qat), traced, None, "float32", None)
+            out = tfopt.exporting.run_litert(content, arrays, ["a", "b"])[0]
+            self.assertAllClose(out, tfopt.strip(qat)(data), atol=1e-5)
+
+
+class ConversionPathTest(testing.TestCase):
+    def _model(self):
+        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)])
+
+    def test_traced_conversion_logs_nothing(self):
+        path = os.path.join(tempfile.mkdtemp(), "m.tflite")
+        with self.assertNoLogs("absl", level="WARNING"):
+            report = tfopt.export(self._model(), path)
+        self.assertLess(report.max_abs_diff, 1e-5)
+
+    def test_falls_back_to_from_keras_model_when_tracing_fails(self):
+        path = os.path.join(tempfile.mkdtemp(), "m.tflite")
+        with mock.patch.object(tfopt.exporting, "_traced_converter", side_effect=RuntimeError("no tracing")):
+            report = tfopt.export(self._model(), path)
+        self.assertLess(report.max_abs_diff, 1e-5)
+        self.assertTrue(os.path.exists(path))
 
 
 class ExportMisuseBehaviourTest(testing.TestCase):

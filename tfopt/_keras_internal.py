@@ -20,7 +20,6 @@ import keras
 __all__ = [
     "CHECKED_KERAS_VERSIONS",
     "convnext_layer_scale",
-    "frozen_concrete_function",
     "KerasInternalsMoved",
     "all_layers",
     "producer",
@@ -328,12 +327,3 @@ def convnext_layer_scale():
     except ImportError:
         return None
     return LayerScale
-
-
-def frozen_concrete_function(concrete_function):
-    """`concrete_function` with its variables replaced by constants (TensorFlow's
-    `convert_variables_to_constants_v2`, which has no public path; what
-    `TFLiteConverter.from_keras_model` does internally)."""
-    from tensorflow.python.framework import convert_to_constants
-
-    return convert_to_constants.convert_variables_to_constants_v2(concrete_function)
