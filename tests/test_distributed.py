@@ -85,7 +85,7 @@ class MirroredPruningTest(testing.TestCase, parameterized.TestCase):
             kernels = _replica_values(layer.kernel)
             masks = _replica_values(tfopt.pruning.record_of(layer.kernel).mask)
             self.assertEqual(len(kernels), 2)
-            self.assertEqual(len(masks), 2)  # the mask is a mirrored variable
+            self.assertEqual(len(masks), 2)  # one copy per replica, equal
             self.assertAllEqual(masks[1], masks[0])
             self.assertAllEqual(masks[0] == 0, kernels[0] == 0)
             for k in kernels:

@@ -34,6 +34,18 @@ class SparsityTest(testing.TestCase, parameterized.TestCase):
         self.assertAllEqual(_mask(sparsity.Unstructured(), ones, 0.25).ravel(), [0, 0, 1, 1, 1, 1, 1, 1])
         self.assertAllEqual(_mask(sparsity.NM(2, 4), ones, 0.5).ravel(), [1, 1, 0, 0, 1, 1, 0, 0])
 
+    @parameterized.parameters(0, 1000, 6000, 6001, 6500, 9999)
+    def test_large_tensors_match_a_stable_sort(self, num_pruned):
+        # 10,000 scores (above the sort's limit): 6,000 zeros (the pruned weights of an earlier
+        # update), a run of ties, then distinct values, in shuffled order.
+        rng = np.random.default_rng(num_pruned)
+        scores = np.concatenate([np.zeros(6000), np.full(500, 0.25), rng.uniform(0.5, 2.0, 3500)])
+        scores = rng.permutation(scores).astype("float32")
+        keep = np.asarray(sparsity.prune_lowest(scores, num_pruned))
+        expected = np.ones(len(scores), bool)
+        expected[np.argsort(scores, kind="stable")[:num_pruned]] = False
+        self.assertAllEqual(keep, expected)
+
     def test_nm_keeps_n_largest_per_group_along_input_axis(self):
         w = np.random.default_rng(1).standard_normal((3, 3, 8, 5))  # conv kernel, input axis -2
         m = _mask(sparsity.NM(2, 4), w, 0.0, in_axis=-2)

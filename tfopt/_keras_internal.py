@@ -37,6 +37,7 @@ __all__ = [
     "is_multi_worker",
     "patch_multi_worker_trainer",
     "litert_ops",
+    "add_replica_local_weight",
 ]
 
 CHECKED_KERAS_VERSIONS = ("3.11.3", "3.15.1")
@@ -315,6 +316,21 @@ def own_variables(layer):
     """The variables `layer` itself holds (its sublayers' excluded), in the order
     Keras's `Layer.save_own_variables` writes them: trainable, then non-trainable."""
     return list(_get(layer, "_trainable_variables")) + list(_get(layer, "_non_trainable_variables"))
+
+
+def add_replica_local_weight(layer, name, shape, dtype="float32", initializer="ones"):
+    """A non-trainable weight of `layer`, as `layer.add_weight` makes it, that each
+    replica of a tf.distribute strategy holds and writes for itself
+    (`synchronization="on_read"`, which `add_weight` does not take; reads outside
+    the replicas see the first replica's). For state every replica computes
+    identically from synchronized weights, such as a pruning mask: a replica
+    writes it with no merge_call, so it can inside a `cond`."""
+    with keras.name_scope(layer.name, caller=layer):
+        variable = keras.Variable(
+            initializer=keras.initializers.get(initializer), shape=shape, dtype=dtype, trainable=False,
+            name=name, aggregation="only_first_replica", synchronization="on_read")
+    _get(layer, "_track_variable", "`Layer._track_variable`")(variable)
+    return variable
 
 
 def convnext_layer_scale():

@@ -143,14 +143,14 @@ def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner
             new = structure.mask(masked, sparsity, in_axis, out_axis)
             return ops.where(finite, new, current)
 
-        if _backend.in_replica_of_strategy():
-            # Writing a synchronized variable inside a cond branch needs a
-            # merge_call, which TF does not allow in control flow: assign
-            # after the cond (one mask write per step).
+        if _backend.in_replica_of_strategy() and getattr(mask, "synchronization", None) != "on_read":
+            # A mirrored mask (made by hand) is written through a merge_call, which TF
+            # does not allow in control flow: assign after the cond (a write every step).
             new_mask = ops.cond(should_prune, recompute, lambda: current)
             mask.assign(new_mask)
         else:
-            # No strategy: write the mask only on update steps.
+            # No strategy, or a mask each replica holds (tfopt's: every replica computes the
+            # same mask from the same synchronized weights): written on update steps only.
             def update():
                 new = recompute()
                 mask.assign(new)

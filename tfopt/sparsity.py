@@ -56,8 +56,13 @@ def prune_lowest(scores, num_pruned):
     below = ops.less(scores, threshold)
     tie = ops.equal(scores, threshold)
     remaining = num_pruned - ops.sum(ops.cast(below, "int32"))
-    tie_rank = ops.cumsum(ops.cast(tie, "int32"))
-    pruned = ops.logical_or(below, ops.logical_and(tie, ops.less_equal(tie_rank, remaining)))
+
+    def first_ties():  # by index: a cumulative sum over every score, the slowest pass here
+        return ops.logical_and(tie, ops.less_equal(ops.cumsum(ops.cast(tie, "int32")), remaining))
+
+    # Usually every tie goes (a unique threshold, or exactly the zeros already pruned).
+    excess = ops.greater(ops.sum(ops.cast(tie, "int32")), remaining)
+    pruned = ops.logical_or(below, ops.cond(excess, first_ties, lambda: tie))
     pruned = ops.logical_and(pruned, ops.greater(num_pruned, 0))
     return ops.logical_not(pruned)
 
@@ -79,7 +84,14 @@ def _kth_smallest(scores, k):
     if n is None or n <= _BISECT_ABOVE or view is None:
         return ops.take(ops.sort(scores), k - 1)
     scores = ops.cast(scores, "float32") + 0.0  # (-0.0 + 0.0 is +0.0: every pattern >= 0)
-    bits = view(scores, "int32")
+    # A mask update at an unchanged sparsity (a constant schedule, or after the ramp) finds
+    # the pruned weights' zeros: k zeros or more make the k-th smallest 0 without a search.
+    zeros = ops.sum(ops.cast(ops.less_equal(scores, 0.0), "int32"))
+    return ops.cond(ops.less_equal(k, zeros), lambda: ops.zeros((), "float32"), lambda: _bisect(scores, k))
+
+
+def _bisect(scores, k):
+    bits = ops.view(scores, "int32")
 
     def step(_, bounds):
         lo, hi = bounds  # count(bits <= lo) < k <= count(bits <= hi)

@@ -237,11 +237,12 @@ class Pruning(keras.callbacks.Callback):
                                         pw.out_axis, where)
             initial = (value != 0).astype(value.dtype) if resuming else np.ones_like(value)
             with _backend.strategy_scope(self.model):
-                mask = keras.Variable(
+                mask = keras.Variable(  # each replica writes its own (see `pruning.make_constraint`)
                     initial,
                     trainable=False,
                     name=f"{variable.name}_mask",
                     aggregation="only_first_replica",
+                    synchronization="on_read",
                 )
             constraint = pruning.attach(
                 variable, mask, self.pruning_schedule, self.structure, pw.in_axis, pw.out_axis,

@@ -150,7 +150,10 @@ class WidthPruning(Pruning):
 
     def _variable(self, value, name):
         with _backend.strategy_scope(self.model):
-            return keras.Variable(value, trainable=False, name=name, aggregation="only_first_replica")
+            # Every replica computes the same groups and masks from the same synchronized
+            # weights, and writes its own copy.
+            return keras.Variable(value, trainable=False, name=name, aggregation="only_first_replica",
+                                  synchronization="on_read")
 
     def _full_mask(self, variable, entries, keeps):
         mask = None
@@ -206,20 +209,14 @@ class WidthPruning(Pruning):
                         group.keep.assign(value)
                 mask.assign(values[0])
 
-            if _backend.in_replica_of_strategy():
-                # Writing synchronized variables inside a cond branch needs a merge_call, which TF
-                # does not allow in control flow: compute in the cond, write after it (as Pruning does).
-                current = [ops.convert_to_tensor(mask)] + [ops.convert_to_tensor(g.keep) for g in self._groups]
-                values = ops.cond(should_prune, compute, lambda: current)
+            # Written on update steps only: under a strategy each replica holds its own copy of
+            # the groups and masks (see `_variable`), with no merge_call to keep out of a cond.
+            def update():
+                values = compute()
                 write(values)
-                full = values[0]
-            else:  # no strategy: the groups and this mask are written on update steps only
-                def update():
-                    values = compute()
-                    write(values)
-                    return values[0]
+                return values[0]
 
-                full = ops.cond(should_prune, update, lambda: ops.convert_to_tensor(mask))
+            full = ops.cond(should_prune, update, lambda: ops.convert_to_tensor(mask))
             return ops.multiply(weight, full)
 
         return pruning._PruningConstraint(apply, inner)

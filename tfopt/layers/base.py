@@ -127,15 +127,13 @@ class Prunable(QuantizingLayer):
             self.structure.validate(weight.shape, spec.in_axis, spec.out_axis, where)
             self.structure.check_target(self.pruning_schedule.final_sparsity, weight.shape, spec.in_axis,
                                         spec.out_axis, where)
+        # Each replica computes the same masks and step from the same weights and
+        # writes its own copy: no merge_call, and a mask is written on update steps only.
         masks = [
-            self.add_weight(name=f"{spec.name}_mask", shape=weight.shape, initializer="ones", trainable=False,
-                            aggregation="only_first_replica")
+            _keras_internal.add_replica_local_weight(self, f"{spec.name}_mask", weight.shape, weight.dtype)
             for spec, weight in targets
         ]
-        self.pruning_step = self.add_weight(
-            name="pruning_step", shape=(), dtype="int64", initializer="zeros", trainable=False,
-            aggregation="only_first_replica",
-        )
+        self.pruning_step = _keras_internal.add_replica_local_weight(self, "pruning_step", (), "int64", "zeros")
         # Optimizers apply constraints in the order of the trainable variables;
         # the last pruned weight's constraint counts the step.
         order = {id(v): i for i, v in enumerate(self.trainable_weights)}
