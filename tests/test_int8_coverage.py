@@ -103,8 +103,9 @@ _INT8_CASES = [
     ("lstm_int16x8", "sequence", lambda: _chain(L.LSTM(32)), "int16x8", ()),
 ]
 # Calibrated int8 rows agree less: their ranges come from data, not from training
-# (measured: transformer 98.9%, LSTM/GRU about 98%, see benchmarks/RESULTS.md).
-_MIN_AGREEMENT = {"transformer_calibrated": 0.98, "lstm_calibrated": 0.97, "gru_calibrated": 0.97}
+# (measured: transformer 97.8-98.9% by training run, LSTM/GRU about 98%, see benchmarks/RESULTS.md;
+# one sample of this test set is 0.28%).
+_MIN_AGREEMENT = {"transformer_calibrated": 0.97, "lstm_calibrated": 0.97, "gru_calibrated": 0.97}
 # Transformers on 8x8 digits need longer training for margins that a 1% test can see.
 _TRANSFORMER = dict(epochs=20, learning_rate=3e-3)
 

@@ -233,6 +233,17 @@ def _absl_warning_filtered(prefix):
 
 
 def _convert_with(model, traced, optimizations, precision, representative_data, sparse=False):
+    # Traced with every fake-quant op on (the converter reads the ranges only from ops that
+    # feed their consumers), whichever path traces; the converter prints a SavedModel's
+    # signature: keep the user's console for the report.
+    with contextlib.redirect_stdout(io.StringIO()), _state.export_scope(), warnings.catch_warnings():
+        # Printed for every QAT model: its input ranges come from the fake-quant ops instead.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        converter = _configured(model, traced, optimizations, precision, representative_data, sparse)
+        return converter.convert()
+
+
+def _configured(model, traced, optimizations, precision, representative_data, sparse):
     import tensorflow as tf
 
     converter = _traced_converter(model) if traced else tf.lite.TFLiteConverter.from_keras_model(model)
@@ -261,13 +272,7 @@ def _convert_with(model, traced, optimizations, precision, representative_data, 
                 tf.lite.OpsSet.TFLITE_BUILTINS]
     if sparse:  # pruned weights stored in the converter's sparse format
         converter.optimizations = list(converter.optimizations or []) + [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    # The converter goes through a SavedModel and prints its signature; keep
-    # the user's console for the report. Traced with every fake-quant op on:
-    # the converter reads the ranges only from ops that feed their consumers.
-    with contextlib.redirect_stdout(io.StringIO()), _state.export_scope(), warnings.catch_warnings():
-        # Printed for every QAT model: its input ranges come from the fake-quant ops instead.
-        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-        return converter.convert()
+    return converter
 
 
 def _check_inputs(model, inputs, num_samples, seed):
