@@ -21,6 +21,7 @@ the figures (a separate RESULTS.md section for GPU runs).
 Usage:
     python benchmarks/step_time.py [--mode prune|qat] [--rounds 5] [--steps 60] [--no-write]
                                    [--baseline DIR] [--device auto|cpu|gpu] [--frequency 100] [--jit]
+                                   [--schedule constant|polynomial]
 """
 
 import argparse
@@ -35,6 +36,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 SPARSITY, BATCH = 0.8, 64
 FREQUENCY = int(os.environ.get("TFOPT_BENCH_FREQUENCY", "100"))  # mask updates every N steps (--frequency)
 JIT = os.environ.get("TFOPT_BENCH_JIT") == "1"  # compile(jit_compile=True) for every variant (--jit)
+# "constant": ConstantSparsity (after its first update, each update finds the same mask);
+# "polynomial": a ramp from 0 that never ends within the run, so every update searches (--schedule).
+SCHEDULE = os.environ.get("TFOPT_BENCH_SCHEDULE", "constant")
+
+
+def _schedule(schedules):
+    """The benchmark's schedule from a module with tfopt's / tfmot's schedule classes."""
+    if SCHEDULE == "polynomial":
+        return schedules.PolynomialDecay(0.0, SPARSITY, begin_step=0, end_step=100_000, frequency=FREQUENCY)
+    return schedules.ConstantSparsity(SPARSITY, begin_step=0, frequency=FREQUENCY)
 
 
 def _timer_callback(keras_module, warmup):
@@ -88,7 +99,7 @@ def worker_keras3(model_name, rounds, steps, mode="prune"):
     import tfopt
 
     x, y = _data(model_name, steps, np)
-    schedule = tfopt.schedules.ConstantSparsity(SPARSITY, begin_step=0, frequency=FREQUENCY)
+    schedule = _schedule(tfopt.schedules)
 
     def compiled(model):
         model.compile(keras.optimizers.Adam(1e-3),
@@ -119,7 +130,7 @@ def worker_tfmot(model_name, rounds, steps, mode="prune"):
 
     x, y = _data(model_name, steps, np)
     tf_keras.utils.set_random_seed(0)
-    schedule = tfmot.sparsity.keras.ConstantSparsity(SPARSITY, begin_step=0, frequency=FREQUENCY)
+    schedule = _schedule(tfmot.sparsity.keras)
 
     def build(prune):
         model = _build(tf_keras.layers, model_name, tf_keras)
@@ -173,7 +184,10 @@ def main():
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--frequency", type=int, default=100, help="pruning: steps between mask updates")
     parser.add_argument("--jit", action="store_true", help="compile every variant with jit_compile=True (XLA)")
+    parser.add_argument("--schedule", choices=["constant", "polynomial"], default="constant",
+                        help="pruning: ConstantSparsity, or a PolynomialDecay ramp in which every update searches")
     args = parser.parse_args()
+    os.environ["TFOPT_BENCH_SCHEDULE"] = args.schedule
     os.environ["TFOPT_BENCH_FREQUENCY"] = str(args.frequency)  # (read by the workers at import)
     os.environ["TFOPT_BENCH_JIT"] = "1" if args.jit else "0"
     if args.device == "cpu":
@@ -238,7 +252,10 @@ def main():
     body = table(rows, ["model", "framework", "variant", "plain ms/step", "optimized ms/step",
                         "ratio (median of per-round ratios)"])
     what = ("int8 QAT (`tfopt.quantize_model` / `tfmot.quantization.keras.quantize_model`)"
-            if args.mode == "qat" else f"Sparsity {SPARSITY} (`ConstantSparsity`, frequency {args.frequency})")
+            if args.mode == "qat" else
+            f"Sparsity {SPARSITY} (`ConstantSparsity`, frequency {args.frequency})" if args.schedule == "constant" else
+            f"Sparsity rising from 0 towards {SPARSITY} (`PolynomialDecay` to step 100000, frequency "
+            f"{args.frequency}: every mask update searches for a new threshold)")
     target = ("Target: tfopt <= 1.15x and below tfmot's ratio." if args.mode == "qat"
               else "Target: tfopt <= 1.05x and below tfmot's ratio.")
     body += (
@@ -256,6 +273,8 @@ def main():
                           else ("step_time", "Training step time, pruned / plain"))
         if args.mode == "prune" and args.frequency != 100:
             section, title = f"{section}_f{args.frequency}", f"{title}, mask update every {args.frequency} steps"
+        if args.mode == "prune" and args.schedule == "polynomial":
+            section, title = section + "_polynomial", title + ", rising sparsity (PolynomialDecay)"
         if args.device == "gpu":
             section, title = section + "_gpu", title + " (GPU)"
         if args.jit:
@@ -266,7 +285,8 @@ def main():
                       + (" --baseline BASELINE_CHECKOUT" if args.baseline else "")
                       + (" --device gpu" if args.device == "gpu" else "")
                       + (f" --frequency {args.frequency}" if args.mode == "prune" and args.frequency != 100 else "")
-                      + (" --jit" if args.jit else ""),
+                      + (" --jit" if args.jit else "")
+                      + (" --schedule polynomial" if args.mode == "prune" and args.schedule == "polynomial" else ""),
                       body)
 
 

@@ -81,11 +81,11 @@ def batched_statistics():
 def reduce_statistics(values, reductions, apply):
     """Reduces per-replica statistics over all replicas and calls `apply` with
     the results (lists of tensors, in order; `reductions` says "max" or "sum"
-    for each); `apply` returns the `[(variable, new value)]` to write. Without
-    a strategy it runs and they are written now; in a `batched_statistics`
-    scope, when the scope closes, with every other pending statistic in the
-    same single collective and every write in one cross-replica step; else
-    now, with one collective for these values."""
+    for each); `apply` returns the `[(variable, new value)]` to write (replica-local
+    variables under a strategy: each replica writes its own copy). Without a
+    strategy it runs and they are written now; in a `batched_statistics` scope,
+    when the scope closes, with every other pending statistic in the same single
+    collective; else now, with one collective for these values."""
     pending = getattr(_BATCHED, "pending", None)
     if not in_replica_of_strategy():
         for variable, value in apply(values):
@@ -99,7 +99,8 @@ def reduce_statistics(values, reductions, apply):
 def _reduce_packed(pending):
     """One collective for every pending statistic, packed into one float32
     vector (each replica's vector gathered as a row); then max or sum per slot
-    over the replicas, and each `apply`."""
+    over the replicas, and each `apply`, whose writes go to replica-local variables
+    (`_keras_internal.add_replica_local_weight`)."""
     import tensorflow as tf
 
     if not pending:
@@ -130,16 +131,10 @@ def _reduce_packed(pending):
             reduced.append(tf.cast(tf.reshape(value, shapes[i]), v.dtype))
             i += 1
         writes.extend(apply(reduced))
-    # Writing an `only_first_replica` variable from a replica is a merge_call,
-    # where the replicas wait for each other: one for all the step's writes.
-    variables = [getattr(variable, "value", variable) for variable, _ in writes]
-
-    def write_all(strategy, *new_values):
-        for variable, value in zip(variables, new_values):
-            strategy.extended.update(variable, lambda v, x: v.assign(x), args=(value,), group=False)
-
-    ctx.merge_call(write_all, args=tuple(tf.cast(value, variable.dtype) for variable, (_, value)
-                                         in zip(variables, writes)))
+    # Each replica computed the same values from the same gathered rows: it writes them to
+    # its own copy of each (replica-local) variable, with no merge_call.
+    for variable, value in writes:
+        variable.assign(tf.cast(value, variable.dtype))
 
 
 def conv(inputs, kernel, strides, padding, data_format, dilation_rate):

@@ -318,17 +318,18 @@ def own_variables(layer):
     return list(_get(layer, "_trainable_variables")) + list(_get(layer, "_non_trainable_variables"))
 
 
-def add_replica_local_weight(layer, name, shape, dtype="float32", initializer="ones"):
+def add_replica_local_weight(layer, name, shape, dtype="float32", initializer="ones", autocast=True):
     """A non-trainable weight of `layer`, as `layer.add_weight` makes it, that each
     replica of a tf.distribute strategy holds and writes for itself
     (`synchronization="on_read"`, which `add_weight` does not take; reads outside
     the replicas see the first replica's). For state every replica computes
     identically from synchronized weights, such as a pruning mask: a replica
-    writes it with no merge_call, so it can inside a `cond`."""
+    writes it with no merge_call, so it can inside a `cond`, and no replica waits
+    for another to write it."""
     with keras.name_scope(layer.name, caller=layer):
         variable = keras.Variable(
             initializer=keras.initializers.get(initializer), shape=shape, dtype=dtype, trainable=False,
-            name=name, aggregation="only_first_replica", synchronization="on_read")
+            autocast=autocast, name=name, aggregation="only_first_replica", synchronization="on_read")
     _get(layer, "_track_variable", "`Layer._track_variable`")(variable)
     return variable
 

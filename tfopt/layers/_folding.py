@@ -10,7 +10,7 @@ and adds the folded bias. The BN's weights live on the layer, named
 
 from keras import ops
 
-from tfopt import _backend
+from tfopt import _backend, _keras_internal
 
 __all__ = ["BatchNormFolding"]
 
@@ -53,10 +53,10 @@ class BatchNormFolding:
                                           trainable=self.scale_trained)
         layer.bn_beta = layer.add_weight(name="bn_beta", shape=channels, initializer="zeros",
                                          trainable=self.center)
-        stats = dict(shape=channels, trainable=False, dtype="float32", autocast=False,
-                     aggregation="only_first_replica")
-        layer.bn_moving_mean = layer.add_weight(name="bn_moving_mean", initializer="zeros", **stats)
-        layer.bn_moving_variance = layer.add_weight(name="bn_moving_variance", initializer="ones", **stats)
+        # Replica-local: every replica writes the same reduced moments to its own copy.
+        local = _keras_internal.add_replica_local_weight
+        layer.bn_moving_mean = local(layer, "bn_moving_mean", channels, "float32", "zeros", autocast=False)
+        layer.bn_moving_variance = local(layer, "bn_moving_variance", channels, "float32", "ones", autocast=False)
 
     def variables(self):
         layer = self.layer

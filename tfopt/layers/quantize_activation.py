@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from tfopt import _backend, _state, geometry
+from tfopt import _backend, _keras_internal, _state, geometry
 from tfopt import quantizers
 from tfopt._config import python_number
 
@@ -43,14 +43,11 @@ def add_range_weights(layer, prefix=""):
     """Adds the float32 `range_min`/`range_max` and int64 `range_updates`
     weights of a tracked activation range to `layer` and returns them. The
     range starts at [-6, 6] (as tfmot's), replaced by the first training batch."""
-    kwargs = dict(shape=(), trainable=False, dtype="float32", autocast=False,
-                  aggregation="only_first_replica")
-    lo = layer.add_weight(name=f"{prefix}range_min", initializer=keras.initializers.Constant(-6.0), **kwargs)
-    hi = layer.add_weight(name=f"{prefix}range_max", initializer=keras.initializers.Constant(6.0), **kwargs)
-    updates = layer.add_weight(
-        name=f"{prefix}range_updates", shape=(), trainable=False, dtype="int64", initializer="zeros",
-        aggregation="only_first_replica",
-    )
+    # Replica-local: every replica writes the same reduced values to its own copy.
+    local = _keras_internal.add_replica_local_weight
+    lo = local(layer, f"{prefix}range_min", (), "float32", keras.initializers.Constant(-6.0), autocast=False)
+    hi = local(layer, f"{prefix}range_max", (), "float32", keras.initializers.Constant(6.0), autocast=False)
+    updates = local(layer, f"{prefix}range_updates", (), "int64", "zeros")
     return lo, hi, updates
 
 
