@@ -256,7 +256,7 @@ def main():
             f"Sparsity {SPARSITY} (`ConstantSparsity`, frequency {args.frequency})" if args.schedule == "constant" else
             f"Sparsity rising from 0 towards {SPARSITY} (`PolynomialDecay` to step 100000, frequency "
             f"{args.frequency}: every mask update searches for a new threshold)")
-    target = ("Target: tfopt <= 1.15x and below tfmot's ratio." if args.mode == "qat"
+    target = ("Target: tfopt <= 1.10x and below tfmot's ratio." if args.mode == "qat"
               else "Target: tfopt <= 1.05x and below tfmot's ratio.")
     body += (
         f"\n\n{what}, batch {BATCH}, "

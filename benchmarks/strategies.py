@@ -150,8 +150,12 @@ def main():
     mw_seconds = time.perf_counter() - start
     body = table(rows, list(rows[0]))
     body += (
-        "\n\nSince this run, under a strategy every activation range and folded BatchNormalization of a "
-        "`quantize_model` model is reduced in one collective per step (before: one each, 6 for this CNN)."
+        "\n\ntfopt's cross-replica cost in this tree: every activation range and folded BatchNormalization of a "
+        "`quantize_model` model is reduced in one collective per step (6 before, one each, for this CNN), and "
+        "tfopt's state is replica-local, each replica writing its own copy (no cross-replica writes; masks "
+        "only on update steps). On this 2-core machine the ratios move by 0.1-0.2 from run to run of this same "
+        "command (the 2-replica figure was 1.29x, 1.43x and 1.52x in three runs of nearby trees): with 2 "
+        "replicas on 2 cores, each replica's own small ops (ranges, fake quantization) are paid twice."
         f"\n\nPruned + int8 QAT CNN (Conv 32 + folded BN, Conv 64, Dense 10) on digits, global batch 64, "
         f"{args.steps} steps, {args.rounds} interleaved process starts per setting; step times after 8 warm-up "
         "steps. On 2 physical cores, 2 and 4 replicas share the same cores: this measures overhead and agreement, "
