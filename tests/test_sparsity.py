@@ -41,10 +41,24 @@ class SparsityTest(testing.TestCase, parameterized.TestCase):
         rng = np.random.default_rng(num_pruned)
         scores = np.concatenate([np.zeros(6000), np.full(500, 0.25), rng.uniform(0.5, 2.0, 3500)])
         scores = rng.permutation(scores).astype("float32")
-        keep = np.asarray(sparsity.prune_lowest(scores, num_pruned))
         expected = np.ones(len(scores), bool)
         expected[np.argsort(scores, kind="stable")[:num_pruned]] = False
-        self.assertAllEqual(keep, expected)
+        self.assertAllEqual(np.asarray(sparsity.prune_lowest(scores, num_pruned)), expected)
+        # The same under XLA (the radix select's counts have a static size).
+        import tensorflow as tf
+
+        jitted = tf.function(lambda s: sparsity.prune_lowest(s, num_pruned), jit_compile=True)
+        self.assertAllEqual(np.asarray(jitted(scores)), expected)
+
+    def test_large_tensors_of_any_magnitude(self):
+        # Tiny and huge magnitudes: the select reads the float bit patterns. (Not subnormal ones:
+        # TensorFlow's CPU kernels flush those to zero, so they tie with the zeros.)
+        rng = np.random.default_rng(7)
+        scores = np.abs(rng.standard_normal(20000) * 10.0 ** rng.integers(-30, 30, 20000)).astype("float32")
+        for num_pruned in (1, 4567, 19999):
+            expected = np.ones(len(scores), bool)
+            expected[np.argsort(scores, kind="stable")[:num_pruned]] = False
+            self.assertAllEqual(np.asarray(sparsity.prune_lowest(scores, num_pruned)), expected)
 
     def test_nm_keeps_n_largest_per_group_along_input_axis(self):
         w = np.random.default_rng(1).standard_normal((3, 3, 8, 5))  # conv kernel, input axis -2

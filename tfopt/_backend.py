@@ -137,6 +137,16 @@ def _reduce_packed(pending):
         variable.assign(tf.cast(value, variable.dtype))
 
 
+def bincount(ids, size):
+    """Counts of each value of the int32 `ids` in `[0, size)` (a length-`size` int32
+    vector). `keras.ops.bincount` sizes its output from the data, which XLA cannot
+    compile; TensorFlow's DenseBincount with a constant size compiles anywhere."""
+    import tensorflow as tf
+
+    return tf.raw_ops.DenseBincount(input=ids, size=tf.constant(size, tf.int32), weights=tf.constant([], tf.int32),
+                                    binary_output=False)
+
+
 def conv(inputs, kernel, strides, padding, data_format, dilation_rate):
     """`keras.ops.conv`, except that a dilated 2-D convolution runs as one
     TensorFlow Conv2D with `dilations`: `tf.nn.convolution` splits it into
