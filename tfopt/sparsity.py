@@ -28,7 +28,6 @@ import numpy as np
 from keras import ops
 
 from tfopt import _backend
-
 from tfopt._config import Configurable, python_number
 
 __all__ = [
