@@ -19,7 +19,7 @@ import logging
 import keras
 from keras import ops
 
-from tfopt import _backend, _keras_internal, _state, geometry
+from tfopt import _keras_internal, _state, geometry
 from tfopt._compat import reject_keras2
 from tfopt import schedules as schedules_lib
 from tfopt import sparsity as sparsity_lib
@@ -117,7 +117,8 @@ def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner
     """Returns a weight constraint that updates `mask` on schedule and applies it.
 
     Args:
-        mask: the mask variable (same shape and dtype as the weight).
+        mask: the mask variable (same shape and dtype as the weight; replica-local,
+            `synchronization="on_read"`, when made under a strategy).
         step_fn: returns the current step (a tensor) when called in the train step.
         schedule: the `SparsitySchedule`.
         structure: a `tfopt.sparsity.Structure`.
@@ -136,27 +137,18 @@ def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner
         should_prune, sparsity = schedule(step_fn(), total)
         current = ops.convert_to_tensor(mask)
 
-        def recompute():
+        # Written on update steps only. Under a strategy the mask is replica-local (every
+        # replica computes the same mask from the same synchronized weights and writes its
+        # own copy): no merge_call, which TF would not allow inside the cond.
+        def update():
             # Never from NaN/Inf magnitudes: keep the previous mask then.
             finite = ops.all(ops.isfinite(weight))
             masked = ops.multiply(weight, current)  # pruned weights stay pruned
-            new = structure.mask(masked, sparsity, in_axis, out_axis)
-            return ops.where(finite, new, current)
+            new = ops.where(finite, structure.mask(masked, sparsity, in_axis, out_axis), current)
+            mask.assign(new)
+            return new
 
-        if _backend.in_replica_of_strategy() and getattr(mask, "synchronization", None) != "on_read":
-            # A mirrored mask (made by hand) is written through a merge_call, which TF
-            # does not allow in control flow: assign after the cond (a write every step).
-            new_mask = ops.cond(should_prune, recompute, lambda: current)
-            mask.assign(new_mask)
-        else:
-            # No strategy, or a mask each replica holds (tfopt's: every replica computes the
-            # same mask from the same synchronized weights): written on update steps only.
-            def update():
-                new = recompute()
-                mask.assign(new)
-                return new
-
-            new_mask = ops.cond(should_prune, update, lambda: current)
+        new_mask = ops.cond(should_prune, update, lambda: current)
         if after is not None:
             after()
         return ops.multiply(weight, new_mask)

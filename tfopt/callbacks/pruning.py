@@ -236,14 +236,7 @@ class Pruning(keras.callbacks.Callback):
             self.structure.check_target(self.pruning_schedule.final_sparsity, value.shape, pw.in_axis,
                                         pw.out_axis, where)
             initial = (value != 0).astype(value.dtype) if resuming else np.ones_like(value)
-            with _backend.strategy_scope(self.model):
-                mask = keras.Variable(  # each replica writes its own (see `pruning.make_constraint`)
-                    initial,
-                    trainable=False,
-                    name=f"{variable.name}_mask",
-                    aggregation="only_first_replica",
-                    synchronization="on_read",
-                )
+            mask = self._variable(initial, f"{variable.name}_mask")
             constraint = pruning.attach(
                 variable, mask, self.pruning_schedule, self.structure, pw.in_axis, pw.out_axis,
                 step_fn=lambda: optimizer.iterations, owner=self, length_fn=lambda: self._length,
@@ -251,6 +244,13 @@ class Pruning(keras.callbacks.Callback):
             self._masks[id(variable)] = (variable, mask, constraint)
             attached = True
         return attached
+
+    def _variable(self, value, name):
+        """A replica-local state variable (a mask) under the model's strategy: every replica
+        computes the same value from the same synchronized weights and writes its own copy."""
+        with _backend.strategy_scope(self.model):
+            return keras.Variable(value, trainable=False, name=name, aggregation="only_first_replica",
+                                  synchronization="on_read")
 
     # --- report ---------------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):

@@ -148,13 +148,6 @@ class WidthPruning(Pruning):
             self._masks[id(variable)] = (variable, mask, constraint)
         return True
 
-    def _variable(self, value, name):
-        with _backend.strategy_scope(self.model):
-            # Every replica computes the same groups and masks from the same synchronized
-            # weights, and writes its own copy.
-            return keras.Variable(value, trainable=False, name=name, aggregation="only_first_replica",
-                                  synchronization="on_read")
-
     def _full_mask(self, variable, entries, keeps):
         mask = None
         for axis, g, index, _ in entries:
@@ -195,26 +188,18 @@ class WidthPruning(Pruning):
             total_len = ops.convert_to_tensor(self._length) if schedule.is_relative else None
             should_prune, sparsity = schedule(optimizer.iterations, total_len)
 
-            def compute():
-                """[this variable's mask] + the groups' keep vectors, updated by the leader."""
+            # Written on update steps only: under a strategy each replica holds its own copy of
+            # the groups and masks (replica-local, see `Pruning._variable`), with no merge_call.
+            def update():
                 keeps = [ops.convert_to_tensor(group.keep) for group in self._groups]
                 if leader:  # the first pruned variable updates every group's keep vector
                     keeps = [ops.cast(sparsity_lib.prune_lowest(scores, self._count(sparsity, group)), "float32")
                              * keep for scores, group, keep in zip(self._scores(), self._groups, keeps)]
-                return [self._full_mask(variable, entries, keeps)] + keeps  # (pruned units stay pruned)
-
-            def write(values):
-                if leader:
-                    for group, value in zip(self._groups, values[1:]):
+                    for group, value in zip(self._groups, keeps):  # (pruned units stay pruned)
                         group.keep.assign(value)
-                mask.assign(values[0])
-
-            # Written on update steps only: under a strategy each replica holds its own copy of
-            # the groups and masks (see `_variable`), with no merge_call to keep out of a cond.
-            def update():
-                values = compute()
-                write(values)
-                return values[0]
+                full = self._full_mask(variable, entries, keeps)
+                mask.assign(full)
+                return full
 
             full = ops.cond(should_prune, update, lambda: ops.convert_to_tensor(mask))
             return ops.multiply(weight, full)
