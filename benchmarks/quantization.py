@@ -172,7 +172,7 @@ def worker(framework, size, steps):
             paths[name] = os.path.join(out_dir, f"{name}.tflite")
             with open(paths[name], "wb") as f:
                 f.write(convert(m, q))
-        from tfopt.exporting import float_ops
+        from tfopt.litert import float_ops
 
         with open(paths["int8"], "rb") as f:
             extra = {"float_ops": float_ops(f.read()), "top1_agreement": None}
@@ -187,7 +187,7 @@ def worker(framework, size, steps):
 
 def mobilenet(args):
     from _common import table, write_section
-    from tfopt.exporting import litert_latency_ms
+    from tfopt.litert import litert_latency_ms
 
     files = {}
     for framework in ("tfopt", "tfmot"):
@@ -313,7 +313,7 @@ def _sequence_case(name, build, data, epochs, finetune_epochs, out_dir):
 
 def sequence(args):
     from _common import table, write_section
-    from tfopt.exporting import litert_latency_ms
+    from tfopt.litert import litert_latency_ms
     from tfopt.testing.fixtures import load_digits
 
     out_dir = tempfile.mkdtemp(prefix="tfopt-bench-")

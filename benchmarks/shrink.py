@@ -63,7 +63,7 @@ def _transformer(seq=16, dim=64, heads=4, ff=256, classes=10):
 
 
 def _interleaved_latency(contents, inputs, rounds):
-    from tfopt.exporting import litert_latency_ms
+    from tfopt.litert import litert_latency_ms
 
     times = {k: [] for k in contents}
     for _ in range(rounds):
@@ -77,7 +77,7 @@ def width(args):
     import numpy as np
 
     import tfopt
-    from tfopt.exporting import _convert
+    from tfopt.litert import convert
 
     from _common import table, write_section
 
@@ -105,7 +105,7 @@ def width(args):
             start = time.perf_counter()
             variants[f"{fraction:.0%} removed"] = tfopt.shrink(model, fraction)
             print(f"{name}: shrink {fraction} took {time.perf_counter() - start:.1f} s", flush=True)
-        contents = {k: _convert(m) for k, m in variants.items()}
+        contents = {k: convert(m) for k, m in variants.items()}
         latency = _interleaved_latency(contents, [x[:1]], args.rounds)
         base_macs = tfopt.reporting.total_macs(tfopt.reporting.macs(model))
         for key, m in variants.items():
@@ -211,7 +211,7 @@ def sparse(args):
     import numpy as np
 
     import tfopt
-    from tfopt.exporting import litert_load_error
+    from tfopt.litert import litert_load_error
 
     from _common import table, write_section
 

@@ -11,6 +11,7 @@ import numpy as np
 
 import tfopt
 from tfopt import exporting as export_lib
+from tfopt import litert
 from tfopt import testing
 
 
@@ -65,7 +66,7 @@ class ExportTest(testing.TestCase):
         path = os.path.join(tempfile.mkdtemp(), "keep.tflite")
         with open(path, "wb") as f:
             f.write(b"previous good file")
-        with mock.patch.object(export_lib, "_convert", side_effect=RuntimeError("converter crashed")):
+        with mock.patch.object(litert, "convert", side_effect=RuntimeError("converter crashed")):
             with self.assertRaisesRegex(RuntimeError, "converter crashed"):
                 tfopt.export(_pruned_trained(), path)
         with open(path, "rb") as f:
@@ -76,7 +77,7 @@ class ExportTest(testing.TestCase):
         path = os.path.join(directory, "keep.tflite")
         with open(path, "wb") as f:
             f.write(b"previous good file")
-        with mock.patch.object(export_lib.os, "replace", side_effect=KeyboardInterrupt):
+        with mock.patch.object(os, "replace", side_effect=KeyboardInterrupt):
             with self.assertRaises(KeyboardInterrupt):
                 tfopt.export(_pruned_trained(), path, check=False)
         with open(path, "rb") as f:
@@ -121,8 +122,8 @@ class DictInputsTest(testing.TestCase):
         self.assertLess(report.max_abs_diff, 0.1)
         self.assertEqual(len(tfopt.strip(qat).inputs), 2)
         for traced in (True, False):
-            content = tfopt.exporting._convert_with(tfopt.strip(qat), traced, None, "float32", None)
-            out = tfopt.exporting.run_litert(content, arrays, ["a", "b"])[0]
+            content = litert._convert_with(tfopt.strip(qat), traced, None, "float32", None)
+            out = litert.run_litert(content, arrays, ["a", "b"])[0]
             self.assertAllClose(out, tfopt.strip(qat)(data), atol=1e-5)
 
 
@@ -138,7 +139,7 @@ class ConversionPathTest(testing.TestCase):
 
     def test_falls_back_to_from_keras_model_when_tracing_fails(self):
         path = os.path.join(tempfile.mkdtemp(), "m.tflite")
-        with mock.patch.object(tfopt.exporting, "_traced_converter", side_effect=RuntimeError("no tracing")):
+        with mock.patch.object(litert, "_traced_converter", side_effect=RuntimeError("no tracing")):
             report = tfopt.export(self._model(), path)
         self.assertLess(report.max_abs_diff, 1e-5)
         self.assertTrue(os.path.exists(path))
@@ -191,9 +192,9 @@ class ExportMisuseBehaviourTest(testing.TestCase):
         path = os.path.join(directory, "keep.tflite")
         with open(path, "wb") as f:
             f.write(b"previous good file")
-        real_convert = export_lib._convert
+        real_convert = litert.convert
         # What the converter returns when calibration gives it nothing to quantize with.
-        with mock.patch.object(export_lib, "_convert", side_effect=lambda model, *a, **k: real_convert(model)):
+        with mock.patch.object(litert, "convert", side_effect=lambda model, *a, **k: real_convert(model)):
             with self.assertRaisesRegex(ValueError, r"returned a float model for precision='int8'"):
                 tfopt.export(_frames_model(), path, precision="int8",
                              representative_data=self.make_input((8, 16, 3)))
@@ -202,7 +203,7 @@ class ExportMisuseBehaviourTest(testing.TestCase):
         self.assertEqual(os.listdir(directory), ["keep.tflite"])
 
     def test_bad_calibration_data_is_refused_before_converting(self):
-        with mock.patch.object(export_lib, "_convert", side_effect=AssertionError("converted")):
+        with mock.patch.object(litert, "convert", side_effect=AssertionError("converted")):
             for data in (np.zeros((0, 16, 3), "float32"), np.full((4, 16, 3), np.nan, "float32"),
                          np.zeros((4, 17, 3), "float32")):
                 with self.assertRaises(ValueError):
@@ -226,7 +227,7 @@ class ExportMisuseBehaviourTest(testing.TestCase):
         directory = tempfile.mkdtemp()
         os.chmod(directory, 0o555)
         try:
-            with mock.patch.object(export_lib, "_convert", side_effect=AssertionError("converted")):
+            with mock.patch.object(litert, "convert", side_effect=AssertionError("converted")):
                 with self.assertRaisesRegex(PermissionError, "is not writable"):
                     tfopt.export(_frames_model(), os.path.join(directory, "m.tflite"))
         finally:
@@ -235,7 +236,7 @@ class ExportMisuseBehaviourTest(testing.TestCase):
     def test_directory_target_is_refused_before_converting(self):
         path = os.path.join(tempfile.mkdtemp(), "out.tflite")
         os.makedirs(path)
-        with mock.patch.object(export_lib, "_convert", side_effect=AssertionError("converted")):
+        with mock.patch.object(litert, "convert", side_effect=AssertionError("converted")):
             with self.assertRaisesRegex(IsADirectoryError, "is a directory"):
                 tfopt.export(_frames_model(), path)
         self.assertEqual(os.listdir(path), [])

@@ -9,7 +9,7 @@ import numpy as np
 
 import tfopt
 from tests.misuse.harness import Misuse, MisuseTestCase
-from tfopt import exporting as export_lib
+from tfopt import litert
 
 
 def _frames(channels=3):
@@ -49,7 +49,7 @@ def _export_into_read_only_directory():
         return False if os.path.abspath(path) == directory and mode & os.W_OK else access(path, mode, **kwargs)
 
     try:
-        with mock.patch.object(export_lib.os, "access", side_effect=denied):
+        with mock.patch.object(os, "access", side_effect=denied):
             return tfopt.export(_frames(), os.path.join(directory, "m.tflite"))
     finally:
         os.chmod(directory, 0o755)
@@ -65,7 +65,7 @@ def _export_disagreeing_file():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="head")], name="tiny")
     x = _x(8, 4)
     wrong = -np.asarray(model(x))  # every arg-max moves
-    with mock.patch.object(export_lib, "run_litert", return_value=[wrong]):
+    with mock.patch.object(litert, "run_litert", return_value=[wrong]):
         return tfopt.export(model, _path(), inputs=x)
 
 
@@ -99,11 +99,11 @@ def _float_convert(model, *args, **kwargs):
     return _REAL_CONVERT(model)  # what the converter returns when it quantizes nothing
 
 
-_REAL_CONVERT = export_lib._convert
+_REAL_CONVERT = litert.convert
 
 
 def _int8_left_in_float():
-    with mock.patch.object(export_lib, "_convert", side_effect=_float_convert):
+    with mock.patch.object(litert, "convert", side_effect=_float_convert):
         return tfopt.export(_frames(), _path(), precision="int8", representative_data=_x(8, 16, 3))
 
 
