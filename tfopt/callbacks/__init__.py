@@ -1,5 +1,6 @@
-"""Callbacks: prune any model during `fit` (weights, or whole channels with `WidthPruning`), schedule quantization, write TensorBoard summaries."""
+"""Callbacks: prune any model during `fit` (weights, or whole channels with `WidthPruning`), schedule quantization, drive distillation schedules, write TensorBoard summaries."""
 
+from tfopt.callbacks.distillation import DistillationSchedule
 from tfopt.callbacks.pruning import Pruning
 from tfopt.callbacks.quantization import QuantizationSchedule
 from tfopt.callbacks.summaries import TensorBoardSummaries

@@ -1,0 +1,40 @@
+"""What a model's graph says about its one output: a final softmax, its number of classes.
+
+Both read Functional and Sequential models only (a subclassed model's graph
+is not visible: None/False, and the callers say what they then assume).
+"""
+
+import keras
+
+from tfopt import _keras_internal
+
+
+def _ends_in_softmax(model):
+    """True when a Functional or Sequential `model`'s one output comes from a
+    layer whose `activation` is softmax (nested models followed)."""
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+        return False
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):  # an unbuilt Sequential
+        return False
+    if not outputs or len(outputs) != 1:
+        return False
+    layer = _keras_internal.producer(outputs[0])
+    if isinstance(layer, keras.Model):
+        return _ends_in_softmax(layer)
+    activation = getattr(layer, "activation", None)
+    return activation is keras.activations.softmax or getattr(activation, "__name__", None) == "softmax"
+
+
+def _model_classes(model):
+    """The last dimension of a Functional/Sequential model's one 2-D output, or None if unknown."""
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+        return None
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):  # an unbuilt Sequential
+        return None
+    if not outputs or len(outputs) != 1 or len(outputs[0].shape) != 2:
+        return None
+    return outputs[0].shape[-1]

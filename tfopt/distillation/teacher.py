@@ -1,0 +1,267 @@
+"""Caching the teacher: `attach_teacher` runs it once and packs its outputs into the targets.
+
+Packed targets are, per sample, a `(2, classes)` array: row 0 the label,
+one-hot (all zeros: no label), row 1 the teacher's logits (probabilities are
+converted with `log`).
+"""
+
+import numbers
+import warnings
+
+import keras
+import numpy as np
+
+from tfopt.distillation._models import _ends_in_softmax, _model_classes
+from tfopt.distillation.losses import _TINY, _check_teacher_outputs, _width_mismatch
+
+
+def _as_2d(a):
+    a = np.asarray(a)
+    return a.reshape(len(a), -1) if a.ndim != 2 else a
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else (next(iter(x.values())) if isinstance(x, dict) else x)
+
+
+def _length(x):
+    return len(_first(x))
+
+
+def _concat(parts):
+    first = parts[0]
+    if isinstance(first, (list, tuple)):
+        return type(first)(np.concatenate([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: np.concatenate([p[k] for p in parts]) for k in first}
+    return np.concatenate(parts)
+
+
+def _dataset_to_arrays(dataset):
+    xs, ys, labelled = [], [], None
+    for element in dataset.as_numpy_iterator():
+        has_y = isinstance(element, tuple) and len(element) >= 2
+        if labelled is None:
+            labelled = has_y
+        if has_y != labelled:
+            raise ValueError("attach_teacher: the dataset mixes (x, y) and x-only elements.")
+        xs.append(element[0] if has_y else element)
+        if has_y:
+            ys.append(element[1])
+    if not xs:
+        raise ValueError("attach_teacher: the dataset is empty.")
+    return _concat(xs), (np.concatenate(ys) if labelled else None), len(_first(xs[0]))
+
+
+def _parts(x):
+    """`(structure, [arrays])` of model inputs: one array, a list/tuple, or a dict."""
+    if isinstance(x, dict):
+        return ("dict", tuple(sorted(x))), [x[k] for k in sorted(x)]
+    if isinstance(x, (list, tuple)):
+        return ("list", len(x)), list(x)
+    return ("array", 1), [x]
+
+
+def _check_unlabelled(x, unlabelled):
+    """Refuses unlabelled inputs that are not shaped like the labelled ones, before concatenating."""
+    (kind_x, keys_x), parts_x = _parts(x)
+    (kind_u, keys_u), parts_u = _parts(unlabelled)
+    if (kind_x, keys_x) != (kind_u, keys_u):
+        def describe(kind, keys):
+            if kind == "dict":
+                return f"a dict with keys {list(keys)}"
+            return f"a list of {keys} arrays" if kind == "list" else "one array"
+
+        raise ValueError(
+            f"attach_teacher: `unlabelled` must be structured like the labelled inputs `x`, which are "
+            f"{describe(kind_x, keys_x)}. Received: unlabelled as {describe(kind_u, keys_u)}. "
+            "Fix: pass the unlabelled inputs in the same structure as x."
+        )
+    names = keys_x if kind_x == "dict" else range(len(parts_x))
+    for name, px, pu in zip(names, parts_x, parts_u):
+        shape_x, shape_u = tuple(np.shape(px)), tuple(np.shape(pu))
+        if shape_x[1:] != shape_u[1:]:
+            which = "" if kind_x == "array" else f" (input {name!r})"
+            raise ValueError(
+                f"attach_teacher: the unlabelled inputs{which} have shape {shape_u} but the labelled inputs "
+                f"`x` have shape {shape_x}: each unlabelled sample must have the labelled samples' shape "
+                f"{shape_x[1:]}. Received: unlabelled of shape {shape_u}. Fix: preprocess the unlabelled "
+                f"inputs like x, to shape (n,) + {shape_x[1:]}."
+            )
+
+
+def _rows_are_probabilities(outputs):
+    """Every row non-negative and summing to 1 within 1e-3 (a softmax's output)."""
+    o = np.asarray(outputs, "float64")
+    return (o.ndim == 2 and o.shape[0] > 0 and o.shape[1] > 1 and bool(np.all(o >= 0))
+            and bool(np.all(np.abs(o.sum(axis=1) - 1.0) <= 1e-3)))
+
+
+def _probabilities_warning(who, teacher_name, reason):
+    return (
+        f"{who}: the teacher{teacher_name} outputs probabilities, not logits ({reason}). Softened by a "
+        "temperature, probabilities give nearly uniform targets, so they are converted with log() to act "
+        "as logits (softmax(log(p) / T) is the teacher's distribution softened by T). To silence this "
+        "warning, pass logits (remove the teacher's final softmax) or declare them with "
+        '`teacher_outputs="probabilities"`.'
+    )
+
+
+def _teacher_logits(outputs, teacher, teacher_outputs):
+    """attach_teacher's teacher outputs as float32 logits (probabilities converted with log)."""
+    outputs = _as_2d(outputs).astype("float32")
+    if teacher_outputs == "logits":
+        return outputs
+    if teacher_outputs == "probabilities":
+        if outputs.size and outputs.min() < 0:
+            raise ValueError(
+                f"attach_teacher: `teacher_outputs=\"probabilities\"` but the teacher's outputs have negative "
+                f"values (min {outputs.min():.4g}), so they are logits. Received: teacher_outputs="
+                "'probabilities'. Fix: pass teacher_outputs=\"logits\", or leave it None to detect."
+            )
+    else:
+        softmax = _ends_in_softmax(teacher)
+        if not softmax and not _rows_are_probabilities(outputs):
+            return outputs
+        name = f" '{teacher.name}'" if isinstance(teacher, keras.Model) else ""
+        reason = ("its final activation is softmax" if softmax else
+                  f"each of its {len(outputs)} output rows is non-negative and sums to 1")
+        warnings.warn(_probabilities_warning("attach_teacher", name, reason), UserWarning, stacklevel=3)
+    return np.log(np.maximum(outputs, _TINY)).astype("float32")
+
+
+def _student_classes(student):
+    if student is None or isinstance(student, keras.Model):
+        return _model_classes(student)
+    if isinstance(student, numbers.Integral) and not isinstance(student, (bool, np.bool_)) and student > 0:
+        return int(student)
+    raise ValueError(
+        "attach_teacher: `student` must be the student model or its number of classes (an int > 0). "
+        f"Received: student={student!r}"
+    )
+
+
+def _pack(labels, logits):
+    """`(n, 2, K)`: one-hot labels (all zeros: none) over the teacher's logits."""
+    n, classes = logits.shape
+    one_hot = np.zeros((n, classes), "float32")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1):
+            flat = labels.reshape(-1)
+            if np.issubdtype(flat.dtype, np.floating) and not np.all(flat == np.round(flat)):
+                raise ValueError(
+                    f"attach_teacher: integer class labels expected; received {flat.dtype} labels such as "
+                    f"{flat[flat != np.round(flat)][0]!r}. Fix: pass class indices (or -1 for none), or "
+                    f"one-hot labels of shape (n, {classes})."
+                )
+            if flat.size and (flat.max() >= classes or flat.min() < -1):
+                raise ValueError(
+                    f"attach_teacher: labels must be class indices in [0, {classes}) (or -1 for none) for a "
+                    f"teacher with {classes} outputs. Received labels from {flat.min()} to {flat.max()}."
+                )
+            index = flat.astype(np.int64)
+            rows = np.nonzero(index >= 0)[0]
+            one_hot[rows, index[rows]] = 1.0
+        elif labels.ndim == 2 and labels.shape[1] == classes:
+            one_hot = labels.astype("float32")
+        else:
+            raise ValueError(
+                f"attach_teacher: labels of shape {labels.shape} fit neither integer classes (n,) nor one-hot "
+                f"(n, {classes}) for a teacher with {classes} outputs."
+            )
+    return np.stack([one_hot, logits], axis=1)
+
+
+def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outputs=None, student=None):
+    """Runs `teacher` once over `data` and returns it with the teacher's outputs in the targets.
+
+    Args:
+        data: `(x, y)` (arrays; `x` may be a list or dict of arrays for
+            multi-input models; `y` integer classes or one-hot), `x` alone (a
+            transfer set without labels), or a finite `tf.data.Dataset` of
+            `(x, y)` or `x` batches.
+        teacher: a Keras model (run with `training=False`, batched, under the
+            strategy it was built in), or the teacher's outputs already
+            computed (an array with one row per sample of `data`).
+        unlabelled: extra inputs without labels (more samples the teacher
+            labels), appended after `data`'s; shaped like `data`'s inputs.
+        batch_size: the teacher's batch size (and the returned dataset's, for
+            array inputs given as a dataset: its first batch's size).
+        teacher_outputs: None (detect: outputs that are probabilities, from a
+            final softmax or rows non-negative summing to 1, are converted
+            with `log` with a warning), "logits" (use as they are), or
+            "probabilities" (convert with `log`, no warning).
+        student: optional, the student model (or its number of classes), to
+            check now that the teacher outputs one value per student class;
+            otherwise `DistillationLoss` checks at its first call.
+
+    Returns:
+        `(x, y_packed)` arrays for array inputs, or a `tf.data.Dataset` of
+        `(x, y_packed)` batches for a dataset (held in memory). `y_packed` has
+        shape `(n, 2, classes)`: per sample the one-hot label (all zeros: no
+        label) and the teacher's logits. Use them with a student compiled
+        with `DistillationLoss`.
+
+    Caching is valid when the student will see exactly these inputs: not with
+    random augmentation (use `Distiller`). Shuffling is fine.
+    """
+    import tensorflow as tf
+
+    teacher_outputs = _check_teacher_outputs(teacher_outputs, "attach_teacher")
+    classes = _student_classes(student)
+    if classes is not None and _model_classes(teacher) not in (None, classes):
+        raise _width_mismatch("attach_teacher", _model_classes(teacher), classes, f"teacher '{teacher.name}'")
+    as_dataset = isinstance(data, tf.data.Dataset)
+    if as_dataset:
+        x, y, batch_size = _dataset_to_arrays(data)
+    elif isinstance(data, tuple) and len(data) == 2:
+        x, y = data
+    elif isinstance(data, tuple):
+        raise ValueError(f"attach_teacher: `data` must be (x, y) or x; received a tuple of {len(data)}.")
+    else:
+        x, y = data, None
+    if y is not None and len(y) != _length(x):
+        raise ValueError(f"attach_teacher: x has {_length(x)} samples but y has {len(y)}.")
+    if unlabelled is not None:
+        _check_unlabelled(x, unlabelled)
+        n_extra = _length(unlabelled)
+        x = _concat([x, unlabelled])
+        if y is not None:
+            y = np.asarray(y)
+            if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
+                y = y.reshape(-1)
+                if not np.issubdtype(y.dtype, np.floating):
+                    y = y.astype(np.int64)  # unsigned labels could not hold -1
+                y = np.concatenate([y, np.full((n_extra,), -1, y.dtype)])
+            else:
+                y = np.concatenate([y, np.zeros((n_extra,) + y.shape[1:], y.dtype)])
+    n = _length(x)
+    if isinstance(teacher, keras.Model):
+        outputs = teacher.predict(x, batch_size=batch_size, verbose=0)
+        if isinstance(outputs, (list, tuple, dict)):
+            raise ValueError(
+                "attach_teacher: the teacher has several outputs; distillation needs one "
+                "(batch, classes) output. Wrap it in a model that returns the head to distill."
+            )
+    else:
+        outputs = np.asarray(teacher)
+        if len(outputs) != n:
+            raise ValueError(
+                f"attach_teacher: the cached teacher outputs have {len(outputs)} rows but the data has "
+                f"{n} samples{' (unlabelled included)' if unlabelled is not None else ''}. Recompute "
+                "them on exactly these inputs, in this order."
+            )
+    if not np.issubdtype(np.asarray(outputs).dtype, np.floating):
+        raise ValueError(
+            f"attach_teacher: the teacher's outputs are {np.asarray(outputs).dtype}, not floats; "
+            "distillation needs logits or probabilities."
+        )
+    logits = _teacher_logits(outputs, teacher, teacher_outputs)
+    if classes is not None and logits.shape[1] != classes:
+        raise _width_mismatch("attach_teacher", logits.shape[1], classes,
+                              f"teacher outputs of shape {tuple(np.shape(outputs))}")
+    packed = _pack(y, logits)
+    if as_dataset:
+        return tf.data.Dataset.from_tensor_slices((x, packed)).batch(batch_size)
+    return x, packed
