@@ -35,7 +35,9 @@ from tfopt import (  # noqa: E402
 from tfopt.exporting import ExportReport, export  # noqa: E402
 from tfopt.plots import plot_accuracy_vs_size, plot_sparsity  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
-from tfopt.transforms import ShrinkPlan, load_model, plan_shrink, prune, quantize_model, shrink, strip  # noqa: E402
+from tfopt.transforms import (  # noqa: E402
+    ShrinkPlan, load_model, plan_shrink, prune, quantize_model, reestimate_batch_norm, shrink, strip,
+)
 
 __all__ = [
     "callbacks",
@@ -54,6 +56,7 @@ __all__ = [
     "ShrinkPlan",
     "load_model",
     "quantize_model",
+    "reestimate_batch_norm",
     "summary",
     "export",
     "ExportReport",

@@ -148,16 +148,22 @@ def bincount(ids, size):
 
 
 def conv(inputs, kernel, strides, padding, data_format, dilation_rate):
-    """`keras.ops.conv`, except that a dilated 2-D convolution runs as one
-    TensorFlow Conv2D with `dilations`: `tf.nn.convolution` splits it into
-    SpaceToBatch, Conv2D and BatchToSpace, and after a bias add the converter
-    no longer fuses them, leaving the convolution in float in an int8 file."""
+    """`keras.ops.conv`, except that in the trace `tfopt.export` converts, a
+    dilated 2-D convolution runs as one TensorFlow Conv2D with `dilations`:
+    `tf.nn.convolution` splits it into SpaceToBatch, Conv2D and BatchToSpace,
+    and after a bias add the converter no longer fuses them, leaving the
+    convolution in float in an int8 file. Training keeps `keras.ops.conv`:
+    TensorFlow's default CPU kernels (oneDNN off, as on AMD and ARM machines)
+    cannot differentiate a Conv2D with `dilations > 1`. Both compute the same."""
     import keras
     from keras import ops
 
+    from tfopt import _state
+
     strides, dilation_rate = tuple(strides), tuple(dilation_rate)
     plain = (
-        keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4 or data_format != "channels_last"
+        not _state.exporting()
+        or keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4 or data_format != "channels_last"
         or max(dilation_rate) == 1 or max(strides) != 1 or inputs.shape[-1] != kernel.shape[-2]
     )
     if plain:

@@ -38,6 +38,8 @@ __all__ = [
     "patch_multi_worker_trainer",
     "litert_ops",
     "add_replica_local_weight",
+    "replica_local_variable",
+    "attention_projection",
 ]
 
 CHECKED_KERAS_VERSIONS = ("3.11.3", "3.15.1")
@@ -145,8 +147,33 @@ def node_call_arguments(node):
 def attention_projections(layer):
     """`(query, key, value, output)`: the EinsumDense sublayers of a Keras
     MultiHeadAttention (kernels `(dim, heads, head_dim)` and `(heads, head_dim, out)`)."""
-    return tuple(_get(layer, f"_{part}_dense", "MultiHeadAttention's projection sublayers")
-                 for part in ("query", "key", "value", "output"))
+    return tuple(attention_projection(layer, part) for part in ("query", "key", "value", "output"))
+
+
+def attention_projection(layer, part):
+    """One EinsumDense sublayer of a Keras MultiHeadAttention: `part` is
+    "query", "key", "value" or "output". Read through its public property
+    (`query_dense`, ...) where the Keras release has one, else the private
+    attribute behind it (`_query_dense`). Before the layer is built neither
+    exists yet: AttributeError, as for any weight of an unbuilt layer.
+
+    Example:
+    >>> import keras
+    >>> mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    >>> mha.build((None, 3, 8), (None, 3, 8))
+    >>> tuple(attention_projection(mha, "query").kernel.shape)
+    (8, 2, 4)
+    """
+    if part not in ("query", "key", "value", "output"):
+        raise ValueError(f"`part` must be 'query', 'key', 'value' or 'output'. Received: part={part!r}")
+    for attr in (f"{part}_dense", f"_{part}_dense"):
+        try:
+            return getattr(layer, attr)
+        except AttributeError:
+            continue
+    if not getattr(layer, "built", False):
+        raise AttributeError(f"MultiHeadAttention '{layer.name}' is not built yet: it has no {part} projection")
+    raise _moved(f"`_{part}_dense` (MultiHeadAttention's {part} projection sublayer)", layer)
 
 
 def graph_of(model):
@@ -327,11 +354,18 @@ def add_replica_local_weight(layer, name, shape, dtype="float32", initializer="o
     writes it with no merge_call, so it can inside a `cond`, and no replica waits
     for another to write it."""
     with keras.name_scope(layer.name, caller=layer):
-        variable = keras.Variable(
-            initializer=keras.initializers.get(initializer), shape=shape, dtype=dtype, trainable=False,
-            autocast=autocast, name=name, aggregation="only_first_replica", synchronization="on_read")
+        variable = replica_local_variable(keras.initializers.get(initializer), name, shape, dtype, autocast)
     _get(layer, "_track_variable", "`Layer._track_variable`")(variable)
     return variable
+
+
+def replica_local_variable(initializer, name, shape=None, dtype="float32", autocast=True):
+    """The one way tfopt makes a replica-local variable (`add_replica_local_weight`
+    tracks one on a layer; the Pruning callback keeps its masks off the layers):
+    non-trainable, `synchronization="on_read"` with `aggregation="only_first_replica"`.
+    `initializer` is a value (then `shape` is None) or a Keras initializer."""
+    return keras.Variable(initializer=initializer, shape=shape, dtype=dtype, trainable=False, autocast=autocast,
+                          name=name, aggregation="only_first_replica", synchronization="on_read")
 
 
 def convnext_layer_scale():

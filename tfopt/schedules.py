@@ -277,7 +277,8 @@ class PolynomialDecay(SparsitySchedule):
 
     Args:
         initial_sparsity: sparsity at `begin_step`, in [0, 1).
-        final_sparsity: sparsity from `end_step` on, in [0, 1).
+        final_sparsity: sparsity from `end_step` on, in [initial_sparsity, 1)
+            (pruned weights never come back, so sparsity only rises).
         begin_step: first update step (int, or "NN%" of training).
         end_step: last update step (int, or "NN%" of training).
         power: exponent of the ramp; 3 prunes fast early and slowly late.
@@ -306,6 +307,12 @@ class PolynomialDecay(SparsitySchedule):
         _steps_order(begin_step, end_step, name, allow_open_end=False)
         if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
             raise ValueError(f"{name}: `power` must be a positive number. Received: power={power!r}")
+        if final_sparsity < initial_sparsity:
+            raise ValueError(
+                f"{name}: `final_sparsity` must be at least `initial_sparsity`: pruned weights never "
+                "come back, so a falling target would end above its final value. Received: "
+                f"initial_sparsity={initial_sparsity!r}, final_sparsity={final_sparsity!r}. Fix: swap them, "
+                "or use ConstantSparsity(final_sparsity) from a model that is not yet pruned.")
         self.initial_sparsity = initial_sparsity
         self.final_sparsity_ = final_sparsity
         self.begin_step = begin_step

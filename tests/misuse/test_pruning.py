@@ -48,6 +48,17 @@ class _PoisonAt(keras.callbacks.Callback):
             kernel.assign(np.full(kernel.shape, np.nan, "float32"))
 
 
+def _restored_earlier_epoch():
+    """Sparsity rises over 3 epochs; EarlyStopping (before Pruning in the list, so its
+    `on_train_end` runs first) hands back the first, least sparse epoch."""
+    model = _mlp(units=16)
+    model.compile("adam", "mse")
+    schedule = tfopt.schedules.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=6, frequency=1)
+    stop = keras.callbacks.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True)
+    model.fit(np.random.rand(8, 4), np.random.rand(8, 2), batch_size=4, epochs=3, verbose=0,
+              callbacks=[stop, tfopt.callbacks.Pruning(schedule)])
+
+
 def _always():
     return tfopt.schedules.ConstantSparsity(0.5, frequency=1)
 
@@ -107,6 +118,16 @@ TABLE = [
         "a bad total_steps for the Pruning callback",
         lambda: tfopt.callbacks.Pruning("gradual", total_steps=0),
         raises=ValueError, match=r"`total_steps` must be a positive int.*Received: total_steps=0"),
+    Misuse(
+        "a PolynomialDecay whose sparsity falls",
+        lambda: tfopt.schedules.PolynomialDecay(0.5, 0.2, begin_step=0, end_step=10),
+        raises=ValueError, match=r"`final_sparsity` must be at least `initial_sparsity`.*Received: "
+                                 r"initial_sparsity=0.5, final_sparsity=0.2. Fix"),
+    Misuse(
+        "EarlyStopping(restore_best_weights=True) hands back a less sparse epoch",
+        _restored_earlier_epoch,
+        warns=UserWarning, match=r"at the end of `fit`, \d+ of the \d+ pruned weights of model 'mlp' are not "
+                                 r"zero.*EarlyStopping\(restore_best_weights=True\).*Fix"),
     Misuse("shrink with a fraction of 1 or more",
            lambda: tfopt.shrink(_mlp(), 1.0), raises=ValueError,
            match=r"`tfopt.shrink\(fraction=...\)` is the share of each group's channels to remove, a number in "
@@ -131,6 +152,21 @@ TABLE = [
            logs="tfopt",
            match=r"tfopt.shrink\(model\) found no channel, head or unit that is zero wherever it is read and "
                  r"written, so it removed nothing.*train with tfopt.callbacks.WidthPruning, or pass a fraction"),
+    Misuse("shrink by Taylor importance on data holding NaN",
+           lambda: tfopt.shrink(_mlp(), 0.5, importance="taylor", loss="mse",
+                                data=[(np.where(np.eye(4) == 1, np.nan, 1.0), np.ones((4, 2)))]),
+           raises=ValueError,
+           match=r"`tfopt.shrink\(importance='taylor'\)`: `data` batch 0 holds 4 NaN/Inf value\(s\) in its x "
+                 r"\(shape \(4, 4\)\); the gradients, and so every channel score, would be NaN.*Fix: drop or fill"),
+    Misuse("shrink by Taylor importance on data that is not (x, y) batches",
+           lambda: tfopt.shrink(_mlp(), 0.5, importance="taylor", loss="mse", data=[np.ones((4, 4))]),
+           raises=ValueError,
+           match=r"`data` is a batch `\(x, y\)` or a list of them, and its item 0 is not an \(x, y\) pair\. "
+                 r"Received: an item of type ndarray and shape \(4, 4\)\. Fix: data=\[\(x\[:256\], y\[:256\]\)\]"),
+    Misuse("shrink of a model whose weights hold NaN or Inf",
+           lambda: tfopt.shrink(_inf_model(), 0.5), raises=ValueError,
+           match=r"tfopt.shrink: the channel scores of weights \['mlp/hidden/kernel'\] are NaN/Inf "
+                 r"\(importance='l2', from the weights' squares\), so which channels go would be arbitrary\. Fix"),
 ]
 
 

@@ -29,7 +29,9 @@ def retrace(model):
 
 def state_variable(model, value, name, dtype="int64"):
     """A non-trainable tfopt-owned variable (not tracked by any layer, not
-    saved), created eagerly under the strategy `model` was built with."""
+    saved), created eagerly under the strategy `model` was built with. It is
+    written from the host (between steps), so it is mirrored, not replica-local
+    like the state the replicas write (`_keras_internal.replica_local_variable`)."""
 
     def make():
         with _backend.strategy_scope(model):

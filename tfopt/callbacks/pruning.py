@@ -249,8 +249,7 @@ class Pruning(keras.callbacks.Callback):
         """A replica-local state variable (a mask) under the model's strategy: every replica
         computes the same value from the same synchronized weights and writes its own copy."""
         with _backend.strategy_scope(self.model):
-            return keras.Variable(value, trainable=False, name=name, aggregation="only_first_replica",
-                                  synchronization="on_read")
+            return _keras_internal.replica_local_variable(value, name, dtype=keras.backend.standardize_dtype(value.dtype))
 
     # --- report ---------------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
@@ -271,6 +270,7 @@ class Pruning(keras.callbacks.Callback):
         schedule = self.pruning_schedule
         if schedule is None or not self._masks:
             return
+        self._check_masks_hold()
         total = self.total_steps or _common.total_steps(self.params)
         end = schedule.resolve(total).end_step if schedule.is_relative and total else schedule.end_step
         done = int(ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -281,3 +281,24 @@ class Pruning(keras.callbacks.Callback):
                 f"{schedule.final_sparsity}. Keep this callback in the next fit (it goes on from here), "
                 "or make the schedule end within training. Training without it lets pruned weights "
                 "grow back after a reload.", stacklevel=2)
+
+    def _check_masks_hold(self):
+        """Warns when weights are non-zero where their masks are zero: another
+        callback set earlier weights after the last step (Keras's
+        `EarlyStopping(restore_best_weights=True)` does, in its `on_train_end`,
+        when it comes before this callback in the list)."""
+        revived, pruned = 0, 0
+        for variable, mask, _ in self._masks.values():
+            off = ops.convert_to_numpy(mask) == 0
+            pruned += int(off.sum())
+            revived += int(np.count_nonzero(ops.convert_to_numpy(variable)[off]))
+        if revived:
+            warnings.warn(
+                f"tfopt.callbacks.Pruning: at the end of `fit`, {revived} of the {pruned} pruned weights of "
+                f"model '{self.model.name}' are not zero (overall sparsity {overall_sparsity(self.model) or 0.0:.2f}): "
+                "a callback set earlier weights after the last step, as "
+                "`keras.callbacks.EarlyStopping(restore_best_weights=True)` does. Those weights come from a "
+                "less sparse epoch. Fix: `restore_best_weights=False`, or `tfopt.strip(model)` to apply the "
+                "final masks to the restored weights, then re-evaluate (`tfopt.reestimate_batch_norm` "
+                "refreshes BatchNormalization statistics after that).", stacklevel=2)
+

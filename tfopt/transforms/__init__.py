@@ -3,13 +3,16 @@
 - `prune` (`transforms/prune.py`): swap in the tfopt twins that prune;
 - `strip` (`transforms/strip.py`): back to plain Keras layers;
 - `shrink` (`transforms/shrink.py`): remove channels, heads and units;
+- `reestimate_batch_norm` (`transforms/batch_norm.py`): BatchNormalization
+  statistics recomputed for the weights the model has now;
 - `quantize_model` (`transforms/quantize.py`): plan, then rewrite, a
   quantization-aware copy.
 """
 
+from tfopt.transforms.batch_norm import reestimate_batch_norm
 from tfopt.transforms.prune import prune
 from tfopt.transforms.quantize import quantize_model
 from tfopt.transforms.shrink import ShrinkPlan, plan_shrink, shrink
 from tfopt.transforms.strip import load_model, strip
 
-__all__ = ["prune", "strip", "load_model", "quantize_model", "shrink", "plan_shrink", "ShrinkPlan"]
+__all__ = ["prune", "strip", "load_model", "quantize_model", "shrink", "plan_shrink", "ShrinkPlan", "reestimate_batch_norm"]

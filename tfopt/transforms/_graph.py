@@ -1,5 +1,7 @@
 """Rebuilding Sequential and Functional models layer by layer (shared by the transforms)."""
 
+import warnings
+
 import keras
 from keras import ops
 
@@ -69,10 +71,29 @@ def clone(model, make_layer, call_function=None):
 def plain_copy(layer):
     """A fresh layer of the same class and config; a layer holding Python code
     (`Lambda`) is reused as it is: it has no weights, and re-reading its
-    config would need unsafe deserialization of code already in memory."""
+    config would need unsafe deserialization of code already in memory.
+
+    A layer Keras cannot re-create from its config (a custom layer whose
+    `__init__` takes no `**kwargs`, as many are written, refuses the `name`
+    and `dtype` Keras passes back) is reused as well, with a warning: the
+    result then shares that layer, and its weights, with the model it came
+    from. tfopt changes nothing inside such a layer, so the result computes
+    what it should."""
     if _keras_internal.holds_python_code(layer):
         return layer
-    return layer.__class__.from_config(layer.get_config())
+    try:
+        config = layer.get_config()
+        return layer.__class__.from_config(config)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        warnings.warn(
+            f"Layer '{layer.name}' ({type(layer).__name__}) cannot be re-created from its config "
+            f"({cause}), so the new model reuses this layer object: it shares the layer and its "
+            "weights with the model it came from. Fix: give "
+            f"`{type(layer).__name__}.__init__` a `**kwargs` argument passed on to "
+            "`super().__init__(**kwargs)` (and a `get_config` that returns every constructor argument).",
+            stacklevel=3)
+        return layer
 
 
 def copy_weights(old, new):
