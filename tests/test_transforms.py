@@ -233,6 +233,60 @@ class QuantizeModelTest(testing.TestCase):
         self.assertIsInstance(qat.get_layer("lstm_quantize"), tfopt.layers.QuantizeActivation)
 
 
+    def test_token_ids_in_a_float_input_reach_the_embedding_exact(self):
+        # A float Input of token ids (as keras-io text models have) into an
+        # Embedding: rounded to an activation grid, ids 1, 2, 3, 100 and 5000
+        # became 0, 0, 0, 76.6 and 4978.6.
+        inputs = keras.Input((5,), name="tokens")
+        x = keras.layers.Embedding(5001, 8, name="embedding")(inputs)
+        x = keras.layers.GlobalAveragePooling1D(name="gap")(x)
+        model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+        qat = tfopt.quantize_model(model)
+        self.assertNotIn("tokens_quantize", [layer.name for layer in qat.layers])
+        ids = np.array([[1, 2, 3, 100, 5000]] * 4, "float32")
+        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        qat.fit(ids, np.arange(4) % 3, epochs=2, verbose=0)
+        lookups = keras.Model(qat.input, qat.get_layer("embedding").output)(ids)
+        self.assertAllEqual(lookups, qat.get_layer("embedding")(ids.astype("int32")))
+        report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "e.tflite"), inputs=ids, precision="int8")
+        self.assertEqual(report.top1_agreement, 1.0)
+        self.assertLess(report.max_abs_diff, 0.05)
+
+    def test_index_inputs_stay_exact_through_reshapes_and_next_to_value_inputs(self):
+        # The same float input read as ids (through a Reshape) and as values.
+        inputs = keras.Input((4,), name="ids")
+        e = keras.layers.Embedding(50, 4, name="embedding")(keras.layers.Reshape((4,), name="reshape")(inputs))
+        x = keras.layers.Concatenate(name="cat")([keras.layers.Flatten()(e), keras.layers.Dense(4, name="side")(inputs)])
+        model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+        the_plan = tfopt.transforms.quantize.plan(model)
+        self.assertEqual(the_plan.index_readers, {"embedding", "reshape"})
+        qat = tfopt.quantize_model(model)
+        self.assertIs(qat.get_layer("side").input, qat.get_layer("ids_quantize").output)
+        self.assertIs(qat.get_layer("reshape").input, qat.get_layer("ids").output)
+
+    @pytest.mark.slow
+    def test_keras_hub_backbone_keeps_its_dict_of_outputs(self):
+        keras_hub = pytest.importorskip("keras_hub")
+        backbone = keras_hub.models.BertBackbone(vocabulary_size=100, num_layers=1, num_heads=2, hidden_dim=8,
+                                                 intermediate_dim=16, max_sequence_length=16)
+        qat = tfopt.quantize_model(backbone, unsupported="float")
+        self.assertEqual(sorted(qat.output), ["pooled_output", "sequence_output"])
+        x = {"token_ids": np.array([[5, 6, 7, 0]]), "segment_ids": np.zeros((1, 4), "int32"),
+             "padding_mask": np.array([[1, 1, 1, 0]])}
+        out = qat(x)
+        self.assertEqual(tuple(out["sequence_output"].shape), (1, 4, 8))
+        self.assertEqual(tuple(out["pooled_output"].shape), (1, 8))
+
+    def test_nested_outputs_keep_their_structure(self):
+        inputs = keras.Input((4,))
+        a, b = keras.layers.Dense(2, name="a")(inputs), keras.layers.Dense(3, name="b")(inputs)
+        model = keras.Model(inputs, {"first": a, "rest": [b, keras.layers.ReLU(name="r")(b)]})
+        qat = tfopt.quantize_model(model)
+        out = qat(self.make_input((2, 4)))
+        self.assertEqual(sorted(out), ["first", "rest"])
+        self.assertIsInstance(out["rest"], list)
+        self.assertEqual([tuple(t.shape) for t in out["rest"]], [(2, 3), (2, 3)])
+
     def test_pruned_model_keeps_masks_and_sparsity_through_qat(self):
         model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
         pruned = tfopt.prune(model, tfopt.schedules.ConstantSparsity(0.75, begin_step=0, frequency=1))

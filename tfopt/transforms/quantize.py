@@ -10,6 +10,7 @@ decision about a layer *type* comes from `tfopt.geometry`.
 import dataclasses
 
 import keras
+import numpy as np
 
 from tfopt import _backend, _keras_internal, geometry, pruning, quantizers
 from tfopt.layers.quantize_activation import QuantizeActivation, QuantizingLayer
@@ -28,12 +29,16 @@ class QuantizationPlan:
         precisions: layers that become quantization-aware twins -> their precision.
         folds: layer -> the BatchNormalization folded into it.
         float_layers: names of layers left in float (with `unsupported="float"`).
+        index_readers: names of the layers that read their float input as
+            indices (token ids: Embedding, keras-hub token embeddings, layers
+            that hold one): their inputs are never fake-quantized.
     """
 
     functional: keras.Model
     precisions: dict
     folds: dict
     float_layers: list
+    index_readers: set = dataclasses.field(default_factory=set)
 
     @property
     def folded(self):
@@ -102,6 +107,7 @@ def plan(model, numerical_precision="int8", layers=None, unsupported="error", ov
         precisions=selected,
         folds=_batch_norm_folds(functional, selected),
         float_layers=[layer.name for layer in unknown],
+        index_readers=_index_readers(functional),
     )
 
 
@@ -207,28 +213,41 @@ def rewrite(the_plan):
         return pairs[id(layer)][1]
 
     input_quantizers = {}
+    unquantized = {}  # id(fake-quantized tensor) -> the tensor before (for index inputs and masks)
+
+    def fake_quantize(x, name):
+        out = QuantizeActivation(name=name)(x)
+        unquantized[id(out)] = x
+        return out
+
+    def quantize_inputs(x):
+        if id(x) in input_ids:
+            if id(x) not in input_quantizers:
+                input_quantizers[id(x)] = fake_quantize(x, f"{x.name}_quantize")
+            return input_quantizers[id(x)]
+        return x
+
+    def exact(x):
+        return unquantized.get(id(x), x)
 
     def call_function(layer, *args, **kwargs):
-        def quantize_inputs(x):
-            if id(x) in input_ids:
-                if id(x) not in input_quantizers:
-                    input_quantizers[id(x)] = QuantizeActivation(name=f"{x.name}_quantize")(x)
-                return input_quantizers[id(x)]
-            return x
-
-        args = keras.tree.map_structure(quantize_inputs, args)
+        # Token ids and masks are exact: rounded to an activation grid, ids 1, 2
+        # and 3 would all look up row 0.
+        reads_indices = layer.name in the_plan.index_readers
+        args = keras.tree.map_structure(exact if reads_indices else quantize_inputs, args)
+        kwargs = {key: keras.tree.map_structure(exact, value) if "mask" in key else value
+                  for key, value in kwargs.items()}
         if id(layer) in folded_clones:
             return args[0]  # folded into the layer before it
         outputs = layer(*args, **kwargs)
         if id(layer) in split_activations:
             outputs = keras.layers.Activation(split_activations[id(layer)], name=f"{layer.name}_activation")(outputs)
-            outputs = QuantizeActivation(name=f"{layer.name}_activation_quantize")(outputs)
+            outputs = fake_quantize(outputs, f"{layer.name}_activation_quantize")
         if geometry.role(layer) in (geometry.NEEDS_RANGE, geometry.BATCH_NORM) or _float_with_range(
                 layer) or not isinstance(layer, keras.layers.Layer):
             # (A `keras.ops` call in a Functional model, such as MobileNetV3's
             # `x + 3.0` in hard-swish, makes new values too.)
-            outputs = keras.tree.map_structure(
-                lambda t: QuantizeActivation(name=f"{layer.name}_quantize")(t), outputs)
+            outputs = keras.tree.map_structure(lambda t: fake_quantize(t, f"{layer.name}_quantize"), outputs)
         return outputs
 
     # Fresh inputs in the structure of the model's own (a list, a dict of named inputs, ...).
@@ -249,7 +268,9 @@ def rewrite(the_plan):
         bn = folds.get(id(old))
         if bn is not None:
             new._folding.set_from(bn)
-    return _graph.rewrap(clone, QuantizedModel)
+    # The output structure (a dict of named outputs, as keras-hub backbones
+    # return, nested lists, ...) is the model's own, not a flat list.
+    return QuantizedModel(clone.input, clone.output, name=clone.name)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
@@ -285,6 +306,57 @@ def _precision_overrides(candidates, overrides):
         for layer in matched:
             out.setdefault(id(layer), precision)
     return out
+
+
+def _reads_indices(layer, node):
+    """True if `layer`, called at `node` on one float tensor, reads it as
+    indices (an Embedding, a keras-hub token embedding, CategoryEncoding, a
+    custom layer or nested model holding one): its output ignores the
+    fraction of its input (1.0 and 1.4 give the same output) but not the
+    integer (1.0 and 2.0 do not). Layers whose weights multiply their input
+    (those a BatchNormalization folds into) and layers without weights of
+    their own read values; they are not probed."""
+    inputs = _keras_internal.node_inputs(node)
+    if (len(inputs) != 1 or "float" not in keras.backend.standardize_dtype(inputs[0].dtype)
+            or not isinstance(layer, keras.layers.Layer) or _keras_internal.is_input_layer(layer)
+            or isinstance(layer, QuantizingLayer) or geometry.role(layer) in (
+                geometry.PASS_THROUGH, geometry.NEEDS_RANGE, geometry.BATCH_NORM)
+            or (geometry.of(layer) is not None and geometry.fold_weight(layer) is not None)
+            or not layer.weights):
+        return False
+    shape = tuple(1 if size is None else size for size in inputs[0].shape)
+    try:
+        one, fraction, two = (
+            [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(layer(np.full(shape, value, "float32")))]
+            for value in (1.0, 1.4, 2.0))
+    except Exception:  # a layer that takes no such probe reads values as far as tfopt can tell
+        return False
+    return (all(np.array_equal(a, b) for a, b in zip(one, fraction))
+            and not all(np.array_equal(a, c) for a, c in zip(one, two)))
+
+
+def _index_readers(model):
+    """Names of the layers whose float inputs are indices (`_reads_indices`),
+    and of the layers that only move values (Reshape, Flatten, ...) on their
+    way to such a layer: `quantize_model` keeps those inputs exact."""
+    calls = _keras_internal.graph_calls(model)
+    readers = {layer.name for layer, node in calls if _reads_indices(layer, node)}
+    consumers = {}
+    for layer, node in calls:
+        for tensor in _keras_internal.node_inputs(node):
+            consumers.setdefault(id(tensor), []).append(layer)
+    changed = True
+    while changed:
+        changed = False
+        for layer, node in calls:
+            if layer.name in readers or geometry.role(layer) != geometry.PASS_THROUGH or \
+                    _keras_internal.is_input_layer(layer):
+                continue
+            users = [user for tensor in _keras_internal.node_outputs(node) for user in consumers.get(id(tensor), [])]
+            if users and all(user.name in readers for user in users):
+                readers.add(layer.name)
+                changed = True
+    return readers
 
 
 def _batch_norm_folds(model, selected):
