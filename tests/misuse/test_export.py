@@ -107,13 +107,57 @@ def _int8_left_in_float():
         return tfopt.export(_frames(), _path(), precision="int8", representative_data=_x(8, 16, 3))
 
 
-def _masked_mlp():
+def _masked_mlp(structure=None):
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, name="hidden"),
                               keras.layers.Dense(4, name="head")], name="mlp")
     for layer in model.layers:
         kernel = layer.kernel.numpy()
-        layer.kernel.assign(kernel * np.asarray(tfopt.sparsity.get(None).mask(kernel, 0.8, 0, -1)))
+        layer.kernel.assign(kernel * np.asarray(tfopt.sparsity.get(structure).mask(kernel, 0.8, 0, -1)))
     return model
+
+
+def _export_disagreeing_on_drawn_inputs():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="head")], name="tiny")
+    wrong = lambda content, arrays, input_names=None: [-np.asarray(model(arrays[0]))]  # noqa: E731
+    with mock.patch.object(litert, "run_litert", side_effect=wrong):
+        return tfopt.export(model, _path())
+
+
+def _nan_weights():
+    model = _frames()
+    model.get_layer("head").bias.assign(np.array([0.0, np.nan], "float32"))
+    return tfopt.export(model, _path())
+
+
+def _nan_check_inputs():
+    x = _x(8, 16, 3)
+    x[2, 0, 0] = np.nan
+    return tfopt.export(_frames(), _path(), inputs=x)
+
+
+def _dict_with_unknown_key():
+    ids = keras.Input((8,), dtype="int32", name="token_ids")
+    mask = keras.Input((8,), dtype="int32", name="padding_mask")
+    x = keras.layers.Embedding(10, 2)(ids) * keras.ops.expand_dims(keras.ops.cast(mask, "float32"), -1)
+    model = keras.Model({"token_ids": ids, "padding_mask": mask},
+                        keras.layers.Dense(2)(keras.layers.Flatten()(x)), name="hub")
+    ones = np.ones((4, 8), "int32")
+    return tfopt.export(model, _path(), inputs={"token_ids": ones, "mask": ones})
+
+
+class _Plain(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x["features"])
+
+
+def _dict_for_subclassed_model():
+    model = _Plain(name="plain")
+    model({"features": np.zeros((1, 4), "float32")})
+    return tfopt.export(model, _path(), inputs={"features": _x(4, 4)})
 
 
 TABLE = [
@@ -123,6 +167,13 @@ TABLE = [
            warns=UserWarning,
            match=r"the sparse-encoded file does not load in the default LiteRT interpreter \(.*\), so the dense "
                  r"file was written to .*Fix: prune with that structure, export in float32, or drop sparse="),
+    Misuse("sparse export whose file computes something else than the dense one",
+           lambda: tfopt.export(_masked_mlp("litert_1x16"), _path(), precision="int16x8", representative_data=_x(8, 64),
+                                sparse=True),
+           warns=UserWarning,
+           match=r"the sparse-encoded int16x8 file computes something else than the dense file on the 8 check "
+                 r"inputs \(max \|sparse - dense\| .*\), so the dense file was written to .*Fix: export in float32 "
+                 r"or int8, or drop sparse="),
     Misuse("sparse export that is not smaller",
            lambda: tfopt.export(_frames(), _path(), sparse=True),
            warns=UserWarning,
@@ -182,6 +233,33 @@ TABLE = [
            warns=UserWarning,
            match=r"the float32 LiteRT file agrees with the Keras model on only 0\.0% of the 8 check inputs.*"
                  r"It was written, but it computes something else than the model"),
+    Misuse("a file that disagrees with the model on drawn check inputs", _export_disagreeing_on_drawn_inputs,
+           warns=UserWarning,
+           match=r"agrees with the Keras model on only 0\.0% of the 8 check inputs \(drawn at random; pass typical "
+                 r"ones as inputs=\)"),
+    Misuse("a file checked on inputs that hold NaN", _nan_check_inputs,
+           warns=UserWarning,
+           match=r"the outputs for 1 of the 8 check inputs hold NaN/Inf \(in the float32 LiteRT file: 1, in the "
+                 r"Keras model: 1; `inputs` holds 1 NaN/Inf value\(s\)\); they count as disagreeing, top-1 "
+                 r"agreement 87\.5%.*Fix: check on finite inputs"),
+    Misuse("export of a model whose weights hold NaN", _nan_weights,
+           raises=ValueError,
+           match=r"layer 'head' \(Dense\) of model 'tiny', weight 'bias' \(shape \(2,\)\), holds 1 NaN/Inf "
+                 r"value\(s\) out of 2.*Fix: export finite weights"),
+    Misuse("export with num_check_samples=0",
+           lambda: tfopt.export(_frames(), _path(), num_check_samples=0),
+           raises=ValueError,
+           match=r"`num_check_samples` is how many random inputs .* a positive int\. Received: "
+                 r"num_check_samples=0\. Fix: .*check=False to skip the check"),
+    Misuse("check inputs as a dict with a key the model does not take", _dict_with_unknown_key,
+           raises=ValueError,
+           match=r"`inputs` is a dict keyed by \['mask', 'token_ids'\], but model 'hub' takes the inputs "
+                 r"\[.*\]: missing \['padding_mask'\], unexpected \['mask'\]\. Fix: key the dict by the model's "
+                 r"input names"),
+    Misuse("check inputs as a dict for a subclassed model", _dict_for_subclassed_model,
+           raises=ValueError,
+           match=r"`inputs` is a dict \(keys \['features'\]\), but model 'plain' \(_Plain\) has no symbolic "
+                 r"inputs.*Fix: pass a list of arrays"),
     Misuse("check inputs of the wrong shape",
            lambda: tfopt.export(_frames(), _path(), inputs=_x(8, 17, 3)),
            raises=ValueError,

@@ -28,7 +28,7 @@ def check_weights_finite(model):
     for weight in model.weights:
         if not np.issubdtype(np.dtype(keras.backend.standardize_dtype(weight.dtype)), np.floating):
             continue
-        value = np.asarray(keras.ops.convert_to_numpy(weight))
+        value = np.asarray(weight.numpy())
         bad = int(value.size - np.count_nonzero(np.isfinite(value)))
         if bad:
             layer = owner.get(id(weight), model)
