@@ -26,6 +26,12 @@ def _randomize_batch_norms(model, seed=0):
     return model
 
 
+@keras.saving.register_keras_serializable(package="tests")
+def _sum_normalized(t):
+    """An activation tfopt does not know, which mixes channels."""
+    return t / keras.ops.sum(keras.ops.abs(t), axis=-1, keepdims=True)
+
+
 def _residual():
     inputs = keras.Input((8, 8, 3))
     x = L.Conv2D(16, 3, padding="same", name="stem")(inputs)
@@ -288,6 +294,92 @@ class ShrinkTest(_ShrinkCase):
         small = tfopt.shrink(_sequential(), np.float32(0.5))
         self.assertEqual(small.get_layer("h1").units, 16)
 
+
+    def test_a_softmax_over_the_channels_keeps_them(self):
+        # Removing a channel a softmax (or a normalization) reads changes every other channel: the
+        # shrunk model must still compute what the masked one does, so those channels stay.
+        mixers = {
+            "dense_softmax": lambda x: L.Dense(16, activation="softmax", name="mix")(x),
+            "dense_log_softmax": lambda x: L.Dense(16, activation="log_softmax", name="mix")(x),
+            "activation_softmax": lambda x: L.Activation("softmax")(L.Dense(16, name="mix")(x)),
+            "activation_log_softmax": lambda x: L.Activation("log_softmax")(L.Dense(16, name="mix")(x)),
+            "softmax_layer": lambda x: L.Softmax()(L.Dense(16, name="mix")(x)),
+            "ops_softmax": lambda x: keras.ops.softmax(L.Dense(16, name="mix")(x)),
+            "unit_normalization": lambda x: L.UnitNormalization()(L.Dense(16, name="mix")(x)),
+            "layer_normalization": lambda x: L.LayerNormalization()(L.Dense(16, name="mix")(x)),
+            "custom_activation": lambda x: L.Dense(16, activation=_sum_normalized, name="mix")(x),
+        }
+        for name, mix in mixers.items():
+            with self.subTest(name):
+                keras.utils.set_random_seed(2)
+                inputs = keras.Input((12,))
+                x = L.Dense(32, activation="relu", name="h1")(inputs)
+                x = L.Dense(8, activation="relu", name="after")(mix(x))
+                model = keras.Model(inputs, L.Dense(3, name="out")(x))
+                plan, small = self._check(model)
+                self.assertEqual(small.get_layer("mix").units, 16)
+                self.assertEqual((small.get_layer("h1").units, small.get_layer("after").units), (16, 4))
+        self.assertTrue(tfopt.channel_groups.mixes_channels(L.Dense(4, activation="softmax")))
+        self.assertFalse(tfopt.channel_groups.mixes_channels(L.Conv2D(4, 3, activation="swish")))
+
+    def test_taylor_importance_of_a_frozen_model(self):
+        # The README's Minitron recipe freezes the teacher before shrinking it.
+        x = self.make_input((16, 12))
+        y = np.eye(3)[np.arange(16) % 3].astype("float32")
+        kwargs = dict(importance="taylor", data=[(x, y)], loss="categorical_crossentropy")
+        keras.utils.set_random_seed(3)
+        model = _sequential()
+        expected = tfopt.plan_shrink(model, 0.5, **kwargs).masked().get_weights()
+        model.trainable = False
+        plan, student = self._check(model, **kwargs)
+        for a, b in zip(plan.masked().get_weights(), expected):
+            self.assertAllEqual(a, b)  # the same channels as the unfrozen model
+        self.assertTrue(student.trainable)
+        self.assertFalse(model.trainable)
+        self.assertEqual(model.trainable_weights, [])
+        model.trainable = True
+        model.get_layer("h1").trainable = False  # a frozen layer is scored too, and stays frozen
+        plan, small = self._check(model, **kwargs)
+        self.assertFalse(small.get_layer("h1").trainable)
+        self.assertFalse(model.get_layer("h1").trainable)
+
+    def test_taylor_data_as_one_batch(self):
+        model = _sequential()
+        x = self.make_input((16, 12))
+        y = np.eye(3)[np.arange(16) % 3].astype("float32")
+        kwargs = dict(importance="taylor", loss="categorical_crossentropy")
+        one = tfopt.plan_shrink(model, 0.5, data=(x, y), **kwargs).masked().get_weights()
+        listed = tfopt.plan_shrink(model, 0.5, data=[(x, y)], **kwargs).masked().get_weights()
+        for a, b in zip(one, listed):
+            self.assertAllEqual(a, b)
+        halves = ((x[:8], y[:8]), (x[8:], y[8:]))  # a tuple of batches is still batches
+        tfopt.plan_shrink(model, 0.5, data=halves, **kwargs)
+
+    def test_non_finite_data_or_weights_raise_instead_of_removing_arbitrary_channels(self):
+        model = _sequential()
+        x = self.make_input((16, 12))
+        y = np.eye(3)[np.arange(16) % 3].astype("float32")
+        x[3, 5] = np.nan
+        with self.assertRaisesRegex(ValueError, r"`data` batch 0 holds 1 NaN/Inf value\(s\) in its x.*Fix"):
+            tfopt.shrink(model, 0.5, importance="taylor", data=[(x, y)], loss="categorical_crossentropy")
+        with self.assertRaisesRegex(ValueError, r"item 0 is not an \(x, y\) pair"):
+            tfopt.shrink(model, 0.5, importance="taylor", data=[x], loss="categorical_crossentropy")
+        kernel = model.get_layer("h2").kernel
+        kernel.assign(np.where(np.arange(16) == 2, np.nan, kernel.numpy()))
+        with self.assertRaisesRegex(ValueError, r"channel scores of weights \[.*h2/kernel.*\] are NaN/Inf"):
+            tfopt.shrink(model, 0.5)
+
+    def test_the_result_is_not_compiled(self):
+        model = _sequential()
+        model.compile("adam", "mse")
+        plan = tfopt.plan_shrink(model, 0.5)
+        for result in (tfopt.shrink(model, 0.5), plan.apply(), plan.masked()):
+            self.assertFalse(result.compiled)
+        self.assertTrue(model.compiled)  # the model's own compilation is left alone
+        model.fit(np.zeros((4, 12)), np.zeros((4, 3)), verbose=0)
+        nested = _nested()
+        nested.compile("adam", "mse")
+        self.assertFalse(tfopt.shrink(nested, 0.5).compiled)
 
 class MacsTest(testing.TestCase):
     def test_counts_per_layer_kind(self):

@@ -113,7 +113,7 @@ def bake(variable):
 
 
 def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner=None, after=None,
-                    length_fn=None):
+                    length_fn=None, mask_fn=None):
     """Returns a weight constraint that updates `mask` on schedule and applies it.
 
     Args:
@@ -128,7 +128,15 @@ def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner
             variable holding the length of the running `fit` (read in-graph,
             so a new length needs no retrace); called while tracing, it may
             raise to say that nothing gave the length.
+        mask_fn: computes the new mask on an update step, `mask_fn(masked_weight,
+            sparsity)`, instead of `structure.mask(masked_weight, sparsity,
+            in_axis, out_axis)`: for masks that come from more than this weight
+            (`WidthPruning`'s channel groups, shared by every kernel that reads
+            or writes a channel).
     """
+    if mask_fn is None:
+        def mask_fn(masked, sparsity):
+            return structure.mask(masked, sparsity, in_axis, out_axis)
 
     def apply(weight):
         if inner is not None:
@@ -144,7 +152,7 @@ def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner
             # Never from NaN/Inf magnitudes: keep the previous mask then.
             finite = ops.all(ops.isfinite(weight))
             masked = ops.multiply(weight, current)  # pruned weights stay pruned
-            new = ops.where(finite, structure.mask(masked, sparsity, in_axis, out_axis), current)
+            new = ops.where(finite, mask_fn(masked, sparsity), current)
             mask.assign(new)
             return new
 

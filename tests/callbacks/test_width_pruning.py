@@ -73,6 +73,46 @@ class WidthPruningTest(testing.TestCase):
         self.assertIn("WidthPruning", "\n".join(logs.output))
         self.assertEqual(small.get_layer("h1").units, 32)
 
+    def test_a_softmax_layer_keeps_its_channels_and_shrink_stays_exact(self):
+        # Zeroing units a softmax reads still leaves them in its sum: removing them would change
+        # what the pruned model computes. WidthPruning reads the same groups as shrink (both
+        # tfopt.channel_groups), so neither touches them.
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((12,))
+        x = L.Dense(32, activation="relu", name="h1")(inputs)
+        x = L.Dense(16, activation="softmax", name="mix")(x)
+        x = L.Dense(8, activation="relu", name="after")(x)
+        model = _fit(keras.Model(inputs, L.Dense(3, name="out")(x)), tfopt.callbacks.WidthPruning(
+            tfopt.schedules.ConstantSparsity(0.5, begin_step=0, frequency=1)))
+        stripped = tfopt.strip(model)
+        self.assertFalse(np.any(np.all(stripped.get_layer("mix").kernel.numpy() == 0, axis=0)))
+        small = tfopt.shrink(stripped)
+        self.assertEqual([small.get_layer(n).units for n in ("h1", "mix", "after")], [16, 16, 4])
+        x = self.make_input((3, 12))
+        self.assertAllClose(small(x), stripped(x), atol=1e-5, rtol=1e-5)
+
+    def test_masks_hold_when_weights_turn_non_finite(self):
+        # make_constraint's rule, which WidthPruning's constraint goes through: a mask is never
+        # computed from NaN/Inf weights; the groups keep their units.
+        model = _sequential()
+        callback = tfopt.callbacks.WidthPruning(tfopt.schedules.PolynomialDecay(0.0, 0.5, 0, 4, frequency=1))
+
+        class Poison(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if batch == 1:
+                    kernel = self.model.get_layer("h2").kernel
+                    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+        model.compile("sgd", "mse")
+        rng = np.random.default_rng(0)
+        model.fit(rng.standard_normal((16, 12)), rng.standard_normal((16, 3)), batch_size=4, verbose=0,
+                  callbacks=[callback, Poison()])
+        for group in callback._groups:  # pruning stopped with the NaN, short of the final 50%
+            pruned = int(np.sum(1.0 - keras.ops.convert_to_numpy(group.keep)))
+            self.assertLess(pruned, round(0.5 * group.total))
+        for variable, mask, constraint in callback._masks.values():
+            self.assertTrue(tfopt.pruning.is_pruning_constraint(constraint))
+
     def test_misuse(self):
         with self.assertRaisesRegex(ValueError, "needs a `pruning_schedule`"):
             tfopt.callbacks.WidthPruning(None)

@@ -6,12 +6,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _backend, _state, pruning
+from tfopt import _backend, _state, channel_groups, pruning
 from tfopt import sparsity as sparsity_lib
 from tfopt._config import python_number
 from tfopt.callbacks.pruning import Pruning
 from tfopt.transforms import _graph
-from tfopt.transforms.shrink import _unit_groups, _Walker, sum_per_index
 
 __all__ = ["WidthPruning"]
 
@@ -94,10 +93,8 @@ class WidthPruning(Pruning):
         if self._masks:
             return False
         model = self.model
-        walker = _Walker()
-        for atoms in walker.walk(_graph.to_functional(model)):
-            walker.atoms.freeze(atoms)
-        groups = _unit_groups(walker, self.layers, model)
+        walker = channel_groups.read(model)
+        groups = channel_groups.unit_groups(walker, self.layers, model)
         if not any(not walker.atoms.frozen[r] for roots in groups.values() for r in roots):
             raise ValueError(
                 f"tfopt.callbacks.WidthPruning: model '{model.name}' has no channel, head or unit it can "
@@ -167,7 +164,7 @@ class WidthPruning(Pruning):
             for axis, g, index, scored in entries:
                 if not scored:
                     continue
-                per_index = sum_per_index(value, axis)
+                per_index = channel_groups.sum_per_index(value, axis)
                 onehot = np.eye(self._groups[g].free + 1, dtype="float32")[index]
                 sums[g] = sums[g] + ops.matmul(per_index[None, :], onehot)[0]
         return [s[:-1] for s in sums]
@@ -179,29 +176,26 @@ class WidthPruning(Pruning):
                            min(group.limit, group.free))
 
     def _constraint(self, variable, mask, entries, leader):
-        inner = pruning.inner_constraint(variable)
-        schedule, optimizer = self.pruning_schedule, self.model.optimizer
+        """`make_constraint`'s, with the mask made from the groups: the leader (the first pruned
+        variable the optimizer constrains) updates every group's keep vector, then each
+        variable's mask is its slices' keep vectors. Written on update steps only: under a
+        strategy each replica holds its own copy (replica-local, see `Pruning._variable`)."""
 
-        def apply(weight):
-            if inner is not None:
-                weight = inner(weight)
-            total_len = ops.convert_to_tensor(self._length) if schedule.is_relative else None
-            should_prune, sparsity = schedule(optimizer.iterations, total_len)
+        def mask_fn(masked, sparsity):
+            keeps = [ops.convert_to_tensor(group.keep) for group in self._groups]
+            if leader:
+                updated = []
+                for scores, group, keep in zip(self._scores(), self._groups, keeps):
+                    pruned = ops.cast(sparsity_lib.prune_lowest(scores, self._count(sparsity, group)),
+                                      "float32") * keep  # (pruned units stay pruned)
+                    # Never from NaN/Inf weights: the group keeps its units then, as `Pruning` does.
+                    keep = ops.where(ops.all(ops.isfinite(scores)), pruned, keep)
+                    group.keep.assign(keep)
+                    updated.append(keep)
+                keeps = updated
+            return self._full_mask(variable, entries, keeps)
 
-            # Written on update steps only: under a strategy each replica holds its own copy of
-            # the groups and masks (replica-local, see `Pruning._variable`), with no merge_call.
-            def update():
-                keeps = [ops.convert_to_tensor(group.keep) for group in self._groups]
-                if leader:  # the first pruned variable updates every group's keep vector
-                    keeps = [ops.cast(sparsity_lib.prune_lowest(scores, self._count(sparsity, group)), "float32")
-                             * keep for scores, group, keep in zip(self._scores(), self._groups, keeps)]
-                    for group, value in zip(self._groups, keeps):  # (pruned units stay pruned)
-                        group.keep.assign(value)
-                full = self._full_mask(variable, entries, keeps)
-                mask.assign(full)
-                return full
-
-            full = ops.cond(should_prune, update, lambda: ops.convert_to_tensor(mask))
-            return ops.multiply(weight, full)
-
-        return pruning._PruningConstraint(apply, inner)
+        optimizer = self.model.optimizer
+        return pruning.make_constraint(
+            mask, lambda: optimizer.iterations, self.pruning_schedule, self.structure, None, None,
+            inner=pruning.inner_constraint(variable), length_fn=lambda: self._length, mask_fn=mask_fn)
