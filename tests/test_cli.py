@@ -1,6 +1,5 @@
 """The command line, run as a user would: a subprocess."""
 
-import functools
 import os
 import re
 import subprocess
@@ -35,13 +34,6 @@ class CliTest(testing.TestCase):
         self.assertEqual(sorted(os.listdir(out)), ["accuracy_vs_size.png", "dense.tflite", "pruned.tflite", "shrunk.tflite",
                                                   "student.tflite", "teacher.tflite"])
         self.assertGreater(os.path.getsize(os.path.join(out, "accuracy_vs_size.png")), 1000)
-
-    def test_bad_arguments_exit_2_without_traceback(self):
-        result = subprocess.run([sys.executable, "-m", "tfopt", "demo", "--sparsity", "1.5"],
-                                capture_output=True, text=True, timeout=300)
-        self.assertEqual(result.returncode, 2)
-        self.assertIn("--sparsity must be in [0, 1). Received: 1.5", result.stderr)
-        self.assertNotIn("Traceback", result.stderr)
 
 
 def _saved_models(directory):
@@ -86,19 +78,6 @@ class CliCommandsTest(testing.TestCase):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(list(argv))
         return code, out.getvalue(), err.getvalue()
-
-    def test_inspect_and_export_in_a_subprocess(self):
-        result = subprocess.run([sys.executable, "-m", "tfopt", "inspect", self.paths["pruned"]],
-                                capture_output=True, text=True, timeout=300)
-        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        self.assertIn("hidden", result.stdout)
-        self.assertIn("total", result.stdout)
-        out = os.path.join(self.dir, "qat.tflite")
-        result = subprocess.run([sys.executable, "-m", "tfopt", "export", self.paths["qat"], "-o", out,
-                                 "--precision", "int8"], capture_output=True, text=True, timeout=300)
-        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        self.assertIn("float ops left: none", result.stdout)
-        self.assertGreater(os.path.getsize(out), 0)
 
     def test_export_float16_and_post_training_int8(self):
         out = os.path.join(self.dir, "p16.tflite")
@@ -184,7 +163,6 @@ _TF_SPAM = re.compile(r"absl::InitializeLog|oneDNN|cuda|cuInit|cpu_feature_guard
                       r"^[IWEF]\d{4} ")
 
 
-@functools.lru_cache(maxsize=None)
 def _cli_runs():
     """`inspect`, `export` and a mistaken `export` of a tiny model, each as a user runs it: a
     fresh process whose environment does not set TF_CPP_MIN_LOG_LEVEL."""
@@ -197,24 +175,40 @@ def _cli_runs():
                        ("export", ["export", paths["pruned"], "-o", os.path.join(directory, "p.tflite"),
                                    "--precision", "int8", "--representative-data", paths["data"]]),
                        ("mistake", ["export", paths["pruned"], "-o", os.path.join(directory, "p8.tflite"),
-                                    "--precision", "int8"])):
+                                    "--precision", "int8"]),
+                       ("export_qat", ["export", paths["qat"], "-o", os.path.join(directory, "qat.tflite"),
+                                       "--precision", "int8"]),
+                       ("bad_arguments", ["demo", "--sparsity", "1.5"])):
         runs[name] = subprocess.run([sys.executable, "-m", "tfopt", *argv], capture_output=True, text=True,
                                     timeout=300, env=env)
     script = os.path.join(os.path.dirname(sys.executable), "tfopt")  # the console script pip writes
     if os.path.exists(script):
         runs["script"] = subprocess.run([script, "inspect", paths["pruned"]], capture_output=True, text=True,
                                         timeout=300, env=env)
+    runs["directory"] = directory
     return runs
 
 
-class CliLogSpamTest(testing.TestCase):
-    def test_commands_print_no_converter_or_interpreter_logs(self):
+@pytest.mark.slow
+class CliSubprocessTest(testing.TestCase):
+    """Every command started as a user starts it, in one test: each process costs
+    a TensorFlow import, so they run once, in `_cli_runs`."""
+
+    def test_commands_as_a_user_runs_them(self):
         runs = _cli_runs()
+        for check in (self._no_converter_or_interpreter_logs, self._only_tfopt_output,
+                      self._inspect_and_export, self._bad_arguments_exit_2_without_traceback):
+            with self.subTest(check.__name__):
+                check(runs)
+
+    def _no_converter_or_interpreter_logs(self, runs):
         for name in ("inspect", "export"):
             self.assertEqual(runs[name].returncode, 0, runs[name].stderr[-2000:])
         self.assertIn("total", runs["inspect"].stdout)
         self.assertIn("float ops left: none", runs["export"].stdout)
         for name, run in runs.items():
+            if name == "directory":
+                continue
             late = [line for line in run.stderr.splitlines()
                     if re.search(r"Ignored output_format|SavedModel|MLIR|XNNPACK|fully_quantize|cuInit", line)]
             self.assertEqual(late, [], f"{name}: {run.stderr[-3000:]}")
@@ -224,11 +218,26 @@ class CliLogSpamTest(testing.TestCase):
         self.assertTrue(mistake.stderr.splitlines()[-1].startswith("tfopt export: Model 'sequential' has no "
                                                                    "quantization ranges"), mistake.stderr)
 
-    def test_commands_print_only_tfopt_output(self):
-        runs = _cli_runs()
-        for name in ("inspect", "export", "script")[:len(runs) - 1]:
+    def _only_tfopt_output(self, runs):
+        for name in [name for name in ("inspect", "export", "export_qat", "script") if name in runs]:
             self.assertEqual(runs[name].returncode, 0, runs[name].stderr[-2000:])
             spam = [line for line in runs[name].stderr.splitlines() if _TF_SPAM.search(line)]
             self.assertEqual(spam, [], f"{name} printed TensorFlow logs")
             self.assertEqual(runs[name].stderr, "")
         self.assertEqual(len(runs["mistake"].stderr.splitlines()), 1, runs["mistake"].stderr)
+
+    def _inspect_and_export(self, runs):
+        result = runs["inspect"]
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("hidden", result.stdout)
+        self.assertIn("total", result.stdout)
+        result = runs["export_qat"]
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("float ops left: none", result.stdout)
+        self.assertGreater(os.path.getsize(runs["directory"] + "/qat.tflite"), 0)
+
+    def _bad_arguments_exit_2_without_traceback(self, runs):
+        result = runs["bad_arguments"]
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--sparsity must be in [0, 1). Received: 1.5", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)

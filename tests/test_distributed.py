@@ -182,18 +182,32 @@ def _collective_ops(strategy, model, x, y):
     return collections.Counter(n.op for n in nodes if n.op.startswith("Collective") or "AllReduce" in n.op)
 
 
+def _inverted_residual_net(blocks=8):
+    """MobileNetV2's pattern, small enough to trace quickly: expand, depthwise,
+    project, with BatchNormalizations (folded under QAT), ReLU6 and residual adds."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.ReLU(6.0)(keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3, use_bias=False)(inputs)))
+    for _ in range(blocks):
+        h = keras.layers.ReLU(6.0)(keras.layers.BatchNormalization()(keras.layers.Conv2D(16, 1, use_bias=False)(x)))
+        h = keras.layers.ReLU(6.0)(keras.layers.BatchNormalization()(
+            keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(h)))
+        h = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 1, use_bias=False)(h))
+        x = keras.layers.Add()([x, h])
+    outputs = keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs)
+
+
 class CollectiveCountTest(testing.TestCase):
     @pytest.mark.slow
     def test_one_collective_per_step_for_every_range_and_folded_batch_norm(self):
         strategy = _strategy("mirrored")
         rng = np.random.default_rng(0)
-        x, y = rng.uniform(0, 1, (8, 32, 32, 3)).astype("float32"), rng.integers(0, 5, 8).astype("int32")
+        x, y = rng.uniform(0, 1, (8, 16, 16, 3)).astype("float32"), rng.integers(0, 5, 8).astype("int32")
         counts = {}
         for kind in ("plain", "pruned", "quantized + pruned"):
             keras.utils.set_random_seed(0)
             with strategy.scope():
-                base = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=5, alpha=0.35,
-                                                      classifier_activation=None)
+                base = _inverted_residual_net()
                 model = base if kind == "plain" else tfopt.prune(base, tfopt.schedules.ConstantSparsity(0.5, frequency=1))
                 if kind == "quantized + pruned":
                     model = tfopt.quantize_model(model, "int8")
@@ -201,7 +215,7 @@ class CollectiveCountTest(testing.TestCase):
                 model.optimizer.build(model.trainable_variables)
             counts[kind] = sum(_collective_ops(strategy, model, x[:4], y[:4]).values())
         ranges = sum(1 for v in model.weights if v.path.endswith("range_max"))
-        self.assertGreater(ranges, 60)  # (one collective each before)
+        self.assertGreater(ranges, 40)  # (one collective each before)
         # Masks come from weights that are already equal on every replica: no collective.
         self.assertEqual(counts["pruned"], counts["plain"])
         # Every range and folded BatchNormalization: one collective per replica in all.
