@@ -11,7 +11,8 @@ returns the default strategy too.
 
 Everything tfopt keeps during training (pruning masks and steps, activation
 ranges, folded BatchNorm statistics) is equal on every replica: the
-statistics are reduced over replicas in the train step (see DESIGN.md).
+statistics are reduced over replicas in the train step, in one collective
+per step (`tfopt._backend.batched_statistics`).
 
 Known upstream limits, checked up front by `check(model)` (tfopt's callbacks
 call it at the start of `fit`):

@@ -4,7 +4,8 @@ Each area of tfopt keeps its rows in `tests/misuse/test_<area>.py` as a list of
 `Misuse`, run by `MisuseTestCase.run_table`. A row names the misuse (the same
 words as its line in `docs/errors.md`, which `test_docs.py` checks), does it,
 and says how tfopt must answer: an exception, a warning or a log record whose
-message matches `match` (the value received and the fix, per STYLE.md §5).
+message matches `match` (the layer or argument, the value received and the fix:
+CONTRIBUTING.md's rule for messages).
 
 To add a case: append one row to the table of its area, and its line to
 `docs/errors.md`.

@@ -1,7 +1,8 @@
 """`from_tfmot`: a tf_keras model pruned or quantized with tfmot, as the equivalent tfopt Keras 3 model.
 
-tfmot and tf_keras run in a child process (importing tfmot switches the whole
-process to Keras 2, see DESIGN.md): it loads the model, records each
+tfmot and tf_keras run in a child process (importing tfmot sets
+`TF_USE_LEGACY_KERAS=1` for the whole process, after which `tf.keras` may mean
+Keras 2, depending on import order): it loads the model, records each
 `PruneLowMagnitude` wrapper's masks, step and schedule, strips the wrappers
 and saves the plain tf_keras model as a legacy `.h5` file, which Keras 3 reads.
 This process then makes the tfopt twins (`tfopt.prune`) and restores the masks
