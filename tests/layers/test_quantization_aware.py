@@ -239,3 +239,97 @@ class Int8ExportTest(testing.TestCase):
         report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "z.tflite"), inputs=x, precision="int8")
         self.assertEqual(report.float_ops, [])
         self.assertLess(report.max_abs_diff, 0.05)
+
+
+class _TransformerBlock(keras.layers.Layer):
+    """keras-io's text-classification TransformerBlock: attention, two
+    LayerNormalizations and a feed-forward Sequential, held by a custom layer."""
+
+    def __init__(self, embed_dim, num_heads, ff_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim, self.num_heads, self.ff_dim = embed_dim, num_heads, ff_dim
+        self.att = keras.layers.MultiHeadAttention(num_heads=num_heads, key_dim=embed_dim)
+        self.ffn = keras.Sequential([keras.layers.Dense(ff_dim, activation="relu"), keras.layers.Dense(embed_dim)])
+        self.layernorm1 = keras.layers.LayerNormalization(epsilon=1e-6)
+        self.layernorm2 = keras.layers.LayerNormalization(epsilon=1e-6)
+
+    def call(self, inputs):
+        out1 = self.layernorm1(inputs + self.att(inputs, inputs))
+        return self.layernorm2(out1 + self.ffn(out1))
+
+    def get_config(self):
+        return {**super().get_config(), "embed_dim": self.embed_dim, "num_heads": self.num_heads,
+                "ff_dim": self.ff_dim}
+
+
+def _qat_transformer(seed=0):
+    inputs = keras.Input((8, 8))
+    x = _TransformerBlock(16, 2, 32, name="block")(keras.layers.Dense(16, name="embed")(inputs))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    qat = tfopt.quantize_model(keras.Model(inputs, keras.layers.Dense(10, name="head")(x)), unsupported="float")
+    qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    data = np.random.default_rng(seed).normal(size=(64, 8, 8)).astype("float32")
+    qat.fit(data, np.arange(64) % 10, epochs=1, verbose=0)
+    return qat, data
+
+
+class NestedLayerNormalizationTest(testing.TestCase):
+    def test_export_copy_puts_nested_layer_norms_in_integer_form(self):
+        # LiteRT has no integer NEG; Keras's LayerNormalization has one. The
+        # nested ones stayed Keras's: NEG stayed float even with representative_data.
+        from tfopt import litert
+        from tfopt.layers import litert_forms
+
+        qat, data = _qat_transformer()
+        stripped = tfopt.strip(qat)
+        block = stripped.get_layer("block")
+        copies = []
+
+        def clone_function(layer):  # what the export form does with a layer holding others
+            copy = litert_forms.export_copy(layer, calibrating=True)
+            if copy is not layer:
+                copies.append(copy)
+            return copy
+
+        exported = keras.models.clone_model(stripped, clone_function=clone_function)
+        exported.set_weights(stripped.get_weights())
+        for copy in copies:
+            litert_forms.use_nested_forms(copy, calibrating=True)
+        self.assertEqual([c.name for c in copies], ["block"])
+        self.assertIsInstance(copies[0].layernorm1, tfopt.layers.IntegerLayerNormalization)
+        self.assertIsInstance(copies[0].layernorm2, tfopt.layers.IntegerLayerNormalization)
+        self.assertIs(type(block.layernorm1), keras.layers.LayerNormalization)  # the model given is kept
+        self.assertAllClose(exported.predict(data, verbose=0), stripped.predict(data, verbose=0), atol=1e-5)
+        self.assertIn("NEG", litert.float_ops(litert.convert(stripped, precision="int8", representative_data=[data])))
+        content = litert.convert(exported, precision="int8", representative_data=[data])
+        self.assertNotIn("NEG", litert.float_ops(content))
+
+    def test_a_layer_keras_cannot_recreate_keeps_its_form_with_a_warning(self):
+        from tfopt.layers import litert_forms
+
+        class Fixed(keras.layers.Layer):
+            def __init__(self):  # no **kwargs: Keras cannot re-create it from its config
+                super().__init__(name="fixed")
+                self.norm = keras.layers.LayerNormalization(name="inner_norm")
+
+            def call(self, x):
+                return self.norm(x)
+
+        layer = Fixed()
+        layer(np.ones((1, 4), "float32"))
+        with self.assertWarnsRegex(UserWarning, r"\['inner_norm \(LayerNormalization\)'\] inside layer 'fixed' "
+                                                r"\(Fixed\).*NEG.*Fix: let Fixed.__init__ take \*\*kwargs"):
+            self.assertIs(litert_forms.export_copy(layer, calibrating=True), layer)
+        self.assertIs(litert_forms.export_copy(layer, calibrating=False), layer)  # no form without calibration
+
+    def test_int8_export_with_representative_data_has_no_float_neg(self):
+        import inspect
+
+        from tfopt._export import forms
+
+        if "export_copy" not in inspect.getsource(forms):
+            self.skipTest("tfopt/_export/forms.py does not call litert_forms.export_copy yet")
+        qat, data = _qat_transformer()
+        report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "t.tflite"), inputs=data[:8],
+                              precision="int8", representative_data=data)
+        self.assertNotIn("NEG", report.float_ops)
