@@ -37,6 +37,7 @@ Add your own layer type with one call:
 """
 
 import dataclasses
+import functools
 
 import keras
 
@@ -118,6 +119,12 @@ class WeightSpec:
             channels the converter quantizes (per-channel ranges on the Keras
             layout make it fail: "'tfl.reshape' op requires output type ...
             cast compatible"), and the twin computes in it.
+        holder: None when `path` reads attributes of the layer; else
+            `fn(layer) -> sublayer`, the sublayer that holds the variable
+            (as its attribute `name`, the last part of `path`) when Keras
+            keeps that sublayer private: MultiHeadAttention's projections,
+            read through `tfopt._keras_internal`. `path` then names it for
+            messages (`"query_dense.kernel"`).
     """
 
     path: str
@@ -130,6 +137,7 @@ class WeightSpec:
     quantize: bool = True
     fold: bool = False
     litert_layout: object = None
+    holder: object = None
 
     @property
     def name(self):
@@ -138,6 +146,8 @@ class WeightSpec:
 
     def variable(self, layer):
         """The variable at `path` on a built `layer`."""
+        if self.holder is not None:
+            return getattr(self.holder(layer), self.name)
         obj = layer
         for part in self.path.split("."):
             obj = getattr(obj, part)
@@ -145,6 +155,8 @@ class WeightSpec:
 
     def owner(self, layer):
         """The (sub)layer that holds the variable as an attribute."""
+        if self.holder is not None:
+            return self.holder(layer)
         obj = layer
         for part in self.path.split(".")[:-1]:
             obj = getattr(obj, part)
@@ -333,10 +345,35 @@ def _einsum_last_axis(layer):
     return True if ok else None
 
 
-def macs(layer, input_shapes, output_shapes):
+def macs(layer, input_shapes, output_shapes, per_timestep=False, parts=False):
     """Multiply-adds of one call of `layer` on one example (batch axis left
-    out), from its input and output shapes (lists of tuples, batch first);
-    0 for layers without weights, None for layers whose count is unknown.
+    out), from its input and output shapes (lists of tuples, batch first).
+
+    Each kernel entry counts once per output position (Dense, convolutions,
+    depthwise ones too) or per input position (transposed convolutions); an
+    Embedding is a lookup (0); MultiHeadAttention adds its scores and
+    weighted sum to its projections. A recurrent layer (SimpleRNN, LSTM,
+    GRU, ConvLSTM1D/2D/3D, a `keras.layers.RNN` of their cells) counts its
+    input and recurrent kernels once per timestep (a ConvLSTM's once per
+    output position of each timestep), a `Bidirectional` layer its forward
+    and backward layers, a `TimeDistributed` layer its layer once per
+    timestep. Biases, activations and the element-wise products of gates are
+    not counted. Layers without weights count 0; None means unknown: a
+    custom layer with weights, or a size the shapes leave open (an input of
+    shape `(None, None, features)`: its number of timesteps).
+
+    Args:
+        layer: a built Keras layer.
+        input_shapes: the shapes of its inputs, batch first.
+        output_shapes: the shapes of its outputs, batch first.
+        per_timestep: for a layer that runs over a time axis (recurrent,
+            `Bidirectional`, `TimeDistributed`), the count of one timestep,
+            known even where the number of timesteps is not; None for other
+            layers.
+        parts: instead of a count, `[(layer, count)]`: `layer`'s own count
+            first, then those of the layers it wraps (a `Bidirectional`'s
+            forward and backward layers, a `TimeDistributed`'s layer), which
+            make up its count.
 
     Example:
     >>> import keras
@@ -344,45 +381,134 @@ def macs(layer, input_shapes, output_shapes):
     >>> conv.build((None, 16, 16, 4))
     >>> macs(conv, [(None, 16, 16, 4)], [(None, 16, 16, 8)])
     73728
+    >>> lstm = keras.layers.LSTM(8)  # (4 x 32 + 8 x 32) per timestep
+    >>> lstm.build((None, 10, 4))
+    >>> macs(lstm, [(None, 10, 4)], [(None, 8)])
+    3840
+    >>> macs(lstm, [(None, None, 4)], [(None, 8)]), macs(lstm, [(None, None, 4)], [(None, 8)], per_timestep=True)
+    (None, 384)
     """
+    found = _macs_parts(layer, [tuple(s) for s in input_shapes], [tuple(s) for s in output_shapes], per_timestep)
+    return found if parts else found[0][1]
+
+
+def _product(dims):
+    """The product of `dims` as an int, or None if one of them is unknown."""
     import numpy as np
 
+    dims = list(dims)
+    return None if any(d is None for d in dims) else int(np.prod(dims, dtype="int64"))
+
+
+def _times(count, factor):
+    return None if count is None or factor is None else count * factor
+
+
+def _macs_parts(layer, input_shapes, output_shapes, per_timestep):
+    """`[(layer, count)]`: `layer` first, then the layers it wraps (see `macs`)."""
+    if isinstance(layer, keras.layers.Bidirectional):
+        sequence = input_shapes[:1]  # then the initial states, if any
+        found = [_macs_parts(inner, sequence, _output_shapes(inner, sequence[0], output_shapes), per_timestep)
+                 for inner in (layer.forward_layer, layer.backward_layer)]
+        forward, backward = found[0][0][1], found[1][0][1]
+        return [(layer, None if forward is None or backward is None else forward + backward)] + found[0] + found[1]
+    if isinstance(layer, keras.layers.TimeDistributed):  # its layer on each timestep: (batch, time, ...)
+        inner = _macs_parts(layer.layer, [s[:1] + s[2:] for s in input_shapes], [s[:1] + s[2:] for s in output_shapes],
+                            False)
+        steps = 1 if per_timestep else input_shapes[0][1]
+        return [(layer, _times(inner[0][1], steps))] + [(sub, _times(count, steps)) for sub, count in inner]
+    if isinstance(layer, keras.layers.RNN):
+        return [(layer, _times(_recurrent_step_macs(layer, output_shapes), 1 if per_timestep else input_shapes[0][1]))]
+    return [(layer, None if per_timestep else _layer_macs(layer, input_shapes, output_shapes))]
+
+
+def _output_shapes(layer, input_shape, fallback):
+    """The output shapes of `layer` called on `input_shape` (a layer a wrapper calls), else `fallback`."""
+    try:
+        shape = layer.compute_output_shape(input_shape)
+    except Exception:  # noqa: BLE001 (any layer's own shape inference; the fallback is the wrapper's)
+        return fallback
+    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
+        return [tuple(s) for s in shape]
+    return [tuple(shape)]
+
+
+_DENSE_CELLS = (keras.layers.SimpleRNNCell, keras.layers.LSTMCell, keras.layers.GRUCell)
+_CONV_RNNS = (keras.layers.ConvLSTM1D, keras.layers.ConvLSTM2D, keras.layers.ConvLSTM3D)
+
+
+def _recurrent_step_macs(layer, output_shapes):
+    """Multiply-adds of one timestep of a Keras recurrent layer: its cells'
+    input and recurrent kernels once each (a ConvLSTM's once per output
+    position); None for cells tfopt does not know."""
+    cell = layer.cell
+    cells = list(cell.cells) if isinstance(cell, keras.layers.StackedRNNCells) else [cell]
+    positions = 1
+    if isinstance(layer, _CONV_RNNS):
+        out = output_shapes[0][2 if layer.return_sequences else 1:]  # batch and time aside
+        channels_last = getattr(cell, "data_format", "channels_last") == "channels_last"
+        positions = _product(out[:-1] if channels_last else out[1:])
+    elif not all(isinstance(c, _DENSE_CELLS) for c in cells):
+        return None
+    try:
+        per_position = sum(_product(c.kernel.shape) + _product(c.recurrent_kernel.shape) for c in cells)
+    except AttributeError:  # not built
+        return None
+    return _times(per_position, positions)
+
+
+def _layer_macs(layer, input_shapes, output_shapes):
+    """`macs` of a layer that does not run over time."""
     entry = of(layer)
     if entry is None or not entry.weights:
-        return 0 if not layer.weights else None
+        return 0 if not getattr(layer, "weights", None) else None
     if isinstance(layer, keras.layers.MultiHeadAttention):
         q, v = input_shapes[0], input_shapes[1] if len(input_shapes) > 1 else input_shapes[0]
         k = input_shapes[2] if len(input_shapes) > 2 else v
-        tq, ts = int(np.prod(q[1:-1])), int(np.prod(v[1:-1]))
+        tq, ts = _product(q[1:-1]), _product(v[1:-1])
         h, dk = layer.num_heads, layer.key_dim
         dv = layer.value_dim or dk
         out = output_shapes[0][-1]
+        if None in (tq, ts, q[-1], k[-1], v[-1], out):
+            return None
         return (tq * q[-1] * h * dk + ts * k[-1] * h * dk + ts * v[-1] * h * dv  # projections
                 + tq * ts * h * (dk + dv) + tq * h * dv * out)  # scores, weighted sum, output
-    if isinstance(layer, keras.layers.EinsumDense):  # every distinct index once, the batch's aside
-        inputs, rest = layer.equation.split(",")
-        kernel, output = rest.split("->")
-        sizes = {}
-        for letters, shape in ((inputs, input_shapes[0]), (kernel, tuple(layer.kernel.shape)),
-                               (output, output_shapes[0])):
-            for letter, size in zip(letters.replace("...", ""), shape[-len(letters.replace("...", "")):]):
-                if size is not None:
-                    sizes[letter] = int(size)
-        sizes.pop(inputs[0], None) if inputs[0] in output and inputs[0] not in kernel else None
-        return int(np.prod(list(sizes.values())))
+    if isinstance(layer, keras.layers.EinsumDense):
+        return _einsum_macs(layer, input_shapes[0], output_shapes[0])
     total = 0
-    out_positions = int(np.prod([d for d in output_shapes[0][1:-1]])) if output_shapes else 1
+    out_positions = _product(output_shapes[0][1:-1]) if output_shapes else 1
+    in_positions = _product(input_shapes[0][1:-1])
     for spec, variable in weights_of(layer):
-        shape = tuple(variable.shape)
-        if spec.gates > 1 or spec.path.startswith("cell."):  # RNN: every kernel once per time step
-            total += int(np.prod(shape)) * int(np.prod(input_shapes[0][1:-1]))
-        elif isinstance(layer, keras.layers.Embedding):
+        if isinstance(layer, keras.layers.Embedding):
             continue  # a lookup
-        elif spec.in_axis == -1 and spec.out_axis == -2:  # transposed conv: per input position
-            total += int(np.prod(shape)) * int(np.prod(input_shapes[0][1:-1]))
+        if spec.gates > 1 or spec.path.startswith("cell.") or (spec.in_axis == -1 and spec.out_axis == -2):
+            positions = in_positions  # a registered recurrent layer: per time step; transposed conv: per input
         else:  # convolutions (depthwise too) and Dense: each kernel entry once per output position
-            total += int(np.prod(shape)) * out_positions
+            positions = out_positions
+        if positions is None:
+            return None
+        total += _product(variable.shape) * positions
     return total
+
+
+def _einsum_macs(layer, input_shape, output_shape):
+    """Every distinct index of an EinsumDense once (the batch's aside, the
+    leading axes an ellipsis stands for included); None if one is unknown."""
+    inputs, rest = layer.equation.split(",")
+    kernel, output = rest.split("->")
+    sizes = {}
+    for letters, shape in ((inputs.replace("...", ""), input_shape), (kernel, tuple(layer.kernel.shape)),
+                           (output.replace("...", ""), output_shape)):
+        for letter, size in zip(letters, shape[len(shape) - len(letters):]):
+            if size is not None:
+                sizes[letter] = int(size)
+            else:
+                sizes.setdefault(letter, None)
+    if inputs.startswith("..."):  # the axes between the batch and the named ones
+        sizes["..."] = _product(input_shape[1:len(input_shape) - len(inputs) + 3])
+    elif inputs[0] in output and inputs[0] not in kernel:
+        sizes.pop(inputs[0], None)  # the batch
+    return _product(sizes.values())
 
 
 def export_form(layer, calibrating):
@@ -497,9 +623,10 @@ for _rnn, _gates in ((L.LSTM, 4), (L.GRU, 3), (L.SimpleRNN, 1)):
 # Described for structural pruning and int8 of transformers (issues 12, 13); their
 # EinsumDense sublayers are pruned as EinsumDense layers today.
 register(L.MultiHeadAttention, [
-    WeightSpec(f"_{part}_dense.kernel", in_axis=0, out_axis=1, prune=False, quantize=False)
-    for part in ("query", "key", "value")
-] + [WeightSpec("_output_dense.kernel", in_axis=0, out_axis=-1, prune=False, quantize=False)])
+    WeightSpec(f"{_part}_dense.kernel", in_axis=0, out_axis=1 if _part != "output" else -1, prune=False,
+               quantize=False, holder=functools.partial(_keras_internal.attention_projection, part=_part))
+    for _part in ("query", "key", "value", "output")
+])
 register(L.LayerNormalization, [WeightSpec("gamma", in_axis=None, out_axis=-1, prune=False, quantize=False)])
 # ConvNeXt's per-channel LayerScale (`x * gamma`): float under QAT, integer once calibrated.
 _layer_scale = _keras_internal.convnext_layer_scale()

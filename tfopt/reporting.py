@@ -1,5 +1,8 @@
 """`summary`: what was pruned, layer by layer, as a table and as data."""
 
+import os
+import zipfile
+
 import keras
 import numpy as np
 from keras import ops
@@ -12,9 +15,14 @@ __all__ = ["summary", "overall_sparsity", "prunable_values", "zero_fraction", "m
 def macs(model):
     """Multiply-adds of one example through `model`, per layer: `{layer name:
     count}` in graph order, every call of a shared layer counted, nested
-    models' layers included; layers without weights count 0. A layer whose
-    count tfopt does not know (a custom layer with weights) is None, and so is
-    the result for a subclassed model (it has no graph to read).
+    models' layers included; layers without weights count 0, and so would
+    Keras operations on symbolic tensors (`outputs["x"]`, `ops.add`), which
+    are left out. Recurrent, `Bidirectional` and `TimeDistributed` layers
+    count every timestep (see `tfopt.geometry.macs`). A layer whose count
+    tfopt does not know is None: a custom layer with weights, or a size the
+    model leaves open (an input of shape `(None, None, features)`: how many
+    timesteps; `tfopt.summary` gives such a layer's count per timestep).
+    The result is None for a subclassed model (it has no graph to read).
 
     Example:
     >>> import keras
@@ -23,17 +31,62 @@ def macs(model):
     >>> macs(model)
     {'a': 32, 'b': 8}
     """
-    if not _keras_internal.is_graph_network(model) or not model.built or not model.inputs:
+    calls = _calls(model)
+    if calls is None:
         return None
     out = {}
-    for layer, node in reversed(_keras_internal.graph_calls(model)):
-        if isinstance(layer, keras.Model) or _keras_internal.is_input_layer(layer):
-            continue
-        count = geometry.macs(layer, [tuple(t.shape) for t in _keras_internal.node_inputs(node)],
-                              [tuple(t.shape) for t in _keras_internal.node_outputs(node)])
+    for layer, figures in calls:
+        count, steps = figures[0][1]
         previous = out.get(layer.name, 0)
-        out[layer.name] = None if count is None or previous is None else previous + count
+        out[layer.name] = None if count is None or steps or previous is None else previous + count
     return out
+
+
+def _calls(model):
+    """`[(layer, [(layer or wrapped layer, (count, per_timestep))])]` for every
+    layer call in `model`'s graph, or None for a subclassed model. Each figure
+    is `(count, False)`, `(count of one timestep, True)` where the number of
+    timesteps is unknown, or `(None, False)` when unknown."""
+    if not _keras_internal.is_graph_network(model) or not model.built or not model.inputs:
+        return None
+    out = []
+    for layer, node in reversed(_keras_internal.graph_calls(model)):
+        if (not isinstance(layer, keras.layers.Layer)  # an op on symbolic tensors: `outputs["x"]`, `ops.add`
+                or isinstance(layer, keras.Model) or _keras_internal.is_input_layer(layer)):
+            continue
+        shapes = ([tuple(t.shape) for t in _keras_internal.node_inputs(node)],
+                  [tuple(t.shape) for t in _keras_internal.node_outputs(node)])
+        parts = geometry.macs(layer, *shapes, parts=True)
+        steps = geometry.macs(layer, *shapes, per_timestep=True, parts=True) if parts[0][1] is None else None
+        if steps is not None and steps[0][1] is not None:
+            out.append((layer, [(sub, (count, True)) for sub, count in steps]))
+        else:
+            out.append((layer, [(sub, (count, False)) for sub, count in parts]))
+    return out
+
+
+class _Figure:
+    """Multiply-adds summed over calls: a count per example plus a count per
+    timestep (layers over a time axis of unknown length); unknown once any
+    part is."""
+
+    def __init__(self):
+        self.fixed, self.per_step, self.known = 0, 0, True
+
+    def add(self, count, per_timestep):
+        if count is None:
+            self.known = False
+        elif per_timestep:
+            self.per_step += count
+        else:
+            self.fixed += count
+
+    def cell(self):
+        if not self.known:
+            return "-"
+        if not self.per_step:
+            return self.fixed
+        return f"{self.per_step} per timestep" if not self.fixed else f"{self.fixed} + {self.per_step} per timestep"
 
 
 def total_macs(counts):
@@ -45,11 +98,14 @@ def total_macs(counts):
 
 def prunable_values(model, pruned_only=False):
     """`(layer, PrunableWeight, numpy value)` for every prunable weight of
-    `model` (only those a mask prunes, with `pruned_only`)."""
+    `model` (only those a mask prunes, with `pruned_only`), each once, under
+    the outermost layer that holds it (an LSTM's kernel is its cell's too)."""
+    seen = set()
     for layer in _keras_internal.all_layers(model):
         for pw in pruning.prunable_weights(layer):
-            if pruned_only and pruning.record_of(pw.variable) is None:
+            if id(pw.variable) in seen or (pruned_only and pruning.record_of(pw.variable) is None):
                 continue
+            seen.add(id(pw.variable))
             yield layer, pw, ops.convert_to_numpy(pw.variable)
 
 
@@ -79,14 +135,22 @@ def summary(model, print_fn=print):
     weights themselves), and the structure and schedule pruning it ("-" when
     nothing prunes it). A last row totals the whole model: its `size` is
     every parameter, `nonzeros` what is left after pruning. `macs` is the
-    layer's multiply-adds per example (on its first row; see `macs`), the
-    total row's the whole model's: compare a model with its `tfopt.shrink`
-    result to see what removing channels saves (zeros left in place by
-    unstructured pruning save nothing on most runtimes, so they are not
-    subtracted).
+    layer's multiply-adds per example (on its first row; see `macs`; the
+    layers a `Bidirectional` or `TimeDistributed` layer wraps have their own
+    share), the total row's the whole model's: compare a model with its
+    `tfopt.shrink` result to see what removing channels saves (zeros left in
+    place by unstructured pruning save nothing on most runtimes, so they are
+    not subtracted). A recurrent layer whose number of timesteps the model
+    leaves open (`keras.Input((None, features))`) shows its count per
+    timestep (`"384 per timestep"`), and so does the total
+    (`"16 + 384 per timestep"`); "-" is unknown (a custom layer type), left
+    out of the total. A note under the printed table names those layers.
 
     Args:
-        model: a built Keras model.
+        model: a built Keras model, or the path of a `.keras` file (loaded
+            with tfopt's classes; a file holding Python code, such as a
+            `Lambda` layer, needs `tfopt.load_model(path, safe_mode=False)`
+            first).
         print_fn: called with the rendered table; None to only return the rows.
 
     Returns:
@@ -105,9 +169,16 @@ def summary(model, print_fn=print):
     >>> rows[0]["layer"], rows[0]["size"], rows[0]["structure"]
     ('dense', 8, 'unstructured')
     """
+    model = _model_argument(model)
     rows = []
     state = _state_ids(model)
-    counts = macs(model)
+    calls = _calls(model)
+    figures, total = {}, _Figure()  # id(layer) -> its _Figure; the model's
+    for layer, parts in calls or ():
+        if parts[0][1][0] is not None:  # unknown layers are left out of the total (a note says which)
+            total.add(*parts[0][1])
+        for sub, (count, per_timestep) in parts:
+            figures.setdefault(id(sub), _Figure()).add(count, per_timestep)
     counted = set()
     for layer, pw, value in prunable_values(model):
         info = pruning.record_of(pw.variable)
@@ -125,11 +196,10 @@ def summary(model, print_fn=print):
                 "bits": _weight_bits(layer, value),
                 "est_bytes": int(np.ceil(value.size * _weight_bits(layer, value) / 8)),
                 "schedule": "-" if info is None or info.schedule is None else repr(info.schedule),
-                "macs": "" if layer.name in counted else ("-" if counts is None or counts.get(layer.name) is None
-                                                          else counts[layer.name]),
+                "macs": "" if id(layer) in counted else (figures[id(layer)].cell() if id(layer) in figures else "-"),
             }
         )
-        counted.add(layer.name)
+        counted.add(id(layer))
     params = _model_params(model)
     pruned_away = sum(r["size"] - r["nonzeros"] for r in rows)
     rows.append(
@@ -145,12 +215,64 @@ def summary(model, print_fn=print):
             "schedule": "",
             "bits": "",
             "est_bytes": sum(r["est_bytes"] for r in rows),
-            "macs": "-" if counts is None else total_macs(counts),
+            "macs": "-" if calls is None else total.cell(),
         }
     )
     if print_fn is not None:
-        print_fn(render(rows))
+        print_fn("\n".join([render(rows)] + _macs_notes(calls)))
     return rows
+
+
+def _macs_notes(calls):
+    """Lines under the summary table naming the layers whose multiply-adds
+    are per timestep or unknown."""
+    notes = []
+    per_step = {layer.name: layer for layer, parts in calls or () if parts[0][1][1]}
+    if per_step:
+        shapes = sorted({str(tuple(_keras_internal.node_inputs(node)[0].shape)) for layer in per_step.values()
+                         for node in _keras_internal.call_nodes(layer)[:1]})
+        notes.append(
+            f"macs: layers {sorted(per_step)} run over a time axis of unknown length (input shape "
+            f"{', '.join(shapes)}), so their multiply-adds are per timestep, and the total's too. Fix: "
+            "give the model's Input a fixed number of steps, keras.Input((steps, features)), for counts per example.")
+    unknown = sorted({f"{layer.name} ({type(layer).__name__})" for layer, parts in calls or () if parts[0][1][0] is None})
+    if unknown:
+        notes.append(f"macs: unknown for layers {unknown} (a layer type tfopt cannot count, or a size the model "
+                     "leaves open), so the total leaves them out.")
+    return notes
+
+
+def _model_argument(model):
+    """`summary`'s model: a Keras model (or layer) as it is, a `.keras` file loaded."""
+    if isinstance(model, keras.layers.Layer):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            "`tfopt.summary` takes a Keras model or the path of a `.keras` file. Received: "
+            f"model={model!r:.80} of type {type(model).__name__}. Fix: pass the model, tfopt.summary(model), "
+            "or the file it was saved to, tfopt.summary('model.keras').")
+    path = os.fspath(model)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"`tfopt.summary`: model={path!r} is a directory (a SavedModel?), not a Keras model or a `.keras` "
+            "file. Fix: pass the Keras model, or save it with model.save('model.keras') and pass that file.")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"`tfopt.summary`: no file at model={path!r}. Fix: pass the path of an existing `.keras` file, "
+            "or the model itself.")
+    if not (path.endswith((".keras", ".h5", ".hdf5")) and (not path.endswith(".keras") or zipfile.is_zipfile(path))):
+        raise ValueError(
+            f"`tfopt.summary`: model={path!r} is not a `.keras` file (the zip archive `model.save('m.keras')` "
+            "writes). Fix: pass a `.keras` file, or the Keras model itself.")
+    try:  # tfopt's classes are registered: importing this module imported tfopt
+        return keras.saving.load_model(path)
+    except ValueError as e:
+        if "safe_mode" not in str(e):
+            raise
+        raise ValueError(
+            f"`tfopt.summary`: model={path!r} holds Python code (a Lambda layer), which Keras loads only with "
+            "safe_mode=False. Fix: if you trust the file, model = tfopt.load_model(path, safe_mode=False), "
+            "then tfopt.summary(model).") from None
 
 
 def _state_ids(model):
