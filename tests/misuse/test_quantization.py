@@ -6,6 +6,22 @@ import tfopt
 from tests.misuse.harness import Misuse, MisuseTestCase
 
 
+def _norm_in_a_fixed_layer():
+    from tfopt.layers import litert_forms
+
+    class Fixed(keras.layers.Layer):
+        def __init__(self):  # no **kwargs: Keras cannot re-create it from its config
+            super().__init__(name="fixed")
+            self.norm = keras.layers.LayerNormalization(name="inner_norm")
+
+        def call(self, x):
+            return self.norm(x)
+
+    layer = Fixed()
+    layer(keras.ops.ones((1, 4)))
+    return litert_forms.export_copy(layer, calibrating=True)
+
+
 def _mlp(built=True):
     return keras.Sequential(([keras.Input((4,))] if built else []) + [
         keras.layers.Dense(8, activation="relu", name="hidden"), keras.layers.Dense(2, name="head")], name="mlp")
@@ -32,6 +48,11 @@ TABLE = [
         "quantization_aware on a layer type tfopt does not quantize yet",
         lambda: tfopt.layers.LSTM(2, quantization_aware="int8", name="lstm"),
         raises=ValueError, match=r"Layer 'lstm' \(LSTM\) got `quantization_aware`.*not quantize this layer type"),
+    Misuse(
+        "a LayerNormalization inside a custom layer that cannot be re-created from its config",
+        _norm_in_a_fixed_layer,
+        warns=UserWarning, match=r"\['inner_norm \(LayerNormalization\)'\] inside layer 'fixed' \(Fixed\).*NEG.*"
+                                 r"Fix: let Fixed.__init__ take \*\*kwargs"),
 ]
 
 
