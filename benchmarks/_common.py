@@ -53,7 +53,7 @@ def pretrained_digits_cnn(seed, epochs):
     weights and `(x_train, y_train, x_test, y_test)` (the split of seed 0)."""
     import keras
 
-    from tfopt.testing.fixtures import compile_classifier, build_cnn, load_digits
+    from tfopt.demo.data import compile_classifier, build_cnn, load_digits
 
     keras.utils.set_random_seed(seed)
     data = load_digits(seed=0)

@@ -1,6 +1,6 @@
 """Digits accuracy and LiteRT size: dense vs 50/80/90% unstructured and 2:4.
 
-For each seed: train the demo CNN (`tfopt.testing.fixtures.build_cnn`) for `--epochs`,
+For each seed: train the demo CNN (`tfopt.demo.data.build_cnn`) for `--epochs`,
 then from that checkpoint either keep training it dense for `--finetune-epochs`
 (the dense baseline, same total epochs) or prune a copy with
 `PolynomialDecay(0 -> target, "0%" -> "50%")` while fine-tuning for the same
@@ -27,7 +27,7 @@ CONFIGS = [("unstructured 50%", 0.5, None), ("unstructured 80%", 0.8, None),
 def run_seed(seed, epochs, finetune_epochs, out_dir):
 
     import tfopt
-    from tfopt.testing.fixtures import compile_classifier, build_cnn
+    from tfopt.demo.data import compile_classifier, build_cnn
 
     from _common import pretrained_digits_cnn
 

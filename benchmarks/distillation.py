@@ -77,7 +77,7 @@ def speed(args):
 
     from _common import table, write_section
     from tfopt import distillation as D
-    from tfopt.testing.fixtures import augment, load_digits
+    from tfopt.demo.data import augment, load_digits
 
     x_train, y_train, _, _ = load_digits(0)
     x = np.concatenate([x_train, augment(x_train, 20000 - len(x_train), seed=1)])
@@ -143,7 +143,7 @@ def speed(args):
 
 # --- accuracy ------------------------------------------------------------------------
 def _teacher_cnn(keras, x_train, y_train, seed=0):
-    from tfopt.testing.fixtures import compile_classifier, build_cnn
+    from tfopt.demo.data import compile_classifier, build_cnn
 
     keras.utils.set_random_seed(seed)
     teacher = build_cnn()
@@ -159,7 +159,7 @@ def accuracy(args):
 
     from _common import table, write_section
     from tfopt import distillation as D
-    from tfopt.testing.fixtures import augment, load_digits
+    from tfopt.demo.data import augment, load_digits
 
     x_train, y_train, x_test, y_test = load_digits(0)
     teacher = _teacher_cnn(keras, x_train, y_train)

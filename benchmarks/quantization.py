@@ -1,7 +1,7 @@
 """Quantization-aware training: digits accuracy by precision, and MobileNetV2
 LiteRT int8 vs float32 (size, interpreter latency), tfopt vs tfmot.
 
-`--part accuracy`: for each seed, train the demo CNN (`tfopt.testing.fixtures.build_cnn`)
+`--part accuracy`: for each seed, train the demo CNN (`tfopt.demo.data.build_cnn`)
 in float for `--epochs`, then from that checkpoint fine-tune for
 `--finetune-epochs` either in float (the baseline, same total epochs) or as a
 `tfopt.quantize_model` copy at int8, int4 and binary weights (8-bit
@@ -54,7 +54,7 @@ PRECISIONS = [("int8 QAT", "int8", None), ("int4 QAT", "int4", None), ("binary Q
 def run_seed(seed, epochs, finetune_epochs, out_dir):
 
     import tfopt
-    from tfopt.testing.fixtures import compile_classifier, litert_accuracy, build_cnn
+    from tfopt.demo.data import compile_classifier, litert_accuracy, build_cnn
 
     from _common import pretrained_digits_cnn
 
@@ -286,7 +286,7 @@ def _sequence_case(name, build, data, epochs, finetune_epochs, out_dir):
     import keras
 
     import tfopt
-    from tfopt.testing.fixtures import compile_classifier, litert_accuracy
+    from tfopt.demo.data import compile_classifier, litert_accuracy
 
     x_train, y_train, x_test, y_test = data
     keras.utils.set_random_seed(0)
@@ -314,7 +314,7 @@ def _sequence_case(name, build, data, epochs, finetune_epochs, out_dir):
 def sequence(args):
     from _common import table, write_section
     from tfopt.litert import litert_latency_ms
-    from tfopt.testing.fixtures import load_digits
+    from tfopt.demo.data import load_digits
 
     out_dir = tempfile.mkdtemp(prefix="tfopt-bench-")
     digits = load_digits(0)

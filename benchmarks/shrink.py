@@ -12,7 +12,7 @@ single-input latency (one thread, `--rounds` interleaved rounds of 50 runs),
 each as a ratio to the dense model, and the latency predicted by the
 multiply-add ratio (latency ratio / MAC ratio: 1.00 = as predicted).
 
-`--part recover`: the digits CNN (`tfopt.testing.fixtures.build_cnn`) trained
+`--part recover`: the digits CNN (`tfopt.demo.data.build_cnn`) trained
 `--epochs`; then its 50%-channel `tfopt.shrink` result as is, fine-tuned on the
 labels, and distilled from the dense model (`tfopt.distillation.Distiller`,
 the Minitron recipe), each for `--recover-epochs` on an augmented transfer
@@ -140,7 +140,7 @@ def recover(args):
 
     import tfopt
     from tfopt import distillation
-    from tfopt.testing.fixtures import augment_labelled, build_cnn, compile_classifier
+    from tfopt.demo.data import augment_labelled, build_cnn, compile_classifier
 
     from _common import pretrained_digits_cnn, table, write_section
 

@@ -45,7 +45,7 @@ def worker(replicas, steps, out, plain=False, device="cpu"):
     import numpy as np
 
     import tfopt
-    from tfopt.testing.fixtures import load_digits
+    from tfopt.demo.data import load_digits
 
     devices = [d.name for d in tf.config.list_logical_devices(device.upper())][:replicas]
     strategy = tfopt.strategies.Mirrored(devices) if replicas > 1 else tf.distribute.get_strategy()

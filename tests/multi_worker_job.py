@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tfopt  # noqa: E402
-from tfopt.testing.fixtures import load_digits  # noqa: E402
+from tfopt.demo.data import load_digits  # noqa: E402
 
 if "--unpatched" in sys.argv:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()

@@ -513,7 +513,7 @@ class NumpyScalarsTest(testing.TestCase):
 @pytest.mark.slow
 class CombinedRecipeTest(testing.TestCase):
     def test_distill_prune_quantize_exports_int8_with_parity(self):
-        from tfopt.testing.fixtures import compile_classifier, build_cnn, load_digits
+        from tfopt.demo.data import compile_classifier, build_cnn, load_digits
 
         x_train, y_train, x_test, y_test = load_digits(0)
         keras.utils.set_random_seed(0)
@@ -532,7 +532,7 @@ class CombinedRecipeTest(testing.TestCase):
         self.assertEqual(report.float_ops, [])
         self.assertGreaterEqual(report.top1_agreement, 0.99)
         self.assertAllClose(report.sparsity, 0.8, atol=0.01)
-        from tfopt.testing.fixtures import litert_accuracy
+        from tfopt.demo.data import litert_accuracy
 
         keras_acc = float(np.mean(np.argmax(student.predict(x_test, verbose=0), -1) == y_test))
         self.assertLessEqual(abs(litert_accuracy(path, x_test, y_test) - keras_acc), 0.005)

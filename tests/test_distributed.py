@@ -224,7 +224,7 @@ class CollectiveCountTest(testing.TestCase):
 
 class MirroredDistillationTest(testing.TestCase):
     def _models(self):
-        from tfopt.testing.fixtures import build_cnn
+        from tfopt.demo.data import build_cnn
 
         keras.utils.set_random_seed(0)
         teacher = build_cnn(widths=(8, 8, 16), name="teacher")

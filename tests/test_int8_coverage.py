@@ -19,7 +19,7 @@ from absl.testing import parameterized
 
 import tfopt
 from tfopt import testing
-from tfopt.testing.fixtures import compile_classifier, load_digits
+from tfopt.demo.data import compile_classifier, load_digits
 
 L = keras.layers
 

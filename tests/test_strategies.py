@@ -156,7 +156,7 @@ class JitReadinessTest(testing.TestCase):
 
     def test_every_path_under_xla(self):
         from tfopt import distillation as D
-        from tfopt.testing.fixtures import build_cnn
+        from tfopt.demo.data import build_cnn
 
         rng = np.random.default_rng(0)
         x, y = rng.uniform(0, 1, (32, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 32)

@@ -161,7 +161,7 @@ class StripTest(testing.TestCase):
 
 class QuantizeModelTest(testing.TestCase):
     def test_sequential_cnn_int8_export_parity(self):
-        from tfopt.testing.fixtures import compile_classifier, build_cnn, load_digits
+        from tfopt.demo.data import compile_classifier, build_cnn, load_digits
 
         x_train, y_train, x_test, y_test = load_digits(0)
         model = build_cnn()
@@ -329,7 +329,7 @@ class QuantizeModelTest(testing.TestCase):
 
 class BatchNormFoldingTest(testing.TestCase):
     def test_conv_bn_is_folded_trains_exports_and_reloads(self):
-        from tfopt.testing.fixtures import load_digits
+        from tfopt.demo.data import load_digits
 
         x_train, y_train, x_test, _ = load_digits(0)
         inputs = keras.Input((8, 8, 1))

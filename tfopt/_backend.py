@@ -8,6 +8,8 @@ lazily, so that the core stays readable as backend-agnostic code.
 import contextlib
 import threading
 
+from tfopt import _state
+
 
 def in_replica_of_strategy():
     """True while tracing inside `strategy.run` of a non-default tf.distribute strategy."""
@@ -157,8 +159,6 @@ def conv(inputs, kernel, strides, padding, data_format, dilation_rate):
     cannot differentiate a Conv2D with `dilations > 1`. Both compute the same."""
     import keras
     from keras import ops
-
-    from tfopt import _state
 
     strides, dilation_rate = tuple(strides), tuple(dilation_rate)
     plain = (

@@ -137,7 +137,7 @@ def _digits_qat_cnn():
 
 class Int8ExportTest(testing.TestCase):
     def test_qat_cnn_exports_full_integer_with_parity(self):
-        from tfopt.testing.fixtures import compile_classifier, load_digits
+        from tfopt.demo.data import compile_classifier, load_digits
 
         x_train, y_train, x_test, y_test = load_digits(0)
         model = _digits_qat_cnn()

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _keras_internal
+from tfopt import _keras_internal, geometry
 
 __all__ = ["reestimate_batch_norm"]
 
@@ -15,7 +15,7 @@ def _batch_norms(model):
     `quantize_model` folded into tfopt layers."""
     out = []
     for layer in _keras_internal.all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if geometry.role(layer) == geometry.BATCH_NORM and hasattr(layer, "moving_mean"):
             def set_momentum(value, layer=layer):
                 layer.momentum = value
             out.append((layer, layer.momentum, set_momentum, [layer.moving_mean, layer.moving_variance]))

@@ -1,14 +1,14 @@
-"""Small real data and models for tests, benchmarks, notebooks and the demo.
+"""The demo's data and models, which tests, benchmarks and notebooks reuse.
 
 scikit-learn's bundled digits (no download: `keras.datasets` needs the
 network), the demo's CNN, and a LiteRT accuracy helper. Public, so that
-people testing their own layers and recipes can use them too.
+people trying their own layers and recipes can use them too.
 """
 
 import keras
 import numpy as np
 
-from tfopt.exporting import run_litert
+from tfopt.litert import run_litert
 
 __all__ = ["load_digits", "augment", "build_cnn", "compile_classifier", "litert_accuracy"]
 

@@ -15,9 +15,9 @@ import keras
 import numpy as np
 
 from tfopt import callbacks, distillation, schedules
+from tfopt.demo.data import augment, augment_labelled, build_cnn, compile_classifier, litert_accuracy, load_digits
 from tfopt.exporting import export
 from tfopt.reporting import render, summary
-from tfopt.testing.fixtures import augment, augment_labelled, build_cnn, compile_classifier, litert_accuracy, load_digits
 from tfopt.transforms import prune, quantize_model, shrink
 
 __all__ = ["run", "combined_recipe", "load_digits", "build_cnn"]
