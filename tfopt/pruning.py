@@ -20,7 +20,7 @@ import keras
 from keras import ops
 
 from tfopt import _keras_internal, _state, geometry
-from tfopt._compat import reject_keras2
+from tfopt._keras2 import reject_keras2
 from tfopt import schedules as schedules_lib
 from tfopt import sparsity as sparsity_lib
 

@@ -27,7 +27,7 @@ import keras
 from keras import ops
 
 from tfopt import _state
-from tfopt._config import Configurable, python_number
+from tfopt._arguments import Configurable, python_number
 
 __all__ = [
     "QuantSpec",

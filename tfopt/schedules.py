@@ -18,8 +18,8 @@ import re
 import keras
 from keras import ops
 
-from tfopt._compat import reject_keras2
-from tfopt._config import Configurable, python_number
+from tfopt._keras2 import reject_keras2
+from tfopt._arguments import Configurable, python_number
 
 __all__ = [
     "SparsitySchedule",

@@ -28,7 +28,7 @@ import numpy as np
 from keras import ops
 
 from tfopt import _backend
-from tfopt._config import Configurable, python_number
+from tfopt._arguments import Configurable, python_number
 
 __all__ = [
     "Structure",

@@ -10,7 +10,7 @@ from tfopt import _backend, _keras_internal, _state, pruning, strategies
 from tfopt import sparsity as sparsity_lib
 from tfopt.callbacks import _common
 from tfopt.layers.base import Prunable
-from tfopt._config import python_number
+from tfopt._arguments import python_number
 from tfopt.reporting import overall_sparsity, prunable_values
 
 __all__ = ["Pruning"]

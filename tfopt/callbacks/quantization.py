@@ -6,7 +6,7 @@ import numbers
 import keras
 
 from tfopt import _keras_internal, _state, strategies
-from tfopt._config import python_number
+from tfopt._arguments import python_number
 from tfopt.callbacks import _common
 from tfopt.layers.quantize_activation import QuantizingLayer
 

@@ -8,7 +8,7 @@ from keras import ops
 
 from tfopt import _backend, _state, channel_groups, pruning
 from tfopt import sparsity as sparsity_lib
-from tfopt._config import python_number
+from tfopt._arguments import python_number
 from tfopt.callbacks.pruning import Pruning
 from tfopt.transforms import _graph
 

@@ -9,7 +9,7 @@ import math
 import keras
 from keras import ops
 
-from tfopt._config import Configurable
+from tfopt._arguments import Configurable
 from tfopt.distillation.losses import _is_number
 
 

@@ -5,7 +5,7 @@ from keras import ops
 
 from tfopt import _backend, _keras_internal, _state, geometry
 from tfopt import quantizers
-from tfopt._config import python_number
+from tfopt._arguments import python_number
 
 __all__ = ["QuantizeActivation", "QuantizedRescaling", "QuantizingLayer", "add_range_weights",
            "track_and_quantize", "when_started"]

@@ -19,7 +19,7 @@ import numpy as np
 from keras import ops
 
 from tfopt import _backend, _keras_internal, channel_groups, geometry
-from tfopt._config import python_number
+from tfopt._arguments import python_number
 from tfopt.transforms import _graph
 
 __all__ = ["shrink", "plan_shrink", "ShrinkPlan"]

@@ -1,4 +1,5 @@
-"""`Configurable`: the flat-config base of schedules and structures."""
+"""Constructor arguments: `Configurable` (the flat-config base of schedules, structures and
+quantizer specs) and `python_number` (numpy scalars taken as numbers, as Keras takes them)."""
 
 
 class Configurable:
