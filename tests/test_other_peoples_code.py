@@ -144,3 +144,16 @@ class ReestimateBatchNormTest(testing.TestCase):
     def test_empty_data_is_refused(self):
         with self.assertRaisesRegex(ValueError, "no batches"):
             tfopt.reestimate_batch_norm(self._model(), [])
+
+
+class OutputStructureTest(testing.TestCase):
+    def test_strip_of_a_quantized_dict_output_model_returns_a_dict(self):
+        inputs = keras.Input((4,), name="x")
+        hidden = keras.layers.Dense(3, name="hidden")(inputs)
+        model = keras.Model(inputs, {"a": hidden, "b": keras.layers.Dense(2, name="head")(hidden)})
+        x = self.make_input((2, 4))
+        for result in (tfopt.quantize_model(model), tfopt.strip(tfopt.quantize_model(model)),
+                       tfopt.strip(tfopt.prune(model, "baseline"))):
+            out = result(x)
+            self.assertIsInstance(out, dict)
+            self.assertEqual(sorted(out), ["a", "b"])

@@ -115,8 +115,9 @@ def rewrap(model, cls=keras.Model):
     """A model of class `cls` over the same graph (inputs, outputs and layers) as
     the Functional `model`: how `quantize_model` makes its `QuantizedModel` and
     `strip` turns one back into a plain Functional model."""
+    outputs = model.output  # the structure the model returns (a tensor, a list, a dict)
     return cls(_single(model.inputs) if not isinstance(model.input, dict) else model.input,
-               _single(model.outputs), name=model.name)
+               _single(outputs) if isinstance(outputs, (list, tuple)) else outputs, name=model.name)
 
 
 def to_functional(model):
