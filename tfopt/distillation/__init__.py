@@ -22,14 +22,18 @@ with `log`, see below). Targets of shape `(n, 2, classes)` cannot be mistaken
 for plain labels, which have shape `(n,)`, `(n, 1)` or `(n, classes)`:
 `DistillationLoss` accepts those too, so `student.evaluate(x_test, y_test)`
 works on ordinary test data, and it refuses packed targets whose teacher
-width differs from the student's number of classes. Keras's `"accuracy"`
-metric does not know the packing: use `LabelAccuracy()`.
+width differs from the student's number of classes, and plain labels in
+`fit` (no teacher: no distillation). Keras's `"accuracy"` metric does not
+know the packing: use `LabelAccuracy()` (compiling "accuracy" with packed
+targets is a `ValueError` at the first step).
 
 Teacher outputs are used as logits. A teacher that outputs probabilities (a
 final softmax) is detected (rows non-negative and summing to 1, or a final
 softmax activation) and its outputs converted with `log`, which gives the
 same softened distribution `softmax(log(p) / T)` as its logits would; a
 `UserWarning` says so unless `teacher_outputs="probabilities"` is passed.
+A student that ends in softmax is read as probabilities too (`log(p)` as its
+logits in the distillation term): detected from its graph.
 
 The package has one job per module: `losses` (argument checks, `kd_loss`,
 `logit_mse`, `DistillationLoss`, `LabelAccuracy`), `teacher`

@@ -38,3 +38,14 @@ def _model_classes(model):
     if not outputs or len(outputs) != 1 or len(outputs[0].shape) != 2:
         return None
     return outputs[0].shape[-1]
+
+
+def _input_shapes(model):
+    """The shapes of a Functional/Sequential model's inputs (None for any size), or None if unknown."""
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+        return None
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):  # an unbuilt Sequential
+        return None
+    return [tuple(tensor.shape) for tensor in inputs] if inputs else None

@@ -3,6 +3,7 @@
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from tfopt import _keras_internal, strategies
@@ -51,15 +52,24 @@ class Distiller(keras.Model):
         student: a Keras model with the same output shape (a different
             number of classes is a `ValueError` at construction).
         temperature, alpha, method: as in `DistillationLoss`.
-        from_logits: the student outputs logits (True) or probabilities
-            (False; then the teacher is read as probabilities too unless
-            `teacher_outputs="logits"`).
+        from_logits: None (detect), True or False: the student outputs
+            logits (True) or probabilities (False; then the teacher is read
+            as probabilities too unless `teacher_outputs="logits"`). None
+            checks the student's final layer at construction: a softmax
+            activation (every keras-io classifier; what `tfopt.shrink` of one
+            returns) means probabilities, read as `log(p)` (logits up to a
+            constant) in the distillation term and as probabilities in the
+            label loss; the student keeps its softmax. A subclassed student,
+            whose graph is not visible, is read as logits with a
+            `UserWarning` (pass True or False to say which). True with a
+            student ending in softmax is corrected, with a `UserWarning`.
         losses: feature losses, e.g. `[FeatureHint("t_block", "s_block", weight=0.1)]`.
         teacher_outputs: None (detect), "logits" or "probabilities". The
             teacher's probabilities are converted with `log` to act as
             logits. None checks the teacher's final layer at construction: a
             softmax activation means probabilities (with a `UserWarning`
-            when `from_logits=True`); otherwise `from_logits` decides.
+            when the student outputs logits); otherwise logits, unless
+            `from_logits=False` was passed.
 
     Example:
     >>> import keras, numpy as np, tfopt
@@ -76,7 +86,7 @@ class Distiller(keras.Model):
     reads_optimizer_step = True
 
     def __init__(self, teacher, student, temperature=DEFAULT_TEMPERATURE, alpha=DEFAULT_ALPHA, method="kd",
-                 from_logits=True, losses=None, teacher_outputs=None, name="distiller", **kwargs):
+                 from_logits=None, losses=None, teacher_outputs=None, name="distiller", **kwargs):
         super().__init__(name=name, **kwargs)
         for role, model in (("teacher", teacher), ("student", student)):
             if not isinstance(model, keras.Model):
@@ -84,7 +94,6 @@ class Distiller(keras.Model):
         self.temperature = _check_temperature(temperature, "Distiller")
         self.alpha = _check_alpha(alpha, "Distiller")
         self.method = _check_method(method, "Distiller")
-        self.from_logits = bool(from_logits)
         teacher_outputs = _check_teacher_outputs(teacher_outputs, "Distiller")
         self.feature_losses = list(losses or [])
         for loss in self.feature_losses:
@@ -101,6 +110,7 @@ class Distiller(keras.Model):
         self.teacher = teacher
         self.student = student
         self._check_outputs()
+        self.from_logits = _student_from_logits(student, from_logits)  # resolved, as teacher_outputs
         if teacher_outputs is None:
             if _ends_in_softmax(teacher):
                 teacher_outputs = "probabilities"
@@ -109,7 +119,7 @@ class Distiller(keras.Model):
                         "Distiller", f" '{teacher.name}'", "its final activation is softmax"), UserWarning,
                         stacklevel=2)
             else:
-                teacher_outputs = "logits" if self.from_logits else "probabilities"
+                teacher_outputs = "probabilities" if from_logits is False else "logits"
         self.teacher_outputs = teacher_outputs  # resolved, so a reloaded Distiller does not warn again
         self._student_loss = self._student_loss_config = None  # compile(loss=...)
         self._teacher_features = self._student_features = None
@@ -301,6 +311,32 @@ class Distiller(keras.Model):
         config["losses"] = [keras.saving.deserialize_keras_object(f) for f in config.get("losses") or []]
         config["teacher"].trainable = False
         return cls(**config)
+
+
+def _student_from_logits(student, from_logits):
+    """`Distiller`'s `from_logits` resolved from the student's graph (see its docstring)."""
+    if from_logits is not None and not isinstance(from_logits, (bool, np.bool_)):
+        raise ValueError(
+            "Distiller: `from_logits` must be None (detect from the student's final layer), True (the student "
+            f"outputs logits) or False (probabilities). Received: from_logits={from_logits!r}"
+        )
+    softmax = _ends_in_softmax(student)
+    if softmax and from_logits:
+        warnings.warn(
+            f"Distiller: the student '{student.name}' outputs probabilities, not logits (its final activation "
+            "is softmax), but from_logits=True. Its outputs are read as probabilities (their log acts as "
+            "logits in the distillation term), as from_logits=False would. To silence this warning, pass "
+            "from_logits=False (or None to detect), or remove the student's final softmax.",
+            UserWarning, stacklevel=3)
+        return False
+    if from_logits is None and not softmax and not _keras_internal.is_graph_network(student):
+        warnings.warn(
+            f"Distiller: the student '{student.name}' is a subclassed model ({type(student).__name__}), whose "
+            "final layer is not visible, so its outputs are assumed to be logits. Received: from_logits=None. "
+            "Fix: pass from_logits=False if it ends in a softmax (outputs probabilities), or from_logits=True to "
+            "declare logits and silence this warning.",
+            UserWarning, stacklevel=3)
+    return not softmax if from_logits is None else bool(from_logits) and not softmax
 
 
 def _student_loss(loss):

@@ -7,13 +7,17 @@
 targets.
 """
 
+import inspect
 import math
 import numbers
-import sys
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
+
+from tfopt import _backend
+from tfopt.distillation._models import _ends_in_softmax
 
 
 #: Defaults chosen on the digits benchmark (`benchmarks/distillation.py
@@ -218,6 +222,57 @@ def distillation_per_sample(y_true, y_pred, temperature, alpha, method, from_log
     return alpha * has_label * label_loss + (1.0 - alpha) * teach
 
 
+def _stepping_model():
+    """`(model, "train_step" or "test_step")` for the Keras model whose step is running the caller
+    (read from the Python stack, while the step is traced), or `(None, None)`."""
+    frame = inspect.currentframe()
+    for _ in range(200):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            break
+        name = frame.f_code.co_name
+        if name in ("train_step", "test_step"):
+            model = frame.f_locals.get("self")
+            if isinstance(model, keras.Model):
+                return model, name
+    return None, None
+
+
+def _forget_step_functions(model):
+    """Drops the step functions being traced, which an error is about to interrupt: fixed, the next `fit`
+    traces anew (a retrace of the interrupted function could not create the optimizer's variables)."""
+    for attr in ("train_function", "test_function", "predict_function"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+
+
+#: Keras metrics (names and classes) that compare `y_pred` with the whole target.
+_ACCURACIES = {"accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy",
+               "sparse_top_k_categorical_accuracy", "top_k_categorical_accuracy", "binary_accuracy",
+               "Accuracy", "SparseCategoricalAccuracy", "CategoricalAccuracy", "SparseTopKCategoricalAccuracy",
+               "TopKCategoricalAccuracy", "BinaryAccuracy"}
+
+
+def _metric_names(metrics):
+    """The names of compiled metrics as `get_compile_config` gives them (per output: lists or dicts)."""
+    if isinstance(metrics, str):
+        return [metrics]
+    if isinstance(metrics, dict) and "class_name" in metrics:  # one serialized metric
+        return [metrics["class_name"]]
+    if isinstance(metrics, dict):
+        return [name for value in metrics.values() for name in _metric_names(value)]
+    if isinstance(metrics, (list, tuple)):
+        return [name for value in metrics for name in _metric_names(value)]
+    return [] if metrics is None else [type(metrics).__name__]
+
+
+def _accuracy_metrics(model):
+    """The names of `model`'s compiled accuracy metrics, which cannot read packed targets."""
+    config = _backend.in_init_scope(model.get_compile_config) or {}  # serializes the optimizer: eagerly
+    return [name for name in _metric_names(config.get("metrics")) + _metric_names(config.get("weighted_metrics"))
+            if name in _ACCURACIES]
+
+
 @keras.saving.register_keras_serializable(package="tfopt")
 class DistillationLoss(keras.losses.Loss):
     """Label loss plus distillation from cached teacher outputs, for `compile`.
@@ -243,11 +298,21 @@ class DistillationLoss(keras.losses.Loss):
         from_logits: the student outputs logits (True) or probabilities
             (False). The cached teacher outputs are always logits:
             `attach_teacher` converts a teacher's probabilities with `log`.
+            A Functional or Sequential student whose final activation is
+            softmax is read as probabilities whatever this says (with a
+            `UserWarning` when it says True).
 
     Targets: `attach_teacher`'s `(n, 2, classes)` arrays, whose teacher width
     must be the student's number of classes (else a `ValueError` names both
     at the first call), or plain labels: class indices `(n,)`/`(n, 1)` or
-    one-hot `(n, classes)`.
+    one-hot `(n, classes)`. Plain labels are for `evaluate`: in `fit` they
+    would train on the labels alone, so the first training step raises a
+    `ValueError` that says to use `attach_teacher`. Keras's `"accuracy"`
+    metrics cannot read packed targets (Keras fails with "Cannot squeeze
+    axis=-1"): compiled with them, the first step on packed targets raises
+    a `ValueError` naming `LabelAccuracy`, the metric to use instead (it
+    reads packed targets and plain labels alike). These checks read the
+    model whose `train_step`/`test_step` calls the loss, once per trace.
 
     Example:
     >>> import keras, numpy as np, tfopt
@@ -272,6 +337,7 @@ class DistillationLoss(keras.losses.Loss):
         self.method = _check_method(method, "DistillationLoss")
         self.from_logits = bool(from_logits)
         self.step = None  # the optimizer's step, bound by DistillationSchedule
+        self._warned = set()  # names of softmax students already warned about
 
     def bind_step(self, step):
         """Makes temperature/alpha schedules read `step` (a variable) in-graph."""
@@ -279,7 +345,51 @@ class DistillationLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         return distillation_per_sample(y_true, y_pred, self.temperature, self.alpha, self.method,
-                                       self.from_logits, self.step)
+                                       self._check_model(y_true), self.step)
+
+    def _check_model(self, y_true):
+        """`from_logits` for the model whose `train_step`/`test_step` calls this loss, after the checks
+        that need that model: plain labels in `fit`, metrics that cannot read packed targets, a student
+        ending in softmax. Runs when the step is traced (once per graph), not at every step."""
+        model, step = _stepping_model()
+        if model is None or self not in keras.tree.flatten(getattr(model, "loss", None) or []):
+            return self.from_logits  # called directly, or as a Distiller's supervised loss
+        shape = tuple(y_true.shape)
+        packed = len(shape) == 3 and shape[1] == 2
+        if step == "train_step" and not packed:
+            _forget_step_functions(model)
+            raise ValueError(
+                f"DistillationLoss: `fit` of model '{model.name}' received plain labels (targets of shape "
+                f"{shape}), not the packed targets of `attach_teacher`, so the student would train on the "
+                f"labels alone, with no distillation and no teacher. Received: y of shape {shape}. Fix: cache "
+                "the teacher's outputs with `x_fit, y_fit = tfopt.distillation.attach_teacher((x, y), teacher)` "
+                "and fit on (x_fit, y_fit), or distill online with `tfopt.distillation.Distiller(teacher, "
+                "student)`. (Plain labels are fine for `evaluate`.)"
+            )
+        if packed:
+            unreadable = _accuracy_metrics(model)
+            if unreadable:
+                _forget_step_functions(model)
+                raise ValueError(
+                    f"DistillationLoss: model '{model.name}' is compiled with metrics {unreadable}, which "
+                    f"compare the student's outputs with the whole target, but the targets are the packed "
+                    f"targets of `attach_teacher` (shape {shape}: label and teacher outputs), so they would fail "
+                    f"(\"Cannot squeeze axis=-1\") or count wrong. Received: metrics={unreadable}. Fix: compile "
+                    "with `metrics=[tfopt.distillation.LabelAccuracy()]`, which reads the labels inside packed "
+                    "targets (and plain labels too)."
+                )
+        if self.from_logits and _ends_in_softmax(model):
+            if model.name in self._warned:
+                return False
+            self._warned.add(model.name)
+            warnings.warn(
+                f"DistillationLoss: the student '{model.name}' outputs probabilities, not logits (its final "
+                "activation is softmax), but from_logits=True. Its outputs are read as probabilities (their "
+                "log acts as logits), as from_logits=False would. To silence this warning, pass "
+                "`DistillationLoss(from_logits=False)`, or remove the student's final softmax.",
+                UserWarning, stacklevel=2)
+            return False
+        return self.from_logits
 
     def get_config(self):
         def ser(v):

@@ -6,12 +6,13 @@ converted with `log`).
 """
 
 import numbers
+import re
 import warnings
 
 import keras
 import numpy as np
 
-from tfopt.distillation._models import _ends_in_softmax, _model_classes
+from tfopt.distillation._models import _ends_in_softmax, _input_shapes, _model_classes
 from tfopt.distillation.losses import _TINY, _check_teacher_outputs, _width_mismatch
 
 
@@ -173,6 +174,33 @@ def _pack(labels, logits):
     return np.stack([one_hot, logits], axis=1)
 
 
+def _check_teacher_inputs(teacher, x):
+    """Refuses inputs the teacher's graph does not take, before running it (a Functional/Sequential teacher)."""
+    expected = _input_shapes(teacher)
+    kind, parts = _parts(x)[0][0], _parts(x)[1]
+    if expected is None or kind == "dict" or len(expected) != len(parts):
+        return  # a subclassed teacher or dict inputs: `predict` says it, and attach_teacher wraps its error
+    for index, (want, part) in enumerate(zip(expected, parts)):
+        got = tuple(np.shape(part))
+        fits = all(w is None or w == g for w, g in zip(want[1:], got[1:]))
+        if fits and (len(got) == len(want) or (len(got) == len(want) - 1 and want[-1] == 1)):
+            continue  # Keras adds a missing last axis of 1 itself
+        which = "" if len(parts) == 1 else f" (input {index})"
+        raise ValueError(
+            f"attach_teacher: the teacher '{teacher.name}' takes inputs of shape {want}{which} (None: any size), "
+            f"but the data's inputs have shape {got}. Received: x of shape {got}. Fix: pass inputs shaped "
+            f"(n, {', '.join(map(str, want[1:]))}), preprocessed as for the teacher, or the teacher these "
+            "inputs are for."
+        )
+
+
+def _first_line(error):
+    """The line of a Keras/TensorFlow error that says what went wrong (not "Exception encountered ...")."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Exception encountered")]
+    return lines[0].rstrip(".") if lines else type(error).__name__
+
+
 def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outputs=None, student=None):
     """Runs `teacher` once over `data` and returns it with the teacher's outputs in the targets.
 
@@ -203,8 +231,22 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
         label) and the teacher's logits. Use them with a student compiled
         with `DistillationLoss`.
 
+    Raises:
+        ValueError: `data` holds no samples; inputs of a shape a Functional
+            or Sequential teacher does not take (checked before running it;
+            a subclassed teacher's error is reported with its name and the
+            data's shape); labels or cached outputs that do not fit.
+
     Caching is valid when the student will see exactly these inputs: not with
     random augmentation (use `Distiller`). Shuffling is fine.
+
+    Example:
+    >>> import keras, numpy as np
+    >>> teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    >>> x = np.zeros((4, 8), "float32")
+    >>> x_fit, y_fit = attach_teacher((x, np.array([0, 1, 2, -1])), teacher)
+    >>> y_fit.shape, y_fit[3, 0].tolist()  # sample 3 has no label
+    ((4, 2, 3), [0.0, 0.0, 0.0])
     """
     import tensorflow as tf
 
@@ -237,8 +279,26 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
             else:
                 y = np.concatenate([y, np.zeros((n_extra,) + y.shape[1:], y.dtype)])
     n = _length(x)
+    if n == 0:
+        shapes = [tuple(np.shape(part)) for part in _parts(x)[1]]
+        raise ValueError(
+            f"attach_teacher: `data` holds no samples (inputs of shape {', '.join(map(str, shapes))}), so there "
+            "is nothing for the teacher to label. Received: 0 samples. Fix: pass at least one sample (check "
+            "the split or filter that made `data`)."
+        )
     if isinstance(teacher, keras.Model):
-        outputs = teacher.predict(x, batch_size=batch_size, verbose=0)
+        _check_teacher_inputs(teacher, x)
+        try:
+            outputs = teacher.predict(x, batch_size=batch_size, verbose=0)
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+            shapes = [tuple(np.shape(part)) for part in _parts(x)[1]]
+            first = _first_line(error)
+            raise ValueError(
+                f"attach_teacher: the teacher '{teacher.name}' ({type(teacher).__name__}) could not run on the "
+                f"data ({type(error).__name__}: {first}). Received: inputs of shape "
+                f"{', '.join(map(str, shapes))}. Fix: pass the inputs the teacher was trained on, shaped and "
+                "preprocessed the same way."
+            ) from error
         if isinstance(outputs, (list, tuple, dict)):
             raise ValueError(
                 "attach_teacher: the teacher has several outputs; distillation needs one "
