@@ -17,7 +17,7 @@ _PUBLIC = {
                        "twin_of", "twins", "role", "is_twin", "expand_height", "unroll_depth",
                        "register_export_form", "export_form", "register_channels", "channel_flow", "NEW", "SAME",
                        "MERGE", "CONCAT", "FLATTEN", "HEADS", "macs"],
-    "tfopt.callbacks": ["Pruning", "WidthPruning", "QuantizationSchedule", "TensorBoardSummaries"],
+    "tfopt.callbacks": ["Pruning", "WidthPruning", "QuantizationSchedule", "TensorBoardSummaries", "DistillationSchedule"],
     "tfopt.reporting": ["summary", "overall_sparsity", "prunable_values", "zero_fraction", "macs", "total_macs"],
     "tfopt.schedules": ["SparsitySchedule", "ConstantSparsity", "PolynomialDecay", "constant_sparsity",
                         "polynomial_decay", "PRESETS", "get"],
@@ -26,6 +26,8 @@ _PUBLIC = {
     "tfopt.distillation": ["DistillationLoss", "Distiller", "attach_teacher", "FeatureHint", "AttentionTransfer",
                            "LabelAccuracy", "DistillationSchedule", "kd_loss", "logit_mse", "DEFAULT_TEMPERATURE",
                            "DEFAULT_ALPHA"],
+    "tfopt.litert": ["convert", "run_litert", "litert_latency_ms", "litert_load_error", "float_ops", "tensor_count",
+                     "sample_inputs"],
     "tfopt.sparsity": ["Structure", "Unstructured", "NM", "Block", "Channel", "get", "prune_lowest"],
 }
 

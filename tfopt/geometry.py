@@ -530,6 +530,24 @@ def of(layer):
     return None
 
 
+def outputs_probabilities(layer):
+    """True when `layer`'s output is a softmax over its last axis: an
+    `activation="softmax"` (Dense, Activation, ...) or a `keras.layers.Softmax`
+    on the last axis. (Read by distillation, which must not take probabilities
+    for logits.)
+
+    Example:
+    >>> import keras
+    >>> outputs_probabilities(keras.layers.Softmax()), outputs_probabilities(keras.layers.Dense(3))
+    (True, False)
+    """
+    if isinstance(layer, keras.layers.Softmax):
+        axis = layer.axis
+        return axis == -1 or axis == [-1] or axis == (-1,)
+    activation = getattr(layer, "activation", None)
+    return activation is keras.activations.softmax or getattr(activation, "__name__", None) == "softmax"
+
+
 def role(layer):
     """The layer's role (`WEIGHTS`, `PASS_THROUGH`, ...), or None if unknown."""
     entry = of(layer)

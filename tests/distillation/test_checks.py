@@ -192,3 +192,12 @@ class AttachTeacherInputsTest(testing.TestCase):
         x, y = _data(16)
         _, y_fit = D.attach_teacher((x, y), teacher)
         self.assertAllClose(y_fit[:, 1], teacher(x[..., None]), atol=1e-6)
+
+
+class SoftmaxLayerStudentTest(testing.TestCase):
+    def test_a_student_ending_in_a_softmax_layer_is_read_as_probabilities(self):
+        student = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Softmax()], name="s")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            distiller = D.Distiller(_teacher(), student)
+        self.assertFalse(distiller.from_logits)

@@ -323,12 +323,6 @@ class NestedLayerNormalizationTest(testing.TestCase):
         self.assertIs(litert_forms.export_copy(layer, calibrating=False), layer)  # no form without calibration
 
     def test_int8_export_with_representative_data_has_no_float_neg(self):
-        import inspect
-
-        from tfopt._export import forms
-
-        if "export_copy" not in inspect.getsource(forms):
-            self.skipTest("tfopt/_export/forms.py does not call litert_forms.export_copy yet")
         qat, data = _qat_transformer()
         report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "t.tflite"), inputs=data[:8],
                               precision="int8", representative_data=data)

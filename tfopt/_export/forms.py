@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from tfopt import _keras_internal, geometry
+from tfopt.layers import litert_forms
 
 
 def _half_layers(model):
@@ -30,11 +31,13 @@ def export_form(model, calibrating=False):
             form = geometry.export_form(layer, calibrating)
             if form is not None and (form[0] is not type(layer) or form[1] != layer.get_config()):
                 forms[id(layer)] = form
-    if not half and not forms:
+    nested = _keras_internal.is_graph_network(model) and any(
+        litert_forms.nested_forms(layer, calibrating) for layer in _keras_internal.all_layers(model))
+    if not half and not forms and not nested:
         return model
     half_ids = {id(layer) for layer in half}
     if not half:
-        return _rebuild(model, forms, half_ids)
+        return _rebuild(model, forms, half_ids, calibrating)
     policies = sorted({layer.dtype_policy.name for layer in half})
     if not _keras_internal.is_graph_network(model):
         raise ValueError(
@@ -54,15 +57,20 @@ def export_form(model, calibrating=False):
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")  # sublayers built without a dtype of their own
     try:
-        return _rebuild(model, forms, half_ids)
+        return _rebuild(model, forms, half_ids, calibrating)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _rebuild(model, forms, half_ids):
+def _rebuild(model, forms, half_ids, calibrating=False):
+    copies = []  # layers holding others in an export form (a TransformerBlock's LayerNormalizations)
+
     def clone_function(layer):
         if id(layer) not in forms and id(layer) not in half_ids:
-            return layer  # kept as it is (shared with `model`; Lambda layers need no deserializing)
+            copy = litert_forms.export_copy(layer, calibrating)
+            if copy is not layer:
+                copies.append(copy)
+            return copy  # else kept as it is (shared with `model`; Lambda layers need no deserializing)
         cls, config = forms.get(id(layer), (layer.__class__, layer.get_config()))
         if id(layer) in half_ids:
             config["dtype"] = "float32"
@@ -73,4 +81,6 @@ def _rebuild(model, forms, half_ids):
         np.asarray(w, "float32") if np.issubdtype(np.asarray(w).dtype, np.floating) else w
         for w in model.get_weights()
     ])
+    for copy in copies:
+        litert_forms.use_nested_forms(copy, calibrating)
     return clone

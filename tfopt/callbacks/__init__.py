@@ -6,4 +6,4 @@ from tfopt.callbacks.quantization import QuantizationSchedule
 from tfopt.callbacks.summaries import TensorBoardSummaries
 from tfopt.callbacks.width_pruning import WidthPruning
 
-__all__ = ["Pruning", "WidthPruning", "QuantizationSchedule", "TensorBoardSummaries"]
+__all__ = ["Pruning", "WidthPruning", "QuantizationSchedule", "TensorBoardSummaries", "DistillationSchedule"]

@@ -6,12 +6,13 @@ is not visible: None/False, and the callers say what they then assume).
 
 import keras
 
-from tfopt import _keras_internal
+from tfopt import _keras_internal, geometry
 
 
 def _ends_in_softmax(model):
     """True when a Functional or Sequential `model`'s one output comes from a
-    layer whose `activation` is softmax (nested models followed)."""
+    softmax: a layer whose `activation` is softmax, or a `keras.layers.Softmax`
+    (nested models followed)."""
     if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
         return False
     try:
@@ -23,8 +24,7 @@ def _ends_in_softmax(model):
     layer = _keras_internal.producer(outputs[0])
     if isinstance(layer, keras.Model):
         return _ends_in_softmax(layer)
-    activation = getattr(layer, "activation", None)
-    return activation is keras.activations.softmax or getattr(activation, "__name__", None) == "softmax"
+    return geometry.outputs_probabilities(layer)
 
 
 def _model_classes(model):

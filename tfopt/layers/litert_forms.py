@@ -86,7 +86,7 @@ def _integer_layer_normalization(layer, config):
     return IntegerLayerNormalization, config
 
 
-def _nested_forms(layer, calibrating):
+def nested_forms(layer, calibrating):
     """`[(sublayer, form class)]` for the layers nested in `layer` (not a
     model) whose export form only changes their class to one computing the
     same values from the same state (IntegerLayerNormalization)."""
@@ -125,7 +125,7 @@ def export_copy(layer, calibrating):
     >>> type(copy.norm).__name__, type(block.norm).__name__
     ('IntegerLayerNormalization', 'LayerNormalization')
     """
-    nested = _nested_forms(layer, calibrating)
+    nested = nested_forms(layer, calibrating)
     if not nested:
         return layer
     try:
@@ -145,5 +145,5 @@ def export_copy(layer, calibrating):
 def use_nested_forms(copy, calibrating):
     """Puts the layers nested in `copy` (made by `export_copy`, built, its
     weights set) in their export form: same state and weights, other ops."""
-    for sub, form in _nested_forms(copy, calibrating):
+    for sub, form in nested_forms(copy, calibrating):
         sub.__class__ = form
