@@ -235,7 +235,7 @@ def _encode(plan):
     """The file's bytes: converted (QAT ranges, else calibrated), then sparse-encoded if asked and it serves."""
     quantized_path = plan.precision == "int8" and plan.quantized
     # QAT layers must stay: their fake-quant ops carry the int8 ranges.
-    stripped = plan.model if quantized_path else transforms.strip(plan.model)
+    stripped = plan.model if quantized_path else _stripped(plan.model)
     # (A mixed-precision model is converted from a float32 copy and checked against itself.)
     calibrated = plan.representative_data is not None and not quantized_path
     convert_args = (export_form(stripped, calibrated), plan.optimizations, plan.precision,
@@ -245,7 +245,7 @@ def _encode(plan):
         # Layers that quantization-aware training leaves in float (LayerNormalization,
         # attention, RNNs, ...): calibrate every range on the data instead, for a
         # full-integer file; the weights keep what QAT trained.
-        stripped, calibrated = transforms.strip(plan.model), True
+        stripped, calibrated = _stripped(plan.model), True
         convert_args = (export_form(stripped, True), plan.optimizations, plan.precision, plan.representative_data)
         content = litert.convert(*convert_args)
     encoded = _Encoded(content, stripped, calibrated)
@@ -331,7 +331,7 @@ def _verify(plan, encoded):
     parity = checks.compare(got, _outputs(plan.model, samples), num)
     float_parity = None
     if plan.quantized:
-        float_model = encoded.stripped if encoded.stripped is not plan.model else transforms.strip(plan.model)
+        float_model = encoded.stripped if encoded.stripped is not plan.model else _stripped(plan.model)
         float_parity = checks.compare(got, _outputs(float_model, samples), num)
     checks.warn_if_disagreeing(parity, plan.precision, samples, plan.inputs is not None, stacklevel=4)
     return parity, float_parity
@@ -343,7 +343,7 @@ def _report(plan, encoded, parity, float_parity):
     if plan.measure_latency:
         latency = litert.litert_latency_ms(content, _samples(plan))
         float_latency = latency if plan.precision == "float32" else litert.litert_latency_ms(
-            litert.convert(export_form(transforms.strip(plan.model))), _samples(plan))
+            litert.convert(export_form(_stripped(plan.model))), _samples(plan))
     integer = plan.precision in ("int8", "int16x8")
     return ExportReport(
         path=str(plan.path),
@@ -464,3 +464,14 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     report = _report(plan, encoded, parity, float_parity)
     atomic_write_bytes(plan.path, encoded.content)
     return report
+
+
+def _stripped(model):
+    """`tfopt.strip(model)` for conversion only. A custom layer Keras cannot
+    re-create from its config is reused in the stripped copy; strip warns that
+    the copy shares it with `model`, which does not matter here: the copy never
+    leaves `export` and nothing trains it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*cannot be re-created from its config.*reuses this layer")
+        return transforms.strip(model)
+
