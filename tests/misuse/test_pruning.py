@@ -63,6 +63,33 @@ def _always():
     return tfopt.schedules.ConstantSparsity(0.5, frequency=1)
 
 
+def _summary_of_path(name, make=None):
+    """`tfopt.summary` of the path `name` in a fresh temporary directory, after `make(path)` made it."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, name)
+        if make is not None:
+            make(path)
+        return tfopt.summary(path, print_fn=None)
+
+
+def _make_directory(path):
+    import os
+
+    os.mkdir(path)
+
+
+def _write_text(path):
+    with open(path, "w") as f:
+        f.write("hello")
+
+
+def _save_lambda_model(path):
+    keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda t: t * 2.0), keras.layers.Dense(2)]).save(path)
+
+
 TABLE = [
     Misuse(
         "structured pruning would remove every channel of a layer",
@@ -167,6 +194,25 @@ TABLE = [
            lambda: tfopt.shrink(_inf_model(), 0.5), raises=ValueError,
            match=r"tfopt.shrink: the channel scores of weights \['mlp/hidden/kernel'\] are NaN/Inf "
                  r"\(importance='l2', from the weights' squares\), so which channels go would be arbitrary\. Fix"),
+    Misuse("tfopt.summary of something that is neither a model nor a path",
+           lambda: tfopt.summary(3), raises=TypeError,
+           match=r"`tfopt.summary` takes a Keras model or the path of a `.keras` file\. Received: model=3 of type "
+                 r"int\. Fix: pass the model"),
+    Misuse("tfopt.summary of a directory",
+           lambda: _summary_of_path("saved_model", make=_make_directory), raises=IsADirectoryError,
+           match=r"`tfopt.summary`: model='.*' is a directory \(a SavedModel\?\), not a Keras model or a `.keras` "
+                 r"file\. Fix: pass the Keras model, or save it with model.save\('model.keras'\)"),
+    Misuse("tfopt.summary of a path with no file",
+           lambda: _summary_of_path("missing.keras"),
+           raises=FileNotFoundError, match=r"`tfopt.summary`: no file at model='.*missing.keras'\. Fix"),
+    Misuse("tfopt.summary of a file that is not a .keras file",
+           lambda: _summary_of_path("notes.keras", make=_write_text), raises=ValueError,
+           match=r"`tfopt.summary`: model='.*notes.keras' is not a `.keras` file \(the zip archive.*Fix: pass"),
+    Misuse("tfopt.summary of a .keras file holding a Lambda layer",
+           lambda: _summary_of_path("lam.keras", make=_save_lambda_model),
+           raises=ValueError,
+           match=r"`tfopt.summary`: model='.*lam.keras' holds Python code \(a Lambda layer\).*safe_mode=False\. "
+                 r"Fix: if you trust the file, model = tfopt.load_model\(path, safe_mode=False\)"),
 ]
 
 
