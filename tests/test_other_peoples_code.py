@@ -160,3 +160,18 @@ class OutputStructureTest(testing.TestCase):
             out = result(x)
             self.assertIsInstance(out, dict)
             self.assertEqual(sorted(out), ["a", "b"])
+
+
+class ShrinkAroundLayersKerasCannotRecreateTest(testing.TestCase):
+    def test_a_dense_with_a_lambda_activation_keeps_its_channels(self):
+        inputs = keras.Input((8,))
+        x = keras.layers.Dense(16, activation="relu", name="a")(inputs)
+        x = keras.layers.Dense(16, activation=lambda t: keras.ops.relu(t) * 0.5, name="b")(x)
+        model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = tfopt.plan_shrink(model, 0.5)
+            small = plan.apply()
+        x = self.make_input((4, 8))
+        self.assertAllClose(small(x), plan.masked()(x), atol=1e-5)
+        self.assertEqual(small.get_layer("b").kernel.shape, (16, 16))

@@ -64,6 +64,17 @@ def mixes_channels(layer):
     return activation is not None and callable(activation) and id(activation) not in _PER_CHANNEL_FUNCTIONS
 
 
+def _recreatable(layer):
+    """True when Keras can make `layer` again from its config, as removing
+    channels through it needs (a layer whose activation is a lambda, or a
+    subclass whose `__init__` takes no `**kwargs`, cannot be: its channels stay)."""
+    try:
+        type(layer).from_config(layer.get_config())
+    except Exception:  # noqa: BLE001 (whatever the layer's constructor raises)
+        return False
+    return True
+
+
 class Atoms:
     """Union-find over channel atoms; each atom also belongs to a *group*
     (the channels one layer made, joined with those they were merged with),
@@ -207,7 +218,7 @@ class Walker:
         # removing one would change the others. A layer that makes its channels (Dense) keeps them
         # all, and can still lose input channels; any other layer stops removal.
         mixing = mixes_channels(layer)
-        if flow is None or not ins or (mixing and flow != geometry.NEW):
+        if flow is None or not ins or (mixing and flow != geometry.NEW) or not _recreatable(layer):
             self.records[id(layer)] = LayerRecord(layer, None, None, ins, [])
             return self._stop(ins, outs)
         handler = getattr(self, f"_{flow}")
