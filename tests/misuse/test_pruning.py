@@ -48,15 +48,23 @@ class _PoisonAt(keras.callbacks.Callback):
             kernel.assign(np.full(kernel.shape, np.nan, "float32"))
 
 
+class _FirstEpochBest(keras.callbacks.Callback):
+    """Logs a score that is best at the first epoch, so EarlyStopping restores it."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["score"] = -float(epoch)
+
+
 def _restored_earlier_epoch():
     """Sparsity rises over 3 epochs; EarlyStopping (before Pruning in the list, so its
     `on_train_end` runs first) hands back the first, least sparse epoch."""
     model = _mlp(units=16)
     model.compile("adam", "mse")
     schedule = tfopt.schedules.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=6, frequency=1)
-    stop = keras.callbacks.EarlyStopping(monitor="loss", mode="max", patience=10, restore_best_weights=True)
-    model.fit(np.random.rand(8, 4), np.random.rand(8, 2), batch_size=4, epochs=3, verbose=0,
-              callbacks=[stop, tfopt.callbacks.Pruning(schedule)])
+    stop = keras.callbacks.EarlyStopping(monitor="score", mode="max", patience=10, restore_best_weights=True)
+    rng = np.random.default_rng(0)
+    model.fit(rng.random((8, 4)), rng.random((8, 2)), batch_size=4, epochs=3, verbose=0,
+              callbacks=[_FirstEpochBest(), stop, tfopt.callbacks.Pruning(schedule)])
 
 
 def _always():
