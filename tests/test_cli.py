@@ -147,6 +147,26 @@ class CliCommandsTest(testing.TestCase):
         code, stdout, err = self._main("inspect", self.paths["lambda"], "--unsafe")
         self.assertEqual(code, 0, err)
 
+    def test_inspect_counts_recurrent_layers(self):
+        import keras
+
+        bidirectional = keras.Sequential([keras.Input((10, 4)), keras.layers.Bidirectional(keras.layers.LSTM(8)),
+                                          keras.layers.Dense(2)])
+        open_length = keras.Sequential([keras.Input((None, 4)), keras.layers.LSTM(8, name="lstm"),
+                                        keras.layers.Dense(2)])
+        paths = {}
+        for name, model in (("bidirectional", bidirectional), ("open_length", open_length)):
+            paths[name] = os.path.join(self.dir, f"{name}.keras")
+            model.save(paths[name])
+        # 2 directions x 10 timesteps x (4 x 32 + 8 x 32), then 16 x 2 (before: 32, the LSTMs left out)
+        code, stdout, err = self._main("inspect", paths["bidirectional"])
+        self.assertEqual(code, 0, err)
+        self.assertIn("multiply-adds per example: 7712", stdout)
+        code, stdout, err = self._main("inspect", paths["open_length"])  # before: a TypeError
+        self.assertEqual(code, 0, err)
+        self.assertIn("multiply-adds per example: 16 + 384 per timestep", stdout)
+        self.assertIn("macs: layers ['lstm'] run over a time axis of unknown length", stdout)
+
     def test_failed_export_keeps_the_previous_file(self):
         out = os.path.join(self.dir, "keep.tflite")
         with open(out, "wb") as f:
