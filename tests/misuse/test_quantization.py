@@ -6,18 +6,22 @@ import tfopt
 from tests.misuse.harness import Misuse, MisuseTestCase
 
 
+class FixedBlock(keras.layers.Layer):
+    """A custom layer holding a LayerNormalization, whose `__init__` takes no
+    `**kwargs`: Keras cannot re-create it from its config."""
+
+    def __init__(self):
+        super().__init__(name="fixed")
+        self.norm = keras.layers.LayerNormalization(name="inner_norm")
+
+    def call(self, x):
+        return self.norm(x)
+
+
 def _norm_in_a_fixed_layer():
     from tfopt.layers import litert_forms
 
-    class Fixed(keras.layers.Layer):
-        def __init__(self):  # no **kwargs: Keras cannot re-create it from its config
-            super().__init__(name="fixed")
-            self.norm = keras.layers.LayerNormalization(name="inner_norm")
-
-        def call(self, x):
-            return self.norm(x)
-
-    layer = Fixed()
+    layer = FixedBlock()
     layer(keras.ops.ones((1, 4)))
     return litert_forms.export_copy(layer, calibrating=True)
 
@@ -51,8 +55,8 @@ TABLE = [
     Misuse(
         "a LayerNormalization inside a custom layer that cannot be re-created from its config",
         _norm_in_a_fixed_layer,
-        warns=UserWarning, match=r"\['inner_norm \(LayerNormalization\)'\] inside layer 'fixed' \(Fixed\).*NEG.*"
-                                 r"Fix: let Fixed.__init__ take \*\*kwargs"),
+        warns=UserWarning, match=r"\['inner_norm \(LayerNormalization\)'\] inside layer 'fixed' \(FixedBlock\).*NEG.*"
+                                 r"Fix: let FixedBlock.__init__ take \*\*kwargs"),
 ]
 
 

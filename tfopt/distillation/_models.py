@@ -9,16 +9,22 @@ import keras
 from tfopt import _keras_internal, geometry
 
 
+def _graph_tensors(model, which):
+    """A Functional/Sequential model's `inputs` or `outputs` (`which`), or None
+    for a subclassed or unbuilt model."""
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+        return None
+    try:
+        return getattr(model, which)
+    except (AttributeError, ValueError):  # an unbuilt Sequential
+        return None
+
+
 def _ends_in_softmax(model):
     """True when a Functional or Sequential `model`'s one output comes from a
     softmax: a layer whose `activation` is softmax, or a `keras.layers.Softmax`
     (nested models followed)."""
-    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
-        return False
-    try:
-        outputs = model.outputs
-    except (AttributeError, ValueError):  # an unbuilt Sequential
-        return False
+    outputs = _graph_tensors(model, "outputs")
     if not outputs or len(outputs) != 1:
         return False
     layer = _keras_internal.producer(outputs[0])
@@ -29,12 +35,7 @@ def _ends_in_softmax(model):
 
 def _model_classes(model):
     """The last dimension of a Functional/Sequential model's one 2-D output, or None if unknown."""
-    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
-        return None
-    try:
-        outputs = model.outputs
-    except (AttributeError, ValueError):  # an unbuilt Sequential
-        return None
+    outputs = _graph_tensors(model, "outputs")
     if not outputs or len(outputs) != 1 or len(outputs[0].shape) != 2:
         return None
     return outputs[0].shape[-1]
@@ -42,10 +43,5 @@ def _model_classes(model):
 
 def _input_shapes(model):
     """The shapes of a Functional/Sequential model's inputs (None for any size), or None if unknown."""
-    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
-        return None
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):  # an unbuilt Sequential
-        return None
+    inputs = _graph_tensors(model, "inputs")
     return [tuple(tensor.shape) for tensor in inputs] if inputs else None
