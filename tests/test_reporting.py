@@ -104,6 +104,17 @@ class RecurrentMacsTest(testing.TestCase):
         self.assertEqual(rows[-1]["nonzeros"], model.count_params() - zeros)
 
 
+class ElementWiseTest(testing.TestCase):
+    def test_layers_whose_weights_act_element_wise_count_zero(self):
+        # Like biases and activations; they were unknown, so every CNN summary left them out of the total.
+        model = _sequential((6, 6, 2), L.Conv2D(3, 3, name="conv"), L.BatchNormalization(name="bn"),
+                            L.PReLU(name="prelu"))
+        self.assertEqual(reporting.macs(model), {"conv": 16 * 3 * 3 * 2 * 3, "bn": 0, "prelu": 0})
+        rows, printed = _summary(model)
+        self.assertEqual(rows[-1]["macs"], 864)
+        self.assertNotIn("macs:", printed)
+
+
 class UnknownSizesTest(testing.TestCase):
     def test_unknown_number_of_timesteps_gives_a_count_per_timestep(self):
         model = _sequential((None, 4), L.LSTM(8, name="lstm"), L.Dense(2, name="head"))

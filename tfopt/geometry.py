@@ -357,10 +357,11 @@ def macs(layer, input_shapes, output_shapes, per_timestep=False, parts=False):
     input and recurrent kernels once per timestep (a ConvLSTM's once per
     output position of each timestep), a `Bidirectional` layer its forward
     and backward layers, a `TimeDistributed` layer its layer once per
-    timestep. Biases, activations and the element-wise products of gates are
-    not counted. Layers without weights count 0; None means unknown: a
-    custom layer with weights, or a size the shapes leave open (an input of
-    shape `(None, None, features)`: its number of timesteps).
+    timestep. Biases, activations, the element-wise products of gates and
+    layers whose weights act element-wise (BatchNormalization, PReLU) are not
+    counted: layers without a kernel count 0. None means unknown: a custom
+    layer with weights, or a size the shapes leave open (an input of shape
+    `(None, None, features)`: its number of timesteps).
 
     Args:
         layer: a built Keras layer.
@@ -460,8 +461,10 @@ def _recurrent_step_macs(layer, output_shapes):
 def _layer_macs(layer, input_shapes, output_shapes):
     """`macs` of a layer that does not run over time."""
     entry = of(layer)
-    if entry is None or not entry.weights:
+    if entry is None:
         return 0 if not getattr(layer, "weights", None) else None
+    if not entry.weights:  # BatchNormalization, PReLU, ...: element-wise, like biases and activations
+        return 0
     if isinstance(layer, keras.layers.MultiHeadAttention):
         q, v = input_shapes[0], input_shapes[1] if len(input_shapes) > 1 else input_shapes[0]
         k = input_shapes[2] if len(input_shapes) > 2 else v

@@ -35,7 +35,7 @@ def macs(model):
     if calls is None:
         return None
     out = {}
-    for layer, figures in calls:
+    for layer, figures, _ in calls:
         count, steps = figures[0][1]
         previous = out.get(layer.name, 0)
         out[layer.name] = None if count is None or steps or previous is None else previous + count
@@ -43,10 +43,10 @@ def macs(model):
 
 
 def _calls(model):
-    """`[(layer, [(layer or wrapped layer, (count, per_timestep))])]` for every
-    layer call in `model`'s graph, or None for a subclassed model. Each figure
-    is `(count, False)`, `(count of one timestep, True)` where the number of
-    timesteps is unknown, or `(None, False)` when unknown."""
+    """`[(layer, [(layer or wrapped layer, (count, per_timestep))], input shape)]`
+    for every layer call in `model`'s graph, or None for a subclassed model.
+    Each figure is `(count, False)`, `(count of one timestep, True)` where the
+    number of timesteps is unknown, or `(None, False)` when unknown."""
     if not _keras_internal.is_graph_network(model) or not model.built or not model.inputs:
         return None
     out = []
@@ -59,9 +59,9 @@ def _calls(model):
         parts = geometry.macs(layer, *shapes, parts=True)
         steps = geometry.macs(layer, *shapes, per_timestep=True, parts=True) if parts[0][1] is None else None
         if steps is not None and steps[0][1] is not None:
-            out.append((layer, [(sub, (count, True)) for sub, count in steps]))
+            out.append((layer, [(sub, (count, True)) for sub, count in steps], (shapes[0] or [None])[0]))
         else:
-            out.append((layer, [(sub, (count, False)) for sub, count in parts]))
+            out.append((layer, [(sub, (count, False)) for sub, count in parts], (shapes[0] or [None])[0]))
     return out
 
 
@@ -174,7 +174,7 @@ def summary(model, print_fn=print):
     state = _state_ids(model)
     calls = _calls(model)
     figures, total = {}, _Figure()  # id(layer) -> its _Figure; the model's
-    for layer, parts in calls or ():
+    for layer, parts, _ in calls or ():
         if parts[0][1][0] is not None:  # unknown layers are left out of the total (a note says which)
             total.add(*parts[0][1])
         for sub, (count, per_timestep) in parts:
@@ -227,15 +227,15 @@ def _macs_notes(calls):
     """Lines under the summary table naming the layers whose multiply-adds
     are per timestep or unknown."""
     notes = []
-    per_step = {layer.name: layer for layer, parts in calls or () if parts[0][1][1]}
+    per_step = {layer.name: shape for layer, parts, shape in calls or () if parts[0][1][1]}
     if per_step:
-        shapes = sorted({str(tuple(_keras_internal.node_inputs(node)[0].shape)) for layer in per_step.values()
-                         for node in _keras_internal.call_nodes(layer)[:1]})
+        shapes = sorted({str(shape) for shape in per_step.values()})
         notes.append(
             f"macs: layers {sorted(per_step)} run over a time axis of unknown length (input shape "
             f"{', '.join(shapes)}), so their multiply-adds are per timestep, and the total's too. Fix: "
             "give the model's Input a fixed number of steps, keras.Input((steps, features)), for counts per example.")
-    unknown = sorted({f"{layer.name} ({type(layer).__name__})" for layer, parts in calls or () if parts[0][1][0] is None})
+    unknown = sorted({f"{layer.name} ({type(layer).__name__})" for layer, parts, _ in calls or ()
+                      if parts[0][1][0] is None})
     if unknown:
         notes.append(f"macs: unknown for layers {unknown} (a layer type tfopt cannot count, or a size the model "
                      "leaves open), so the total leaves them out.")
