@@ -20,6 +20,7 @@ from keras import ops
 
 from tfopt import _backend, _keras_internal, channel_groups, geometry
 from tfopt._arguments import python_number
+from tfopt.adapters import keras_hub as _keras_hub
 from tfopt.transforms import _graph
 
 __all__ = ["shrink", "plan_shrink", "ShrinkPlan"]
@@ -232,12 +233,24 @@ def _taylor_gradients(model, walker, loss, data):
 
 
 def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1, data=None, loss=None,
-                layers=None):
+                layers=None, depth=None, heads=None):
     """Plans which channels, heads and units `tfopt.shrink` removes (see `shrink`).
 
     Returns:
-        A `ShrinkPlan`.
+        A `ShrinkPlan`; for a keras-hub Backbone or CausalLM a
+        `tfopt.adapters.keras_hub.KerasHubShrinkPlan` (the same `apply()`,
+        `masked()` and `removed`).
     """
+    if _keras_hub.handles(model):
+        return _keras_hub.plan(model, fraction, depth=depth, heads=heads, data=data, min_channels=min_channels,
+                               scope=scope, importance=importance, loss=loss, layers=layers)
+    if depth is not None or heads is not None:
+        given = "depth" if depth is not None else "heads"
+        raise ValueError(
+            f"`tfopt.shrink({given}=...)` removes whole transformer blocks or heads of keras-hub models, and "
+            f"model '{model.name}' ({type(model).__name__}) is not one. Received: {given}="
+            f"{depth if depth is not None else heads!r}. Fix: leave it None and pass fraction= (heads of "
+            "MultiHeadAttention layers are removed with the other channels).")
     _graph.check_graph_model(model, "shrink")
     fraction = python_number(fraction)
     if fraction is not None and (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
@@ -309,7 +322,8 @@ def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channe
     return ShrinkPlan(model, walker, removed)
 
 
-def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1, data=None, loss=None, layers=None):
+def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1, data=None, loss=None, layers=None,
+           depth=None, heads=None):
     """Returns a smaller, dense copy of `model`: channels, attention heads and
     feed-forward units removed, not just zeroed.
 
@@ -346,9 +360,22 @@ def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1,
     their bias, so `fraction=None` keeps them (with a warning); a fraction
     removes them first (they score lowest), bias and all.
 
+    keras-hub transformers (`GPT2Backbone`, `BertBackbone`, `LlamaBackbone`,
+    `MistralBackbone`, `GemmaBackbone` and the CausalLM around each) are
+    shrunk by `tfopt.adapters.keras_hub`: `depth=` removes whole blocks (the
+    ones that change the hidden state least on `data`, token ids), `fraction=`
+    each block's share of feed-forward units (lowest mean |activation| on
+    `data`, or lowest weight L2 without it), `heads=` key-value head groups
+    (Mistral and Gemma only: GPT-2, BERT and Llama derive the head size from
+    the number of heads, so their configs cannot hold fewer heads of the same
+    size). The result is the same keras-hub class, built from the smaller
+    config, that computes what `model` computes with the removed blocks skipped
+    and the removed units and heads zeroed.
+
     Args:
         model: a Keras 3 Sequential or Functional model of Keras layers
-            (`tfopt.strip` a tfopt model first; shrink before `quantize_model`).
+            (`tfopt.strip` a tfopt model first; shrink before `quantize_model`),
+            or a keras-hub Backbone or CausalLM.
         fraction: share of each group's units to remove, in [0, 1); None:
             the units whose kernels are all zero.
         scope: "layer" (each group loses `fraction`) or "global".
@@ -360,6 +387,12 @@ def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1,
         loss: for "taylor": a Keras loss (name or object).
         layers: only units made by these layers are removed (a name, type,
             predicate or list, as in `tfopt.prune`); default all.
+        depth: keras-hub only: how many transformer blocks to remove (an int)
+            or which share of them (a float in [0, 1)); needs `data`, token ids
+            (an int array, a dict of `token_ids`/`padding_mask`, or a list of
+            them).
+        heads: keras-hub Mistral and Gemma only: how many key-value head
+            groups to remove from each block (an int), or which share of them.
 
     Returns:
         A new `keras.Model`, not compiled even when `model` is (as after
@@ -377,7 +410,7 @@ def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1,
     (8, True, False)
     """
     plan = plan_shrink(model, fraction, scope=scope, importance=importance, min_channels=min_channels,
-                       data=data, loss=loss, layers=layers)
+                       data=data, loss=loss, layers=layers, depth=depth, heads=heads)
     small = plan.apply()
     log.info("tfopt.shrink: removed {layer: (units before, after)} %s; the result is not compiled", plan.removed)
     return small
