@@ -113,7 +113,7 @@ class LayoutTest(testing.TestCase):
                              r"\._get_ops_details|\._is_graph_network|(from|import) keras\.src|\._trainable_variables|"
                              r"_in_multi_worker_mode|object\.__setattr__|"
                              # MultiHeadAttention's projections, spelled out or built in an f-string
-                             r"_(query|key|value|output)_dense\b|\"_\{\w+\}_dense")
+                             r"(?<!\w)_(query|key|value|output)_dense\b|\"_\{\w+\}_dense")
         offenders = [path for _, path, source in _sources()
                      if path != "_keras_internal.py" and private.search(source)]
         self.assertEqual(offenders, [])
