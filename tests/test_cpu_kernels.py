@@ -35,6 +35,6 @@ class OtherCpuKernelsTest(testing.TestCase):
         flipped = "0" if _onednn_on() else "1"
         env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=flipped, TF_CPP_MIN_LOG_LEVEL="3")
         command = [sys.executable, "-m", "pytest", "-n", "0", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                   "tests/test_int8_coverage.py", "-k", "conv", "tests/layers/test_quantization_aware.py"]
+                   "tests/test_int8_coverage.py", "tests/layers/test_quantization_aware.py", "-k", "conv or Conv"]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         self.assertEqual(done.returncode, 0, f"TF_ENABLE_ONEDNN_OPTS={flipped}:\n{done.stdout[-4000:]}")

@@ -1,6 +1,6 @@
 """`.keras` files written by the single-module `tfopt/distillation.py` load into the package.
 
-The files beside this test (`data/`) were written once by `data/make_legacy_files.py`
+The files beside this test (`data/`) were written once by `data/make_legacy_distillation_files.py`
 before the split; never regenerate them.
 """
 
