@@ -26,8 +26,8 @@ keras-hub stays optional: it is imported only when a keras-hub model arrives.
 
 Example:
 
->>> import numpy as np, tfopt
->>> keras_hub = pytest.importorskip("keras_hub")
+>>> import numpy as np, pytest, tfopt
+>>> keras_hub = pytest.importorskip("keras_hub")  # keras-hub is optional
 >>> lm = keras_hub.models.GPT2CausalLM(keras_hub.models.GPT2Backbone(
 ...     vocabulary_size=64, num_layers=3, num_heads=2, hidden_dim=32, intermediate_dim=64,
 ...     max_sequence_length=16))
@@ -54,8 +54,8 @@ log = logging.getLogger("tfopt")
 
 @dataclasses.dataclass(frozen=True)
 class _Heads:
-    """Where a block's attention heads are: the attention sublayer's weights by
-    the name of the layer holding them, each with its head axis; the config keys."""
+    """Where a block's attention heads are: the attention sublayer's name, its
+    weights by the name of the layer holding them, each with its head axis; the config keys."""
 
     attention: str
     axes: tuple  # ((sublayer name, head axis), ...): query, key, value, output
@@ -67,8 +67,10 @@ class _Heads:
 class _Block:
     """A keras-hub block type as `shrink` reads it.
 
-    up: the attributes of the layers making the feed-forward units (kernel's last axis).
-    down: the attribute of the layer reading them (kernel's first axis).
+    up: the names of the layers making the feed-forward units (kernel's last axis).
+    down: the name of the layer reading them (kernel's first axis); a name ending in "_" is a
+        prefix: the one sublayer of that prefix with a kernel that is not in `up` (keras-hub's
+        blocks: the output projection of their feed-forward part).
     mask_argument: the keyword the backbone passes the padding mask by.
     units_per_dim: `intermediate_dim` per unit (Gemma's config counts gate and up: 2).
     heads: where its heads are, or the reason the config cannot have fewer.
@@ -83,17 +85,16 @@ class _Block:
 
 _NO_HEAD_DIM = ("{backbone} derives the head size as hidden_dim // {key}, so fewer heads of the same size "
                 "cannot be written in its config")
-_GATED = ("_feedforward_intermediate_dense", "_feedforward_gate_dense")
-_BLOCKS = {
-    "TransformerDecoder": _Block(("_feedforward_intermediate_dense",), "_feedforward_output_dense",
-                                 "decoder_padding_mask", heads=_NO_HEAD_DIM),
-    "TransformerEncoder": _Block(("_feedforward_intermediate_dense",), "_feedforward_output_dense",
-                                 "padding_mask", heads=_NO_HEAD_DIM),
-    "LlamaTransformerDecoder": _Block(_GATED, "_feedforward_output_dense", "decoder_padding_mask",
-                                      heads=_NO_HEAD_DIM),
-    "MistralTransformerDecoder": _Block(_GATED, "_feedforward_output_dense", "decoder_padding_mask", heads=_Heads(
-        "_self_attention_layer", (("query", 1), ("key", 1), ("value", 1), ("attention_output", 0)))),
-    "GemmaDecoderBlock": _Block(("gating_ffw", "gating_ffw_2"), "ffw_linear", "padding_mask", units_per_dim=2,
+_GATED = ("feedforward_intermediate_dense", "feedforward_gate_dense")
+_BLOCKS = {  # by the names of the sublayers (their weights' paths say them too)
+    "TransformerDecoder": _Block(("feedforward_intermediate_dense",), "feedforward_", "decoder_padding_mask",
+                                 heads=_NO_HEAD_DIM),
+    "TransformerEncoder": _Block(("feedforward_intermediate_dense",), "feedforward_", "padding_mask",
+                                 heads=_NO_HEAD_DIM),
+    "LlamaTransformerDecoder": _Block(_GATED, "feedforward_", "decoder_padding_mask", heads=_NO_HEAD_DIM),
+    "MistralTransformerDecoder": _Block(_GATED, "feedforward_", "decoder_padding_mask", heads=_Heads(
+        "self_attention", (("query", 1), ("key", 1), ("value", 1), ("attention_output", 0)))),
+    "GemmaDecoderBlock": _Block(("ffw_gating", "ffw_gating_2"), "ffw_linear", "padding_mask", units_per_dim=2,
                                 heads=_Heads("attention", (("query", 0), ("key", 0), ("value", 0),
                                                            ("attention_output", 0)))),
 }
@@ -134,14 +135,34 @@ def _backbone(model):
             "Fix: shrink model.backbone and build the task around it again.")
     spec = _BLOCKS[kinds[0]]
     for i, block in enumerate(blocks):
-        for attribute in (*spec.up, spec.down):
-            for v in getattr(block, attribute).weights:
+        for sublayer in (*spec.up, spec.down):
+            for v in _sublayer(block, sublayer, spec.up).weights:
                 if v.name not in ("kernel", "bias"):
                     raise ValueError(
-                        f"`tfopt.shrink` cuts float kernels, and layer '{block.name}/{getattr(block, attribute).name}' "
+                        f"`tfopt.shrink` cuts float kernels, and layer '{block.name}/{_sublayer(block, sublayer, spec.up).name}' "
                         f"of model {name} holds '{v.name}' (a quantized layer, or LoRA). Fix: shrink the float "
                         "model first, then quantize it or enable LoRA.")
     return backbone, blocks, spec
+
+
+def _attribute(block, name, up=()):
+    """The attribute of `block` holding its sublayer called `name` (keras-hub's attribute names are
+    private and differ between blocks; the sublayers' names are what their weights' paths say).
+    A `name` ending in "_" is a prefix: the one sublayer of that prefix with a kernel not in `up`."""
+    found = [attribute for attribute, value in vars(block).items()
+             if isinstance(value, keras.layers.Layer) and (
+                 value.name == name or name.endswith("_") and value.name.startswith(name) and value.name not in up
+                 and any(v.name == "kernel" for v in value.weights))]
+    if len(found) == 1:
+        return found[0]
+    raise TypeError(
+        f"`tfopt.shrink`: block '{block.name}' ({type(block).__name__}) has {len(found)} sublayers called "
+        f"'{name}{'*' if name.endswith('_') else ''}' (expected one, as this keras-hub version's block had). "
+        "Fix: use the keras-hub version tfopt was checked on (0.32), and report the one you have.")
+
+
+def _sublayer(block, name, up=()):
+    return getattr(block, _attribute(block, name, up))
 
 
 def _count(value, what, total, keep_one):
@@ -156,13 +177,13 @@ def _count(value, what, total, keep_one):
         ok = 0.0 <= value < 1.0
     if not ok:
         raise ValueError(
-            f"`tfopt.shrink({what}=...)` is how many of the model's {total} {what_units(what)} to remove: an int "
+            f"`tfopt.shrink({what}=...)` is how many of the model's {total} {_what_units(what)} to remove: an int "
             f"from 0 to {top}, or a share in [0, 1). Received: {what}={value!r}. Fix: e.g. {what}={max(top // 4, 1)} "
             f"or {what}=0.25.")
-    return value if isinstance(value, int) else int(round(value * total))
+    return value if isinstance(value, int) else min(int(round(value * total)), top)
 
 
-def what_units(what):
+def _what_units(what):
     return {"depth": "blocks", "heads": "key-value head groups per block"}.get(what, "units")
 
 
@@ -186,7 +207,7 @@ def _batches(backbone, data, name):
         ids = np.asarray(item["token_ids"]) if "token_ids" in item else None
         if ids is None or ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             received = ("a dict without 'token_ids'" if ids is None
-                        else f"token ids of dtype {ids.dtype} and shape {ids.shape}")
+                        else f"an array of dtype {ids.dtype} and shape {ids.shape}")
             raise ValueError(
                 f"`tfopt.shrink`: `data` item {i} for model {name} is not token ids (ints of shape (batch, "
                 f"sequence)). Received: {received}. Fix: tokenize first, e.g. data=[model.preprocessor(texts)[0]] "
@@ -228,14 +249,15 @@ def _recording(blocks, spec, units):
     blocks get their own layer back on exit, whatever happens. (A copy of the block
     would leave the user's model alone, but some keras-hub blocks cannot be re-created
     from their config: LlamaTransformerDecoder.get_config reads an attribute it never sets.)"""
-    recorders = [_Recorder(getattr(block, spec.down), units) for block in blocks]
+    attributes = [_attribute(block, spec.down, spec.up) for block in blocks]
+    recorders = [_Recorder(getattr(block, a), units) for block, a in zip(blocks, attributes)]
     try:
-        for block, recorder in zip(blocks, recorders):
-            setattr(block, spec.down, recorder)
+        for block, attribute, recorder in zip(blocks, attributes, recorders):
+            setattr(block, attribute, recorder)
         yield recorders
     finally:
-        for block, recorder in zip(blocks, recorders):
-            setattr(block, spec.down, recorder.layer)
+        for block, attribute, recorder in zip(blocks, attributes, recorders):
+            setattr(block, attribute, recorder.layer)
 
 
 def _cosine(a, b, mask):
@@ -272,10 +294,10 @@ def _calibrate(backbone, blocks, spec, batches, units):
 def _ffn_cuts(block, spec):
     """`[(variable, axis)]`: every feed-forward weight and the axis of its units."""
     cuts = []
-    for attribute in spec.up:
-        for v in getattr(block, attribute).weights:
+    for name in spec.up:
+        for v in _sublayer(block, name).weights:
             cuts.append((v, len(v.shape) - 1))
-    for v in getattr(block, spec.down).weights:
+    for v in _sublayer(block, spec.down, spec.up).weights:
         if v.name == "kernel":
             cuts.append((v, 0))
     return cuts
@@ -287,7 +309,7 @@ def _sublayer_weights(layer, name):
 
 def _head_cuts(block, spec):
     """`[(variable, axis)]`: every attention weight with a head axis."""
-    attention = getattr(block, spec.heads.attention)
+    attention = _sublayer(block, spec.heads.attention)
     return [(v, axis) for name, axis in spec.heads.axes for v in _sublayer_weights(attention, name)]
 
 
