@@ -1,5 +1,7 @@
 """Misuses of pruning (layers, callback, transforms) and what tfopt says."""
 
+import importlib.util
+
 import keras
 import numpy as np
 
@@ -221,6 +223,71 @@ TABLE = [
            raises=ValueError,
            match=r"`tfopt.summary`: model='.*lam.keras' holds Python code \(a Lambda layer\).*safe_mode=False\. "
                  r"Fix: if you trust the file, model = tfopt.load_model\(path, safe_mode=False\)"),
+]
+
+
+
+def _gpt2():
+    """A 2-block GPT-2 causal LM built from its config (nothing downloaded)."""
+    import keras_hub  # optional: these rows run only where keras-hub is installed
+
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=8,
+                                             intermediate_dim=16, max_sequence_length=8)
+    return keras_hub.models.GPT2CausalLM(backbone)
+
+
+def _bert_classifier():
+    import keras_hub  # optional: these rows run only where keras-hub is installed
+
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=8,
+                                             intermediate_dim=16, max_sequence_length=8)
+    return keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+
+
+_TOKENS = np.ones((2, 8), "int32")
+
+if importlib.util.find_spec("keras_hub") is not None:
+    TABLE += [
+        Misuse("shrink of a keras-hub model by depth without data",
+               lambda: tfopt.shrink(_gpt2(), depth=1), raises=ValueError,
+               match=r"`tfopt.shrink\(depth=1\)` of model 'gpt2_causal_lm\w*' \(GPT2CausalLM\) scores blocks by how "
+                     r"much they change the hidden state on calibration tokens .* Received: data=None\. Fix: pass"),
+        Misuse("shrink of a keras-hub model by more blocks than it has",
+               lambda: tfopt.shrink(_gpt2(), depth=2, data=_TOKENS), raises=ValueError,
+               match=r"`tfopt.shrink\(depth=...\)` is how many of the model's 2 blocks to remove: an int from 0 to 1, "
+                     r"or a share in \[0, 1\)\. Received: depth=2\. Fix"),
+        Misuse("shrink of a keras-hub model with nothing to remove",
+               lambda: tfopt.shrink(_gpt2()), raises=ValueError,
+               match=r"`tfopt.shrink` of keras-hub model 'gpt2_causal_lm\w*' \(GPT2CausalLM\) needs what to remove: "
+                     r"fraction=.*Received: none of them\. Fix"),
+        Misuse("shrink of a keras-hub model by heads its config cannot hold fewer of",
+               lambda: tfopt.shrink(_gpt2(), heads=1), raises=ValueError,
+               match=r"`tfopt.shrink\(heads=1\)`: GPT2Backbone derives the head size as hidden_dim // num_heads, so "
+                     r"fewer heads of the same size cannot be written in its config .*Fix: leave heads=None"),
+        Misuse("shrink of a keras-hub model with calibration data that is not token ids",
+               lambda: tfopt.shrink(_gpt2(), depth=1, data=np.array([["a b"], ["c d"]])), raises=ValueError,
+               match=r"`tfopt.shrink`: `data` item 0 for model 'gpt2_causal_lm\w*' \(GPT2CausalLM\) is not token ids "
+                     r"\(ints of shape \(batch, sequence\)\)\. Received: an array of dtype <U3 and shape \(2, 1\)\. "
+                     r"Fix: tokenize first"),
+        Misuse("shrink of a keras-hub model with token ids outside its vocabulary",
+               lambda: tfopt.shrink(_gpt2(), depth=1, data=_TOKENS * 64), raises=ValueError,
+               match=r"`tfopt.shrink`: `data` item 0 for model 'gpt2_causal_lm\w*' \(GPT2CausalLM\) holds token ids from "
+                     r"64 to 64, and its vocabulary has 64 \(ids 0 to 63\)\. Fix"),
+        Misuse("shrink of a keras-hub task other than a Backbone or CausalLM",
+               lambda: tfopt.shrink(_bert_classifier(), 0.5), raises=TypeError,
+               match=r"`tfopt.shrink` takes a keras-hub Backbone or CausalLM, and model '.*' \(BertTextClassifier\) "
+                     r"is another keras-hub task.*Fix: shrink its backbone"),
+        Misuse("shrink of a keras-hub model with an argument for plain Keras models",
+               lambda: tfopt.shrink(_gpt2(), 0.5, importance="taylor"), raises=ValueError,
+               match=r"`tfopt.shrink\(importance=...\)` applies to plain Keras models, not to keras-hub model "
+                     r"'gpt2_causal_lm\w*' \(GPT2CausalLM\).*Received: importance='taylor'\. Fix: leave importance"),
+    ]
+
+TABLE += [
+    Misuse("shrink by depth of a plain Keras model",
+           lambda: tfopt.shrink(_mlp(), depth=1), raises=ValueError,
+           match=r"`tfopt.shrink\(depth=...\)` removes whole transformer blocks or heads of keras-hub models, and "
+                 r"model 'mlp' \(Sequential\) is not one\. Received: depth=1\. Fix: leave it None"),
 ]
 
 
