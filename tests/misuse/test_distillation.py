@@ -48,6 +48,36 @@ def _fit_on(targets, softmax=False, metrics=None):
     student.fit(x, targets, batch_size=8, verbose=0)
 
 
+def _lm(vocab, name, seq=None):
+    """A tiny language model: token ids (batch, seq) -> logits (batch, seq, vocab)."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((seq,), dtype="int32", name="token_ids")
+    hidden = keras.layers.Embedding(vocab, 8, name=f"{name}_embedding")(tokens)
+    model = keras.Model(tokens, keras.layers.Dense(vocab, name=f"{name}_head")(hidden), name=name)
+    if name == "teacher":
+        model.trainable = False
+    return model
+
+
+def _tokens(n=8, seq=6, vocab=12):
+    return (np.arange(n * (seq + 1)).reshape(n, seq + 1) % vocab).astype("int32")
+
+
+def _cached_lm_fit_with_keras_hub_metrics():
+    tokens = _tokens()
+    x_fit, y_fit = D.attach_teacher((tokens[:, :-1], tokens[:, 1:]), _lm(12, "teacher"), top_k=4)
+    student = _lm(12, "student")
+    # keras-hub's CausalLM.compile adds weighted_metrics=[SparseCategoricalAccuracy] unless told otherwise.
+    student.compile("adam", D.DistillationLoss(), weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()])
+    student.fit(x_fit, y_fit, batch_size=4, verbose=0)
+
+
+def _cached_lm_targets_of_another_length():
+    tokens = _tokens(seq=6)
+    _, y_fit = D.attach_teacher((tokens[:, :-1], tokens[:, 1:]), _lm(12, "teacher"), top_k=4)
+    D.DistillationLoss()(y_fit, np.zeros((8, 5, 12), "float32"))
+
+
 _WIDTHS = r"teacher outputs 9 values per sample .* student outputs 10.*Received: teacher width 9, student classes 10.*Fix"
 _SOFTMAX = r"teacher 'teacher' outputs probabilities.*converted with log\(\).*To silence this warning.*"
 
@@ -141,6 +171,69 @@ TABLE = [
         match=r"attach_teacher: the teacher 'teacher' takes inputs of shape \(None, 8\) \(None: any size\), but "
               r"the data's inputs have shape \(16, 5\). Received: x of shape \(16, 5\). Fix: pass inputs shaped "
               r"\(n, 8\)"),
+    Misuse(
+        "attach_teacher with top_k=0",
+        lambda: D.attach_teacher((_tokens()[:, :-1], _tokens()[:, 1:]), _lm(12, "teacher"), top_k=0),
+        raises=ValueError,
+        match=r"attach_teacher: `top_k` \(the teacher's logits kept per position\) must be an integer >= 1. "
+              r"Received: top_k=0. Fix: pass e.g. top_k=32"),
+    Misuse(
+        "attach_teacher with top_k larger than the vocabulary",
+        lambda: D.attach_teacher((_tokens()[:, :-1], _tokens()[:, 1:]), _lm(12, "teacher"), top_k=13),
+        raises=ValueError,
+        match=r"attach_teacher: `top_k` is 13 but the teacher 'teacher' predicts over a vocabulary of 12 tokens.*"
+              r"Received: top_k=13. Fix: pass top_k <= 12"),
+    Misuse(
+        "attach_teacher with top_k and a classifier teacher",
+        lambda: D.attach_teacher((_x(), _y()), _mlp(10, "teacher"), top_k=4),
+        raises=ValueError,
+        match=r"attach_teacher: `top_k` keeps the teacher's top-k logits per position.*the teacher 'teacher' "
+              r"outputs shape \(None, 10\). Received: top_k=4. Fix: leave top_k=None for a classifier"),
+    Misuse(
+        "Distiller with a teacher and a student of different vocabularies",
+        lambda: D.Distiller(_lm(12, "teacher"), _lm(10, "student")),
+        raises=ValueError,
+        match=r"Distiller: the teacher predicts over a vocabulary of 12 tokens .* but the student over 10.*"
+              r"Received: teacher vocabulary 12, student vocabulary 10. Fix: .*vocabulary_size=12"),
+    Misuse(
+        "attach_teacher with a student of another vocabulary",
+        lambda: D.attach_teacher((_tokens()[:, :-1], _tokens()[:, 1:]), _lm(12, "teacher"), top_k=4,
+                                 student=_lm(10, "student")),
+        raises=ValueError,
+        match=r"attach_teacher: the teacher predicts over a vocabulary of 12 tokens \(teacher 'teacher'\) but the "
+              r"student over 10.*Fix: distill from a teacher with the student's tokenizer"),
+    Misuse(
+        "Distiller with a teacher and a student of different sequence lengths",
+        lambda: D.Distiller(_lm(12, "teacher", seq=6), _lm(12, "student", seq=5)),
+        raises=ValueError,
+        match=r"Distiller: the teacher 'teacher' outputs 6 positions per sequence .* student 'student' 5.*"
+              r"Received: sequence lengths 6 and 5. Fix: build both for the same sequence length"),
+    Misuse(
+        "attach_teacher with sequence labels of another length",
+        lambda: D.attach_teacher((_tokens()[:, :-1], _tokens()), _lm(12, "teacher"), top_k=4),
+        raises=ValueError,
+        match=r"attach_teacher: the labels have shape \(8, 7\) but the teacher outputs 6 positions per sequence.*"
+              r"Received: y of shape \(8, 7\). Fix: pass y = token_ids\[:, 1:\] with x = token_ids\[:, :-1\]"),
+    Misuse(
+        "DistillationLoss on cached sequence targets of another length",
+        _cached_lm_targets_of_another_length,
+        raises=ValueError,
+        match=r"DistillationLoss: the targets from `attach_teacher` of shape \(8, 6, 2, 5\) have 6 positions per "
+              r"sequence but the student outputs 5.*Received: 6 positions, student sequence length 5. Fix:"),
+    Misuse(
+        "DistillationLoss on cached sequence targets with a classifier student",
+        lambda: D.DistillationLoss()(D.attach_teacher((_tokens()[:, :-1], _tokens()[:, 1:]), _lm(12, "teacher"),
+                                                      top_k=4)[1], np.zeros((8, 12), "float32")),
+        raises=ValueError,
+        match=r"DistillationLoss: the targets are per-position \(sequence\) targets, so the student's output must "
+              r"be \(batch, seq, vocab\) logits. Received: student output of shape \(8, 12\). Fix:"),
+    Misuse(
+        "cached sequence targets with keras-hub's default weighted_metrics",
+        _cached_lm_fit_with_keras_hub_metrics,
+        raises=ValueError,
+        match=r"DistillationLoss: model 'student' is compiled with weighted_metrics \['SparseCategoricalAccuracy'\] "
+              r"\(keras-hub tasks' `compile` adds.*Received: weighted_metrics=\['SparseCategoricalAccuracy'\]. Fix: "
+              r"compile with `weighted_metrics=\[tfopt.distillation.LabelAccuracy\(\)\]`"),
 ]
 
 

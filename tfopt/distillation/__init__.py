@@ -27,6 +27,11 @@ width differs from the student's number of classes, and plain labels in
 know the packing: use `LabelAccuracy()` (compiling "accuracy" with packed
 targets is a `ValueError` at the first step).
 
+Sequence models: a teacher with `(batch, seq, vocab)` outputs is packed per
+position, `(n, seq, 2, k + 1)` with `attach_teacher(..., top_k=k)` (only its
+top-k logits are kept), and `DistillationLoss` and `Distiller` compute the
+loss per position, averaged over the positions that count.
+
 Teacher outputs are used as logits. A teacher that outputs probabilities (a
 final softmax) is detected (rows non-negative and summing to 1, or a final
 softmax activation) and its outputs converted with `log`, which gives the
@@ -38,7 +43,10 @@ logits in the distillation term): detected from its graph.
 The package has one job per module: `losses` (argument checks, `kd_loss`,
 `logit_mse`, `DistillationLoss`, `LabelAccuracy`), `teacher`
 (`attach_teacher` and the packing of its targets), `features`
-(`FeatureHint`, `AttentionTransfer`) and `distiller` (`Distiller`);
+(`FeatureHint`, `AttentionTransfer`), `sequence` (language models:
+per-position KL or reverse KL over `(batch, seq, vocab)` logits, masked by
+the padding mask and `sample_weight`, and the top-k packing of cached
+teacher logits) and `distiller` (`Distiller`);
 `DistillationSchedule` lives with the other callbacks
 (`tfopt.callbacks.DistillationSchedule`) and is importable from here too.
 """

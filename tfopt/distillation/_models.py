@@ -45,3 +45,20 @@ def _input_shapes(model):
     """The shapes of a Functional/Sequential model's inputs (None for any size), or None if unknown."""
     inputs = _graph_tensors(model, "inputs")
     return [tuple(tensor.shape) for tensor in inputs] if inputs else None
+
+
+def _output_shape(model):
+    """The shape of a Functional/Sequential model's one output, or None if unknown."""
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+        return None
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):  # an unbuilt Sequential
+        return None
+    return tuple(outputs[0].shape) if outputs and len(outputs) == 1 else None
+
+
+def _model_vocab(model):
+    """The vocabulary of a Functional/Sequential model's one `(batch, seq, vocab)` output, or None."""
+    shape = _output_shape(model)
+    return shape[-1] if shape is not None and len(shape) == 3 else None

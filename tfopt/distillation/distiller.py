@@ -7,8 +7,9 @@ import numpy as np
 from keras import ops
 
 from tfopt import _keras_internal, strategies
+from tfopt.distillation import sequence
 from tfopt.distillation._models import _ends_in_softmax
-from tfopt.distillation.features import _FeatureLoss
+from tfopt.distillation.features import FeatureHint, _FeatureLoss
 from tfopt.distillation.losses import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, _as_logits, _check_alpha,
                                        _check_method, _check_student_output, _check_teacher_outputs,
                                        _check_temperature, _distillation_term, _label_loss, _unpack, _value,
@@ -17,12 +18,19 @@ from tfopt.distillation.teacher import _probabilities_warning
 
 
 def _layer_output(model, name, role):
-    names = [layer.name for layer in model.layers]
-    if name not in names:
-        raise ValueError(
-            f"Distiller: the {role} has no layer named '{name}'. Its layers are: {names}"
-        )
-    return model.get_layer(name).output
+    """The output of `model`'s layer `name`; "outer/inner" reaches a layer of a nested model
+    (e.g. "gpt2_backbone/transformer_layer_1" in a keras-hub CausalLM)."""
+    layer = model
+    for part in name.split("/"):
+        names = [child.name for child in getattr(layer, "layers", [])]
+        if part not in names:
+            where = "" if layer is model else f" in '{layer.name}'"
+            raise ValueError(
+                f"Distiller: the {role} has no layer named '{part}'{where}. Its layers are: {names}. "
+                "A layer of a nested model is named 'outer/inner'."
+            )
+        layer = layer.get_layer(part)
+    return layer.output
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
@@ -47,11 +55,29 @@ class Distiller(keras.Model):
     the student to be Functional or Sequential models (their layers' outputs
     must be reachable); learned projections live in the Distiller.
 
+    Sequence models (language models, e.g. keras-hub CausalLMs): when the
+    student outputs `(batch, seq, vocab)` logits the loss is per position,
+    `alpha *` next-token sparse crossentropy `+ (1 - alpha) *` the
+    distillation term between the teacher's and the student's distributions
+    at that position, averaged over the positions that count: the inputs'
+    `"padding_mask"` (dict inputs `{"token_ids", "padding_mask"}`) times
+    `fit`'s `sample_weight` (shape `(batch, seq)`). `y` holds the next
+    tokens, aligned with the outputs (`y[:, i]` is the target at position
+    `i`; -1: none): `fit(x_dict, y_tokens, sample_weight=mask)`. Feature
+    losses reach blocks inside a nested backbone by "outer/inner" names
+    (`FeatureHint("gpt2_backbone/transformer_layer_1",
+    "gpt2_backbone/transformer_layer_0")`), with a learned projection when
+    the widths differ; on sequences they count only the positions of the
+    padding mask.
+
     Args:
-        teacher: a trained Keras model with one (batch, classes) output.
+        teacher: a trained Keras model with one (batch, classes) output, or
+            a sequence model with one (batch, seq, vocab) output.
         student: a Keras model with the same output shape (a different
-            number of classes is a `ValueError` at construction).
-        temperature, alpha, method: as in `DistillationLoss`.
+            number of classes, or another vocabulary, is a `ValueError` at
+            construction).
+        temperature, alpha, method: as in `DistillationLoss` (`method`:
+            "kd", "reverse_kl" or "mse").
         from_logits: None (detect), True or False: the student outputs
             logits (True) or probabilities (False; then the teacher is read
             as probabilities too unless `teacher_outputs="logits"`). None
@@ -135,7 +161,18 @@ class Distiller(keras.Model):
                 raise ValueError(f"Distiller: the {role} has {len(out)} outputs; distillation needs one.")
             outs.append(out[0] if out else None)
         t, s = outs
-        if t is not None and s is not None:
+        if t is not None and s is not None and len(t.shape) == len(s.shape) == 3:
+            if None not in (t.shape[-1], s.shape[-1]) and t.shape[-1] != s.shape[-1]:
+                raise sequence.vocab_mismatch("Distiller", t.shape[-1], s.shape[-1],
+                                              f"teacher '{self.teacher.name}', output shape {tuple(t.shape)}")
+            if None not in (t.shape[1], s.shape[1]) and t.shape[1] != s.shape[1]:
+                raise ValueError(
+                    f"Distiller: the teacher '{self.teacher.name}' outputs {t.shape[1]} positions per sequence "
+                    f"(shape {tuple(t.shape)}) but the student '{self.student.name}' {s.shape[1]} (shape "
+                    f"{tuple(s.shape)}): distillation compares them position by position. Received: sequence "
+                    f"lengths {t.shape[1]} and {s.shape[1]}. Fix: build both for the same sequence length (or None)."
+                )
+        elif t is not None and s is not None:
             if t.shape[-1] != s.shape[-1] or len(t.shape) != len(s.shape):
                 raise ValueError(
                     f"Distiller: the teacher's output shape {tuple(t.shape)} and the student's "
@@ -202,6 +239,10 @@ class Distiller(keras.Model):
             teacher_out, teacher_feats = self.teacher(x, training=False), None
         teacher = ops.stop_gradient(teacher_out)
         teacher = _as_logits(teacher) if self.teacher_outputs == "probabilities" else ops.cast(teacher, "float32")
+        if len(y_pred.shape) == 3:  # a sequence model: per position, over the positions that count
+            mask = sequence.input_mask(x)
+            total = self._sequence_loss(y, y_pred, teacher, mask, sample_weight)
+            return self._add_features_and_regularizers(total, teacher_feats, student_feats, mask)
         classes = _check_student_output(y_pred, "Distiller")
         if None not in (teacher.shape[-1], classes) and teacher.shape[-1] != classes:  # subclassed models
             raise _width_mismatch("Distiller", teacher.shape[-1], classes, f"teacher '{self.teacher.name}'")
@@ -227,13 +268,47 @@ class Distiller(keras.Model):
             total = ops.mean(distill if weights is None else distill * weights)
             if y is not None:
                 total = total + alpha * self._supervised_loss(y, y_pred, sample_weight)
+        return self._add_features_and_regularizers(total, teacher_feats, student_feats)
+
+    def _add_features_and_regularizers(self, total, teacher_feats, student_feats, mask=None):
         if teacher_feats is not None and student_feats is not None:
             for f, projection, t, s in zip(self.feature_losses, self.projections, teacher_feats, student_feats):
                 if projection is not None:
                     s = projection(s)
-                total = total + f.weight * f(ops.stop_gradient(t), s)
+                if mask is not None and isinstance(f, FeatureHint) and len(s.shape) == 3:
+                    diff = ops.mean(ops.square(ops.cast(ops.stop_gradient(t), "float32") - ops.cast(s, "float32")),
+                                    axis=-1)
+                    total = total + f.weight * sequence.masked_mean(diff, sequence.position_weights(diff, mask))
+                else:
+                    total = total + f.weight * f(ops.stop_gradient(t), s)
         if self.student.losses:  # the student's regularizers (not the frozen teacher's)
             total = total + ops.sum(self.student.losses)
+        return total
+
+    def _sequence_loss(self, y, y_pred, teacher, mask, sample_weight):
+        """The scalar loss of a batch of a sequence student `(batch, seq, vocab)` (see the class docstring)."""
+        if None not in (teacher.shape[-1], y_pred.shape[-1]) and teacher.shape[-1] != y_pred.shape[-1]:
+            raise sequence.vocab_mismatch("Distiller", teacher.shape[-1], y_pred.shape[-1],
+                                          f"teacher '{self.teacher.name}'")  # subclassed models
+        if y is not None:
+            y = ops.convert_to_tensor(y)
+            if sequence.is_packed(tuple(y.shape)):
+                raise ValueError(
+                    f"Distiller: `y` has shape {tuple(y.shape)}, the packed targets of `attach_teacher`, but a "
+                    "Distiller runs the teacher itself and takes the next tokens as labels. Received: y of shape "
+                    f"{tuple(y.shape)}. Fix: pass the next tokens (shape (batch, seq)) as `y`, or train the "
+                    "student itself with `DistillationLoss` on the packed targets."
+                )
+        step = self._step()
+        temperature, alpha = _value(self.temperature, step), _value(self.alpha, step)
+        if self._student_loss is None:
+            return sequence.sequence_loss(y, y_pred, temperature, alpha, self.method, sample_weight=sample_weight,
+                                          mask=mask, teacher=teacher, from_logits=self.from_logits, who="Distiller")
+        total = sequence.sequence_loss(None, y_pred, temperature, alpha, self.method, sample_weight=sample_weight,
+                                       mask=mask, teacher=teacher, from_logits=self.from_logits, who="Distiller")
+        if y is not None:
+            weights = sequence.position_weights(y_pred[:, :, 0], mask, sample_weight)
+            total = total + alpha * self._supervised_loss(y, y_pred, weights)
         return total
 
     def _supervised_loss(self, y, y_pred, sample_weight):

@@ -54,7 +54,7 @@ class FeatureHint(_FeatureLoss):
             )
         if teacher_shape[-1] == student_shape[-1]:
             return None
-        return keras.layers.Dense(teacher_shape[-1], use_bias=False, name=f"hint_{self.student_layer}")
+        return keras.layers.Dense(teacher_shape[-1], use_bias=False, name=f"hint_{self.student_layer.replace('/', '_')}")
 
     def __call__(self, teacher, student):
         return ops.mean(ops.square(ops.cast(teacher, "float32") - ops.cast(student, "float32")))

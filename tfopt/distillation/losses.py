@@ -17,6 +17,7 @@ import numpy as np
 from keras import ops
 
 from tfopt import _backend
+from tfopt.distillation import sequence
 from tfopt.distillation._models import _ends_in_softmax
 
 
@@ -29,7 +30,7 @@ from tfopt.distillation._models import _ends_in_softmax
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.5
 
-_METHODS = ("kd", "mse")
+_METHODS = ("kd", "reverse_kl", "mse")
 _TEACHER_OUTPUTS = ("logits", "probabilities")
 _TINY = float(np.finfo(np.float32).tiny)  # log(_TINY) ~ -87.3: a probability of 0 as a logit
 
@@ -126,8 +127,9 @@ def _label_loss(labels, student, sparse, from_logits):
 def _check_student_output(y_pred, who):
     if len(y_pred.shape) != 2:
         raise ValueError(
-            f"{who}: the student's output must be (batch, classes) for distillation. "
-            f"Received shape {tuple(y_pred.shape)}. Flatten it, or distill a classification head."
+            f"{who}: the student's output must be (batch, classes) for classification distillation, or "
+            f"(batch, seq, vocab) logits with per-position targets. Received shape {tuple(y_pred.shape)}. Fix: "
+            "distill a classification head, or a language model's (batch, seq, vocab) logits."
         )
     return y_pred.shape[-1]
 
@@ -201,6 +203,10 @@ def _distillation_term(teacher_logits, y_pred, temperature, method, from_logits)
         log_t = _log_softmax(teacher_logits, temperature, True)
         log_s = _log_softmax(y_pred, temperature, from_logits)
         return (temperature**2) * ops.sum(ops.exp(log_t) * (log_t - log_s), axis=-1)
+    if method == "reverse_kl":
+        log_t = _log_softmax(teacher_logits, temperature, True)
+        log_s = _log_softmax(y_pred, temperature, from_logits)
+        return (temperature**2) * ops.sum(ops.exp(log_s) * (log_s - log_t), axis=-1)
     if from_logits:
         return logit_mse(teacher_logits, y_pred)
     return logit_mse(ops.softmax(ops.cast(teacher_logits, "float32"), axis=-1), y_pred)
@@ -267,10 +273,12 @@ def _metric_names(metrics):
 
 
 def _accuracy_metrics(model):
-    """The names of `model`'s compiled accuracy metrics, which cannot read packed targets."""
+    """`(argument, names)`: `model`'s compiled accuracy metrics, which cannot read packed targets, and the
+    `compile` argument they came in ("metrics", or "weighted_metrics" when only there)."""
     config = _backend.in_init_scope(model.get_compile_config) or {}  # serializes the optimizer: eagerly
-    return [name for name in _metric_names(config.get("metrics")) + _metric_names(config.get("weighted_metrics"))
-            if name in _ACCURACIES]
+    plain = [name for name in _metric_names(config.get("metrics")) if name in _ACCURACIES]
+    weighted = [name for name in _metric_names(config.get("weighted_metrics")) if name in _ACCURACIES]
+    return ("metrics", plain + weighted) if plain else ("weighted_metrics", weighted)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
@@ -293,7 +301,9 @@ class DistillationLoss(keras.losses.Loss):
             `keras.optimizers.schedules.LearningRateSchedule` of the step
             (with `DistillationSchedule()` among the callbacks).
         alpha: weight of the label loss in [0, 1] (or a schedule).
-        method: "kd" (Hinton: `T**2`-scaled KL of softened softmaxes) or
+        method: "kd" (Hinton: `T**2`-scaled KL(teacher || student) of
+            softened softmaxes), "reverse_kl" (`T**2`-scaled KL(student ||
+            teacher): mode-seeking, often preferred for language models) or
             "mse" (squared difference of logits; `temperature` unused).
         from_logits: the student outputs logits (True) or probabilities
             (False). The cached teacher outputs are always logits:
@@ -313,6 +323,18 @@ class DistillationLoss(keras.losses.Loss):
     a `ValueError` naming `LabelAccuracy`, the metric to use instead (it
     reads packed targets and plain labels alike). These checks read the
     model whose `train_step`/`test_step` calls the loss, once per trace.
+
+    Sequence models (language models): with `attach_teacher`'s per-position
+    targets `(n, seq, 2, k + 1)` (the teacher's top-k logits, see
+    `attach_teacher(..., top_k=)`) and a student that outputs
+    `(batch, seq, vocab)` logits, the loss is per position: `alpha *`
+    next-token crossentropy `+ (1 - alpha) *` the KL over the teacher's
+    top-k support (its softmax renormalized over the top-k, against the
+    student's log-probabilities there; exact when `k` is the vocabulary),
+    averaged over the positions that count: those of the padding mask cached
+    with the targets, times `fit`'s `sample_weight` of shape `(batch, seq)`.
+    Plain labels `(batch, seq)` (next tokens, -1: none) give the
+    crossentropy alone, for `evaluate`.
 
     Example:
     >>> import keras, numpy as np, tfopt
@@ -343,6 +365,17 @@ class DistillationLoss(keras.losses.Loss):
         """Makes temperature/alpha schedules read `step` (a variable) in-graph."""
         self.step = step
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+        if len(y_pred.shape) != 3 and not sequence.is_packed(tuple(y_true.shape)):
+            return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        # Per-position targets: a scalar averaged over the positions that count (a Keras reduction
+        # would divide by every position, padding included).
+        from_logits = self._check_model(y_true)
+        return sequence.sequence_loss(
+            y_true, y_pred, _value(self.temperature, self.step), _value(self.alpha, self.step), self.method,
+            sample_weight=sample_weight, from_logits=from_logits)
+
     def call(self, y_true, y_pred):
         return distillation_per_sample(y_true, y_pred, self.temperature, self.alpha, self.method,
                                        self._check_model(y_true), self.step)
@@ -355,7 +388,7 @@ class DistillationLoss(keras.losses.Loss):
         if model is None or self not in keras.tree.flatten(getattr(model, "loss", None) or []):
             return self.from_logits  # called directly, or as a Distiller's supervised loss
         shape = tuple(y_true.shape)
-        packed = len(shape) == 3 and shape[1] == 2
+        packed = (len(shape) == 3 and shape[1] == 2) or sequence.is_packed(shape)
         if step == "train_step" and not packed:
             _forget_step_functions(model)
             raise ValueError(
@@ -367,15 +400,17 @@ class DistillationLoss(keras.losses.Loss):
                 "student)`. (Plain labels are fine for `evaluate`.)"
             )
         if packed:
-            unreadable = _accuracy_metrics(model)
+            argument, unreadable = _accuracy_metrics(model)
             if unreadable:
                 _forget_step_functions(model)
+                default = (" (keras-hub tasks' `compile` adds SparseCategoricalAccuracy there unless given "
+                           "weighted_metrics)" if argument == "weighted_metrics" else "")
                 raise ValueError(
-                    f"DistillationLoss: model '{model.name}' is compiled with metrics {unreadable}, which "
-                    f"compare the student's outputs with the whole target, but the targets are the packed "
+                    f"DistillationLoss: model '{model.name}' is compiled with {argument} {unreadable}{default}, "
+                    f"which compare the student's outputs with the whole target, but the targets are the packed "
                     f"targets of `attach_teacher` (shape {shape}: label and teacher outputs), so they would fail "
-                    f"(\"Cannot squeeze axis=-1\") or count wrong. Received: metrics={unreadable}. Fix: compile "
-                    "with `metrics=[tfopt.distillation.LabelAccuracy()]`, which reads the labels inside packed "
+                    f"(\"Cannot squeeze axis=-1\") or count wrong. Received: {argument}={unreadable}. Fix: compile "
+                    f"with `{argument}=[tfopt.distillation.LabelAccuracy()]`, which reads the labels inside packed "
                     "targets (and plain labels too)."
                 )
         if self.from_logits and _ends_in_softmax(model):
@@ -412,6 +447,9 @@ class LabelAccuracy(keras.metrics.Metric):
     """Top-1 accuracy against the labels inside packed distillation targets
     (`attach_teacher`'s `(n, 2, classes)`; samples without a label are
     skipped), or against plain labels (class indices, -1 skipped, or one-hot).
+    For a sequence student (`(batch, seq, vocab)` outputs) it is the
+    next-token accuracy over the positions that count (packed sequence
+    targets' padding mask, labels not -1, `sample_weight`).
 
     Example:
     >>> import numpy as np
@@ -430,6 +468,17 @@ class LabelAccuracy(keras.metrics.Metric):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+        if len(y_pred.shape) == 3:  # per position: packed sequence targets or next-token labels
+            if sequence.is_packed(tuple(y_true.shape)):
+                labels, counted = sequence.unpack(y_true)[:2]
+            else:
+                sequence.check_labels(tuple(y_true.shape), tuple(y_pred.shape), "LabelAccuracy")
+                labels, counted = ops.cast(ops.reshape(y_true, ops.shape(y_true)[:2]), "float32"), None
+            weight = sequence.position_weights(labels, counted, ops.cast(labels >= 0, "float32"), sample_weight)
+            hit = ops.cast(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "float32"), labels), "float32")
+            self.correct.assign_add(ops.sum(hit * weight))
+            self.count.assign_add(ops.sum(weight))
+            return
         labels, has_label, _, sparse = _unpack(y_true, y_pred.shape[-1], "LabelAccuracy")
         target = labels if sparse else ops.cast(ops.argmax(labels, axis=-1), "float32")
         hit = ops.cast(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "float32"), target), "float32")

@@ -2,7 +2,10 @@
 
 Packed targets are, per sample, a `(2, classes)` array: row 0 the label,
 one-hot (all zeros: no label), row 1 the teacher's logits (probabilities are
-converted with `log`).
+converted with `log`). A sequence model's (a language model's `(batch, seq,
+vocab)` logits) are packed per position, keeping the teacher's top-k logits:
+`(n, seq, 2, k + 1)`, row 0 `[label, top-k indices]` and row 1 `[weight,
+top-k logits]` (see `tfopt.distillation.sequence`).
 """
 
 import numbers
@@ -12,7 +15,8 @@ import warnings
 import keras
 import numpy as np
 
-from tfopt.distillation._models import _ends_in_softmax, _input_shapes, _model_classes
+from tfopt.distillation import sequence
+from tfopt.distillation._models import _ends_in_softmax, _input_shapes, _model_classes, _model_vocab, _output_shape
 from tfopt.distillation.losses import _TINY, _check_teacher_outputs, _width_mismatch
 
 
@@ -194,6 +198,132 @@ def _check_teacher_inputs(teacher, x):
         )
 
 
+def _slice(x, start, stop):
+    if isinstance(x, dict):
+        return {key: value[start:stop] for key, value in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(value[start:stop] for value in x)
+    return x[start:stop]
+
+
+def _run_teacher(teacher, x, run):
+    """`run()`'s outputs; a teacher that cannot run on `x` is a ValueError naming it and the data's shapes."""
+    import tensorflow as tf
+
+    try:
+        outputs = run()
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+        shapes = [tuple(np.shape(part)) for part in _parts(x)[1]]
+        first = _first_line(error)
+        raise ValueError(
+            f"attach_teacher: the teacher '{teacher.name}' ({type(teacher).__name__}) could not run on the "
+            f"data ({type(error).__name__}: {first}). Received: inputs of shape "
+            f"{', '.join(map(str, shapes))}. Fix: pass the inputs the teacher was trained on, shaped and "
+            "preprocessed the same way."
+        ) from error
+    if isinstance(outputs, (list, tuple, dict)):
+        raise ValueError(
+            "attach_teacher: the teacher has several outputs; distillation needs one "
+            "(batch, classes) output. Wrap it in a model that returns the head to distill."
+        )
+    return outputs
+
+
+def _not_a_sequence(teacher_name, shape, top_k):
+    return ValueError(
+        f"attach_teacher: `top_k` keeps the teacher's top-k logits per position of a sequence model's "
+        f"(batch, seq, vocab) output, but the teacher{teacher_name} outputs shape {shape}. Received: "
+        f"top_k={top_k}. Fix: leave top_k=None for a classifier (its whole output is cached)."
+    )
+
+
+def _sequence_targets(x, y, n, teacher, top_k, batch_size, teacher_outputs, student_vocab):
+    """attach_teacher's packed targets for a sequence teacher: `(n, seq, 2, k + 1)` (see the module docstring).
+
+    The teacher runs batch by batch and only its top-k logits per position are kept, so the
+    full `(n, seq, vocab)` outputs are never held."""
+    is_model = isinstance(teacher, keras.Model)
+    name = f" '{teacher.name}'" if is_model else ""
+    graph_vocab = _model_vocab(teacher)
+    sequence.check_top_k_fits(top_k, graph_vocab, name)
+    if student_vocab is not None and graph_vocab not in (None, student_vocab):
+        raise sequence.vocab_mismatch("attach_teacher", graph_vocab, student_vocab, f"teacher{name}")
+    probabilities = teacher_outputs == "probabilities"
+    if teacher_outputs is None and _ends_in_softmax(teacher):
+        probabilities = True
+        warnings.warn(_probabilities_warning("attach_teacher", name, "its final activation is softmax"),
+                      UserWarning, stacklevel=3)
+    values, indices = [], []
+    for start in range(0, n, batch_size if is_model else n):
+        if is_model:
+            out = _run_teacher(teacher, x, lambda: teacher.predict_on_batch(_slice(x, start, start + batch_size)))
+        else:
+            out = teacher
+        out = np.asarray(out)
+        if out.ndim != 3:
+            raise _not_a_sequence(name, out.shape, top_k)
+        if not np.issubdtype(out.dtype, np.floating):
+            raise ValueError(
+                f"attach_teacher: the teacher's outputs are {out.dtype}, not floats; distillation needs logits "
+                "or probabilities."
+            )
+        vocab = out.shape[-1]
+        sequence.check_top_k_fits(top_k, vocab, name)
+        if student_vocab is not None and vocab != student_vocab:
+            raise sequence.vocab_mismatch("attach_teacher", vocab, student_vocab,
+                                          f"teacher outputs of shape {out.shape}")
+        if probabilities:
+            if out.size and out.min() < 0:
+                raise ValueError(
+                    f"attach_teacher: `teacher_outputs=\"probabilities\"` but the teacher's outputs have negative "
+                    f"values (min {out.min():.4g}), so they are logits. Received: teacher_outputs="
+                    "'probabilities'. Fix: pass teacher_outputs=\"logits\", or leave it None to detect."
+                )
+            out = np.log(np.maximum(out, _TINY))
+        v, i = sequence.top_k_numpy(out, top_k or vocab)
+        values.append(v)
+        indices.append(i)
+    values, indices = np.concatenate(values), np.concatenate(indices)
+    seq = values.shape[1]
+    weights = np.ones((n, seq), "float32")
+    if isinstance(x, dict) and "padding_mask" in x:
+        mask = np.asarray(x["padding_mask"])
+        if mask.shape != (n, seq):
+            raise ValueError(
+                f"attach_teacher: the inputs' padding_mask has shape {mask.shape} but the teacher outputs {seq} "
+                f"positions for each of the {n} sequences. Received: padding_mask of shape {mask.shape}. Fix: "
+                f"pass a padding_mask shaped like token_ids, ({n}, {seq})."
+            )
+        weights = mask.astype("float32")
+    return sequence.pack(_sequence_labels(y, n, seq, vocab), weights, values, indices)
+
+
+def _sequence_labels(y, n, seq, vocab):
+    """`(n, seq)` next-token labels as floats (-1: none), checked against the teacher's outputs."""
+    if y is None:
+        return np.full((n, seq), -1.0, "float32")
+    labels = np.asarray(y)
+    if labels.ndim == 3 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.ndim != 2 or labels.shape[1] != seq:
+        raise ValueError(
+            f"attach_teacher: the labels have shape {labels.shape} but the teacher outputs {seq} positions per "
+            f"sequence: sequence labels are the next token at each output position, shape (n, {seq}). Received: "
+            f"y of shape {labels.shape}. Fix: pass y = token_ids[:, 1:] with x = token_ids[:, :-1] (-1: no label)."
+        )
+    if np.issubdtype(labels.dtype, np.floating) and not np.all(labels == np.round(labels)):
+        raise ValueError(
+            f"attach_teacher: sequence labels must be token ids (or -1 for none); received {labels.dtype} "
+            "labels that are not whole numbers. Fix: pass the next tokens' ids."
+        )
+    if labels.size and (labels.min() < -1 or (vocab is not None and labels.max() >= vocab)):
+        raise ValueError(
+            f"attach_teacher: sequence labels must be token ids in [0, {vocab}) (or -1 for none). Received labels "
+            f"from {labels.min()} to {labels.max()}."
+        )
+    return labels.astype("float32")
+
+
 def _first_line(error):
     """The line of a Keras/TensorFlow error that says what went wrong (not "Exception encountered ...")."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
@@ -201,7 +331,8 @@ def _first_line(error):
     return lines[0].rstrip(".") if lines else type(error).__name__
 
 
-def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outputs=None, student=None):
+def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outputs=None, student=None,
+                   top_k=None):
     """Runs `teacher` once over `data` and returns it with the teacher's outputs in the targets.
 
     Args:
@@ -220,16 +351,27 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
             final softmax or rows non-negative summing to 1, are converted
             with `log` with a warning), "logits" (use as they are), or
             "probabilities" (convert with `log`, no warning).
-        student: optional, the student model (or its number of classes), to
-            check now that the teacher outputs one value per student class;
-            otherwise `DistillationLoss` checks at its first call.
+        student: optional, the student model (or its number of classes, or
+            of tokens for a sequence model), to check now that the teacher
+            outputs one value per student class; otherwise
+            `DistillationLoss` checks at its first call.
+        top_k: for a sequence teacher (a language model with
+            `(batch, seq, vocab)` logits): how many of its largest logits to
+            keep per position (an integer in [1, vocab]); None keeps the
+            whole vocabulary (exact, but `n * seq * vocab` values). The
+            teacher runs batch by batch, so its full outputs are never held.
 
     Returns:
         `(x, y_packed)` arrays for array inputs, or a `tf.data.Dataset` of
         `(x, y_packed)` batches for a dataset (held in memory). `y_packed` has
         shape `(n, 2, classes)`: per sample the one-hot label (all zeros: no
         label) and the teacher's logits. Use them with a student compiled
-        with `DistillationLoss`.
+        with `DistillationLoss`. For a sequence teacher `y_packed` has shape
+        `(n, seq, 2, k + 1)`: per position `[label, top-k token indices]`
+        over `[weight, top-k logits]`, where the label is the next token
+        (`y` of shape `(n, seq)`, -1: none) and the weight the inputs'
+        `"padding_mask"` (dict inputs, as keras-hub's CausalLMs take; 1
+        without one), so padding does not count in `DistillationLoss`.
 
     Raises:
         ValueError: `data` holds no samples; inputs of a shape a Functional
@@ -251,7 +393,17 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
     import tensorflow as tf
 
     teacher_outputs = _check_teacher_outputs(teacher_outputs, "attach_teacher")
-    classes = _student_classes(student)
+    top_k = sequence.check_top_k(top_k)
+    teacher_shape = _output_shape(teacher) if isinstance(teacher, keras.Model) else np.shape(teacher)
+    is_sequence = top_k is not None or (teacher_shape is not None and len(teacher_shape) == 3)
+    if top_k is not None and teacher_shape is not None and len(teacher_shape) != 3:
+        raise _not_a_sequence(f" '{teacher.name}'" if isinstance(teacher, keras.Model) else "", teacher_shape,
+                              top_k)
+    if is_sequence:
+        student_vocab = _model_vocab(student) if isinstance(student, keras.Model) else _student_classes(student)
+        classes = None
+    else:
+        classes = _student_classes(student)
     if classes is not None and _model_classes(teacher) not in (None, classes):
         raise _width_mismatch("attach_teacher", _model_classes(teacher), classes, f"teacher '{teacher.name}'")
     as_dataset = isinstance(data, tf.data.Dataset)
@@ -271,7 +423,10 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
         x = _concat([x, unlabelled])
         if y is not None:
             y = np.asarray(y)
-            if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
+            if is_sequence:  # next-token labels: -1, none
+                y = np.concatenate([y, np.full((n_extra,) + y.shape[1:], -1, np.int64 if not np.issubdtype(
+                    y.dtype, np.floating) else y.dtype)])
+            elif y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
                 y = y.reshape(-1)
                 if not np.issubdtype(y.dtype, np.floating):
                     y = y.astype(np.int64)  # unsigned labels could not hold -1
@@ -288,22 +443,24 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
         )
     if isinstance(teacher, keras.Model):
         _check_teacher_inputs(teacher, x)
-        try:
-            outputs = teacher.predict(x, batch_size=batch_size, verbose=0)
-        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
-            shapes = [tuple(np.shape(part)) for part in _parts(x)[1]]
-            first = _first_line(error)
+    if is_sequence:
+        if not isinstance(teacher, keras.Model) and len(teacher) != n:
             raise ValueError(
-                f"attach_teacher: the teacher '{teacher.name}' ({type(teacher).__name__}) could not run on the "
-                f"data ({type(error).__name__}: {first}). Received: inputs of shape "
-                f"{', '.join(map(str, shapes))}. Fix: pass the inputs the teacher was trained on, shaped and "
-                "preprocessed the same way."
-            ) from error
-        if isinstance(outputs, (list, tuple, dict)):
-            raise ValueError(
-                "attach_teacher: the teacher has several outputs; distillation needs one "
-                "(batch, classes) output. Wrap it in a model that returns the head to distill."
+                f"attach_teacher: the cached teacher outputs have {len(teacher)} rows but the data has "
+                f"{n} samples. Recompute them on exactly these inputs, in this order."
             )
+        packed = _sequence_targets(x, y, n, teacher, top_k, batch_size, teacher_outputs, student_vocab)
+        if as_dataset:
+            return tf.data.Dataset.from_tensor_slices((x, packed)).batch(batch_size)
+        return x, packed
+    if isinstance(teacher, keras.Model):
+        outputs = _run_teacher(teacher, x, lambda: teacher.predict(x, batch_size=batch_size, verbose=0))
+        if np.ndim(outputs) == 3:  # a subclassed sequence model: its outputs, whole
+            packed = _sequence_targets(x, y, n, np.asarray(outputs), None, n, teacher_outputs,
+                                       _model_vocab(student) if isinstance(student, keras.Model) else classes)
+            if as_dataset:
+                return tf.data.Dataset.from_tensor_slices((x, packed)).batch(batch_size)
+            return x, packed
     else:
         outputs = np.asarray(teacher)
         if len(outputs) != n:
