@@ -182,7 +182,7 @@ def _collective_ops(strategy, model, x, y):
     return collections.Counter(n.op for n in nodes if n.op.startswith("Collective") or "AllReduce" in n.op)
 
 
-def _inverted_residual_net(blocks=8):
+def _inverted_residual_net(blocks=5):
     """MobileNetV2's pattern, small enough to trace quickly: expand, depthwise,
     project, with BatchNormalizations (folded under QAT), ReLU6 and residual adds."""
     inputs = keras.Input((16, 16, 3))
@@ -215,7 +215,7 @@ class CollectiveCountTest(testing.TestCase):
                 model.optimizer.build(model.trainable_variables)
             counts[kind] = sum(_collective_ops(strategy, model, x[:4], y[:4]).values())
         ranges = sum(1 for v in model.weights if v.path.endswith("range_max"))
-        self.assertGreater(ranges, 40)  # (one collective each before)
+        self.assertGreater(ranges, 25)  # (one collective each before)
         # Masks come from weights that are already equal on every replica: no collective.
         self.assertEqual(counts["pruned"], counts["plain"])
         # Every range and folded BatchNormalization: one collective per replica in all.
