@@ -13,6 +13,7 @@ Checked against Keras 3.11.3 and 3.15.1 (TensorFlow 2.20 and 2.21).
 """
 
 import contextlib
+import inspect
 import logging
 
 import keras
@@ -39,6 +40,7 @@ __all__ = [
     "litert_ops",
     "add_replica_local_weight",
     "replica_local_variable",
+    "stepping_model",
     "attention_projection",
 ]
 
@@ -378,3 +380,24 @@ def convnext_layer_scale():
     except ImportError:
         return None
     return LayerScale
+
+
+# --- the train step being traced -------------------------------------------------------
+def stepping_model():
+    """`(model, "train_step" or "test_step")` for the Keras model whose step is
+    running the caller, or `(None, None)`. A loss learns which model compiled it
+    only this way: Keras calls `Model.compute_loss` from `train_step`/`test_step`
+    (checked on the versions in CHECKED_KERAS_VERSIONS) and passes the loss no
+    model. Read from the Python stack while the step is traced, so once per graph."""
+    frame = inspect.currentframe()
+    for _ in range(200):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            break
+        name = frame.f_code.co_name
+        if name in ("train_step", "test_step"):
+            model = frame.f_locals.get("self")
+            if isinstance(model, keras.Model):
+                return model, name
+    return None, None
+

@@ -7,7 +7,6 @@
 targets.
 """
 
-import inspect
 import math
 import numbers
 import warnings
@@ -16,7 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _backend
+from tfopt import _backend, _keras_internal
 from tfopt.distillation import sequence
 from tfopt.distillation._models import _ends_in_softmax
 
@@ -228,22 +227,6 @@ def distillation_per_sample(y_true, y_pred, temperature, alpha, method, from_log
     return alpha * has_label * label_loss + (1.0 - alpha) * teach
 
 
-def _stepping_model():
-    """`(model, "train_step" or "test_step")` for the Keras model whose step is running the caller
-    (read from the Python stack, while the step is traced), or `(None, None)`."""
-    frame = inspect.currentframe()
-    for _ in range(200):
-        frame = frame.f_back if frame is not None else None
-        if frame is None:
-            break
-        name = frame.f_code.co_name
-        if name in ("train_step", "test_step"):
-            model = frame.f_locals.get("self")
-            if isinstance(model, keras.Model):
-                return model, name
-    return None, None
-
-
 def _forget_step_functions(model):
     """Drops the step functions being traced, which an error is about to interrupt: fixed, the next `fit`
     traces anew (a retrace of the interrupted function could not create the optimizer's variables)."""
@@ -384,7 +367,7 @@ class DistillationLoss(keras.losses.Loss):
         """`from_logits` for the model whose `train_step`/`test_step` calls this loss, after the checks
         that need that model: plain labels in `fit`, metrics that cannot read packed targets, a student
         ending in softmax. Runs when the step is traced (once per graph), not at every step."""
-        model, step = _stepping_model()
+        model, step = _keras_internal.stepping_model()
         if model is None or self not in keras.tree.flatten(getattr(model, "loss", None) or []):
             return self.from_logits  # called directly, or as a Distiller's supervised loss
         shape = tuple(y_true.shape)

@@ -86,12 +86,13 @@ def plain_copy(layer):
         return layer.__class__.from_config(config)
     except (TypeError, ValueError, NotImplementedError) as e:
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        cause = cause if len(cause) <= 160 else cause[:157] + "..."
         warnings.warn(
             f"Layer '{layer.name}' ({type(layer).__name__}) cannot be re-created from its config "
             f"({cause}), so the new model reuses this layer object: it shares the layer and its "
-            "weights with the model it came from. Fix: give "
-            f"`{type(layer).__name__}.__init__` a `**kwargs` argument passed on to "
-            "`super().__init__(**kwargs)` (and a `get_config` that returns every constructor argument).",
+            "weights with the model it came from. Fix: make the layer re-creatable: an `__init__` "
+            "that takes `**kwargs` and passes them to `super().__init__(**kwargs)`, a `get_config` "
+            "that returns every constructor argument, and no lambda or local function in its arguments.",
             stacklevel=3)
         return layer
 
