@@ -46,6 +46,7 @@ import numpy as np
 from keras import ops
 
 from tfopt._arguments import python_number
+from tfopt.transforms import _graph
 
 __all__ = ["handles", "plan", "KerasHubShrinkPlan"]
 
@@ -433,16 +434,8 @@ class KerasHubShrinkPlan:
             if id(layer) not in block_ids and layer.weights:
                 new.get_layer(layer.name).set_weights(layer.get_weights())
         for j, i in enumerate(kept):
-            target = new.transformer_layers[j]
-            values = self._block_values(i, cut)
-            expected = [tuple(v.shape) for v in target.weights]
-            got = [tuple(v.shape) for v in values]
-            if expected != got:
-                raise RuntimeError(
-                    f"tfopt.shrink: block '{blocks[i].name}' ({type(blocks[i]).__name__}) rebuilt with weight shapes "
-                    f"{expected}, but the cut weights have shapes {got}. This is a tfopt bug; please report it with "
-                    "the model's config.")
-            target.set_weights(values)
+            _graph.set_cut_weights(new.transformer_layers[j], self._block_values(i, cut),
+                                   f"block '{blocks[i].name}' ({type(blocks[i]).__name__})", "the model's config")
         if self.model is backbone:
             return new
         return type(self.model)(backbone=new, preprocessor=getattr(self.model, "preprocessor", None))

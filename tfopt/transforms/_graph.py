@@ -7,7 +7,8 @@ from keras import ops
 
 from tfopt import _keras_internal, pruning
 
-__all__ = ["check_graph_model", "clone", "plain_copy", "copy_weights", "to_functional", "graph_layers", "rewrap"]
+__all__ = ["check_graph_model", "clone", "plain_copy", "copy_weights", "to_functional", "graph_layers", "rewrap",
+           "set_cut_weights"]
 
 
 def check_graph_model(model, fn):
@@ -131,3 +132,17 @@ def to_functional(model):
     for layer in model.layers:
         x = to_functional(layer)(x) if isinstance(layer, keras.Model) else layer(x)
     return keras.Model(inputs, x, name=model.name)
+
+
+def set_cut_weights(layer, values, what, describe):
+    """Sets the rebuilt `layer`'s weights to the cut `values` of `what` (the
+    layer or block they were cut from), after checking their shapes: a
+    mismatch is a tfopt bug, reported with `describe` (what to send)."""
+    expected = [tuple(v.shape) for v in layer.weights]
+    got = [tuple(v.shape) for v in values]
+    if expected != got:
+        raise RuntimeError(
+            f"tfopt.shrink: {what} rebuilt with weight shapes {expected}, but the cut weights have shapes {got}. "
+            f"This is a tfopt bug; please report it with {describe}.")
+    layer.set_weights(values)
+

@@ -119,16 +119,8 @@ class ShrinkPlan:
         for old, new in pairs:
             if not getattr(old, "weights", None) or isinstance(old, keras.Model):
                 continue
-            values = self._values(old, cut)
-            expected = [tuple(v.shape) for v in new.weights]
-            got = [tuple(v.shape) for v in values]
-            if expected != got:
-                raise RuntimeError(
-                    f"tfopt.shrink: layer '{old.name}' ({type(old).__name__}) rebuilt with weight shapes "
-                    f"{expected}, but the cut weights have shapes {got}. This is a tfopt bug; please report it "
-                    "with the model's summary."
-                )
-            new.set_weights(values)
+            _graph.set_cut_weights(new, self._values(old, cut), f"layer '{old.name}' ({type(old).__name__})",
+                                   "the model's summary")
         return clone
 
 
