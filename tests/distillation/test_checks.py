@@ -142,7 +142,10 @@ class PlainLabelsTest(testing.TestCase):
         x, y = _data()
         distiller = D.Distiller(_teacher(), _mlp())
         distiller.compile("adam", loss=D.DistillationLoss())  # its label term: crossentropy on y
-        distiller.fit(x, y, batch_size=16, verbose=0)
+        before = [w.copy() for w in distiller.student.get_weights()]
+        losses = distiller.fit(x, y, batch_size=16, verbose=0).history["loss"]
+        self.assertTrue(np.all(np.isfinite(losses)), losses)  # no refusal, and a real loss
+        self.assertFalse(all(np.array_equal(a, b) for a, b in zip(before, distiller.student.get_weights())))
 
 
 class PackedTargetsMetricsTest(testing.TestCase):
