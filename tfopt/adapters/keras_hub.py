@@ -56,10 +56,12 @@ log = logging.getLogger("tfopt")
 @dataclasses.dataclass(frozen=True)
 class _Heads:
     """Where a block's attention heads are: the attention sublayer's name, its
-    weights by the name of the layer holding them, each with its head axis; the config keys."""
+    weights by the name of the layer holding them, each with the head axis of its kernel; the axis
+    of the query/key/value kernels that reads the hidden state; the config keys."""
 
     attention: str
     axes: tuple  # ((sublayer name, head axis), ...): query, key, value, output
+    input_axis: int = 0
     query_key: str = "num_query_heads"
     kv_key: str = "num_key_value_heads"
 
@@ -73,31 +75,52 @@ class _Block:
         prefix: the one sublayer of that prefix with a kernel that is not in `up` (keras-hub's
         blocks: the output projection of their feed-forward part).
     mask_argument: the keyword the backbone passes the padding mask by.
+    attention: where its heads are (`_Heads`).
     units_per_dim: `intermediate_dim` per unit (Gemma's config counts gate and up: 2).
-    heads: where its heads are, or the reason the config cannot have fewer.
+    heads: None where the config can hold fewer heads, else the reason it cannot.
+    hidden: None where the config can hold a smaller hidden_dim, else the reason it cannot.
+    head_size_key: the config key that divides hidden_dim into the head size, where the config
+        derives the head size from hidden_dim (GPT-2, BERT): a smaller hidden_dim means smaller heads.
+    norm_offset: what the norms add to their scale (Gemma's RMSNormalization computes x * (1 + scale)).
+    embedding_scaled: the backbone multiplies the token embedding by sqrt(hidden_dim) (Gemma).
     """
 
     up: tuple
     down: str
     mask_argument: str
+    attention: _Heads
     units_per_dim: int = 1
     heads: object = None
+    hidden: object = None
+    head_size_key: object = None
+    norm_offset: float = 0.0
+    embedding_scaled: bool = False
 
 
 _NO_HEAD_DIM = ("{backbone} derives the head size as hidden_dim // {key}, so fewer heads of the same size "
                 "cannot be written in its config")
+_NO_HIDDEN_ROPE = (
+    "{backbone} derives the head size as hidden_dim // num_query_heads and has no head_dim in its config, so a "
+    "smaller hidden_dim means smaller heads, and its rotary position embedding then turns each remaining pair of "
+    "head dimensions at another frequency (the frequencies are spread over the head size): the attention scores "
+    "of every head would change, not just lose the removed channels")
 _GATED = ("feedforward_intermediate_dense", "feedforward_gate_dense")
+_QKVO = (("query", 1), ("key", 1), ("value", 1), ("attention_output", 0))
 _BLOCKS = {  # by the names of the sublayers (their weights' paths say them too)
     "TransformerDecoder": _Block(("feedforward_intermediate_dense",), "feedforward_", "decoder_padding_mask",
-                                 heads=_NO_HEAD_DIM),
+                                 _Heads("self_attention", _QKVO, query_key="num_heads", kv_key="num_heads"),
+                                 heads=_NO_HEAD_DIM, head_size_key="num_heads"),
     "TransformerEncoder": _Block(("feedforward_intermediate_dense",), "feedforward_", "padding_mask",
-                                 heads=_NO_HEAD_DIM),
-    "LlamaTransformerDecoder": _Block(_GATED, "feedforward_", "decoder_padding_mask", heads=_NO_HEAD_DIM),
-    "MistralTransformerDecoder": _Block(_GATED, "feedforward_", "decoder_padding_mask", heads=_Heads(
-        "self_attention", (("query", 1), ("key", 1), ("value", 1), ("attention_output", 0)))),
-    "GemmaDecoderBlock": _Block(("ffw_gating", "ffw_gating_2"), "ffw_linear", "padding_mask", units_per_dim=2,
-                                heads=_Heads("attention", (("query", 0), ("key", 0), ("value", 0),
-                                                           ("attention_output", 0)))),
+                                 _Heads("self_attention_layer", _QKVO, query_key="num_heads", kv_key="num_heads"),
+                                 heads=_NO_HEAD_DIM, head_size_key="num_heads"),
+    "LlamaTransformerDecoder": _Block(_GATED, "feedforward_", "decoder_padding_mask", _Heads("self_attention", _QKVO),
+                                      heads=_NO_HEAD_DIM, hidden=_NO_HIDDEN_ROPE),
+    "MistralTransformerDecoder": _Block(_GATED, "feedforward_", "decoder_padding_mask",
+                                        _Heads("self_attention", _QKVO)),
+    "GemmaDecoderBlock": _Block(("ffw_gating", "ffw_gating_2"), "ffw_linear", "padding_mask",
+                                _Heads("attention", (("query", 0), ("key", 0), ("value", 0), ("attention_output", 0)),
+                                       input_axis=1),
+                                units_per_dim=2, norm_offset=1.0, embedding_scaled=True),
 }
 _KNOWN = "GPT2Backbone, BertBackbone, LlamaBackbone, MistralBackbone, GemmaBackbone (and their CausalLM)"
 
@@ -227,38 +250,43 @@ def _batches(backbone, data, name):
 
 
 class _Recorder:
-    """Stands in for a block's down projection while `_recording` runs: passes its
-    input on, adding up |input| per feed-forward unit over the tokens that count."""
+    """Stands in for one of a block's layers while `_recording` runs: passes its input on,
+    adding up |input| over the tokens that count, per everything after (batch, sequence):
+    per feed-forward unit for a down projection, per (head, head dimension) for an attention
+    output projection."""
 
-    def __init__(self, layer, units):
+    def __init__(self, layer):
         self.layer = layer
-        self.sums = np.zeros(units)
+        self.sums = 0.0
         self.tokens = 0
         self.mask = None
 
     def __call__(self, x, *args, **kwargs):
-        a = np.abs(ops.convert_to_numpy(x).astype("float64")).reshape(-1, x.shape[-1])
+        value = np.abs(ops.convert_to_numpy(x).astype("float64"))
+        a = value.reshape(-1, *value.shape[2:])
         keep = self.mask.reshape(-1) > 0
-        self.sums += a[keep].sum(axis=0)
+        self.sums = self.sums + a[keep].sum(axis=0)
         self.tokens += int(keep.sum())
         return self.layer(x, *args, **kwargs)
 
+    def mean(self):
+        return np.asarray(self.sums) / max(self.tokens, 1)
+
 
 @contextlib.contextmanager
-def _recording(blocks, spec, units):
-    """Within it, each block's down projection is a `_Recorder` (eager calls only); the
-    blocks get their own layer back on exit, whatever happens. (A copy of the block
+def _recording(places):
+    """Within it, each `(owner, attribute)` of `places` holds a `_Recorder` of its layer (eager
+    calls only); each owner gets its own layer back on exit, whatever happens. (A copy of the block
     would leave the user's model alone, but some keras-hub blocks cannot be re-created
     from their config: LlamaTransformerDecoder.get_config reads an attribute it never sets.)"""
-    attributes = [_attribute(block, spec.down, spec.up) for block in blocks]
-    recorders = [_Recorder(getattr(block, a), units) for block, a in zip(blocks, attributes)]
+    recorders = [_Recorder(getattr(owner, attribute)) for owner, attribute in places]
     try:
-        for block, attribute, recorder in zip(blocks, attributes, recorders):
-            setattr(block, attribute, recorder)
+        for (owner, attribute), recorder in zip(places, recorders):
+            setattr(owner, attribute, recorder)
         yield recorders
     finally:
-        for block, attribute, recorder in zip(blocks, attributes, recorders):
-            setattr(block, attribute, recorder.layer)
+        for (owner, attribute), recorder in zip(places, recorders):
+            setattr(owner, attribute, recorder.layer)
 
 
 def _cosine(a, b, mask):
@@ -269,27 +297,51 @@ def _cosine(a, b, mask):
     return float(cos[keep].sum()), int(keep.sum())
 
 
+@dataclasses.dataclass
+class _Calibration:
+    """What `_calibrate` measured on the calibration tokens."""
+
+    blocks: np.ndarray  # per block: 1 - mean cosine similarity of its input and output
+    units: list  # per block: mean |activation| per feed-forward unit (None if not recorded)
+    contexts: list  # per block: mean |context| per (query head, head dimension)
+    hidden: np.ndarray  # per residual-stream channel: mean |activation| of the embedding and block outputs
+
+
 def _calibrate(backbone, blocks, spec, batches, units):
-    """Runs `batches` through the blocks one by one: each block's 1 - mean cosine similarity
-    between its input and output, and (with `units`) each block's mean |activation| per unit."""
+    """Runs `batches` through the blocks one by one, recording what `_Calibration` holds
+    (each block's feed-forward units only with `units`)."""
     first = blocks[0].input
     embed = keras.Model(backbone.input, first[0] if isinstance(first, (list, tuple)) else first)
     cosines, tokens = np.zeros(len(blocks)), np.zeros(len(blocks))
-    with (_recording(blocks, spec, units) if units else contextlib.nullcontext([None] * len(blocks))) as recorders:
+    hidden_sums, hidden_tokens = 0.0, 0
+    places = []
+    for block in blocks:
+        attention = _sublayer(block, spec.attention.attention)
+        places.append((attention, _attribute(attention, "attention_output")))
+    if units:
+        places += [(block, _attribute(block, spec.down, spec.up)) for block in blocks]
+    with _recording(places) as recorders:
         for batch in batches:
             mask = batch["padding_mask"]
+            keep = mask.reshape(-1) > 0
+            for recorder in recorders:
+                recorder.mask = mask
             hidden = ops.convert_to_numpy(embed(batch, training=False))
             for i, block in enumerate(blocks):
-                if recorders[i] is not None:
-                    recorders[i].mask = mask
+                hidden_sums = hidden_sums + np.abs(hidden.astype("float64")).reshape(-1, hidden.shape[-1])[keep].sum(0)
+                hidden_tokens += int(keep.sum())
                 out = ops.convert_to_numpy(block(hidden, **{spec.mask_argument: mask}, training=False))
                 c, n = _cosine(hidden, out, mask)
                 cosines[i] += c
                 tokens[i] += n
                 hidden = out
-    block_scores = 1.0 - cosines / np.maximum(tokens, 1)
-    unit_scores = [r.sums / max(r.tokens, 1) for r in recorders] if units else None
-    return block_scores, unit_scores
+            hidden_sums = hidden_sums + np.abs(hidden.astype("float64")).reshape(-1, hidden.shape[-1])[keep].sum(0)
+            hidden_tokens += int(keep.sum())
+    return _Calibration(
+        blocks=1.0 - cosines / np.maximum(tokens, 1),
+        units=[r.mean() for r in recorders[len(blocks):]] if units else None,
+        contexts=[r.mean() for r in recorders[:len(blocks)]],
+        hidden=np.asarray(hidden_sums) / max(hidden_tokens, 1))
 
 
 def _ffn_cuts(block, spec):
@@ -309,9 +361,101 @@ def _sublayer_weights(layer, name):
 
 
 def _head_cuts(block, spec):
-    """`[(variable, axis)]`: every attention weight with a head axis."""
-    attention = _sublayer(block, spec.heads.attention)
-    return [(v, axis) for name, axis in spec.heads.axes for v in _sublayer_weights(attention, name)]
+    """`[(variable, axis)]`: every attention weight with a head axis (a query/key/value bias of
+    shape (heads, head size) included)."""
+    attention = _sublayer(block, spec.attention.attention)
+    cuts = []
+    for name, axis in spec.attention.axes:
+        weights = _sublayer_weights(attention, name)
+        kernel = [v for v in weights if v.name == "kernel"][0]
+        for v in weights:
+            shifted = axis - (len(kernel.shape) - len(v.shape))  # a bias has the kernel's trailing axes
+            if shifted >= 0 and len(v.shape) >= 2:
+                cuts.append((v, shifted))
+    return cuts
+
+
+def _block_hidden_cuts(block, spec, hidden_dim):
+    """`[(variable, axis, role)]`: every weight of `block` with a residual-stream axis. role: "read"
+    (query/key/value and feed-forward up kernels), "write" (the attention and feed-forward output
+    kernels and biases), "scale" or "shift" (a norm's)."""
+    att = spec.attention
+    qkv = {name for name, _ in att.axes[:3]}
+    output = att.axes[3][0]
+    down = _sublayer(block, spec.down, spec.up).name
+    cuts = []
+    for v in block.weights:
+        parent, name = v.path.split("/")[-2:]
+        if parent in qkv or parent in spec.up:
+            if name == "kernel":
+                cuts.append((v, att.input_axis if parent in qkv else 0, "read"))
+        elif parent in (output, down):
+            cuts.append((v, len(v.shape) - 1, "write"))
+        elif len(v.shape) == 1 and v.shape[0] == hidden_dim:
+            cuts.append((v, 0, "scale" if name in ("gamma", "scale") else "shift"))
+        else:
+            raise TypeError(
+                f"`tfopt.shrink(hidden=...)`: block '{block.name}' ({type(block).__name__}) holds weight "
+                f"'{v.path}' of shape {tuple(v.shape)}, which is not one of the weights this keras-hub version's "
+                "block had (query/key/value, attention output, feed-forward, norms). Fix: use the keras-hub "
+                "version tfopt was checked on (0.32), and report the one you have.")
+    return cuts
+
+
+def _outer_hidden_cuts(backbone, layer, hidden_dim):
+    """`[(variable, axis, role)]` of a backbone layer outside the blocks: "embed" (a token, position or
+    segment embedding's columns), "read", "write", "scale", "shift"."""
+    cuts = []
+    for v in layer.weights:
+        name = v.path.split("/")[-1]
+        if name == "reverse_embeddings":
+            cuts.append((v, 0, "read"))
+        elif name == "embeddings" and len(v.shape) == 2:
+            cuts.append((v, 1, "embed"))
+        elif isinstance(layer, keras.layers.Dense) and name == "kernel" and len(v.shape) == 2:
+            cuts += [(v, 0, "read"), (v, 1, "write")]  # BERT's pooler: hidden_dim in and out
+        elif len(v.shape) == 1 and v.shape[0] == hidden_dim:
+            role = "write" if isinstance(layer, keras.layers.Dense) else (
+                "scale" if name in ("gamma", "scale") else "shift")
+            cuts.append((v, 0, role))
+        else:
+            raise TypeError(
+                f"`tfopt.shrink(hidden=...)`: layer '{layer.name}' ({type(layer).__name__}) of backbone "
+                f"'{backbone.name}' holds weight '{v.path}' of shape {tuple(v.shape)}, which tfopt does not know "
+                "how to cut to a smaller hidden_dim. Fix: use the keras-hub version tfopt was checked on (0.32), "
+                "and report the one you have.")
+    return cuts
+
+
+def _per_head_dim_squares(attention, name, axis):
+    """Summed squares of sublayer `name`'s kernel and bias per (head, head dimension); `axis` is the
+    kernel's head axis, the head dimension the next."""
+    total = 0.0
+    for v in _sublayer_weights(attention, name):
+        value = np.square(ops.convert_to_numpy(v).astype("float64"))
+        if v.name == "kernel":
+            at = axis
+        elif value.ndim >= 2:
+            at = value.ndim - 2  # a bias of shape (heads, head size)
+        else:
+            continue
+        others = tuple(a for a in range(value.ndim) if a not in (at, at + 1))
+        total = total + value.sum(axis=others)
+    return total
+
+
+def _cut(value, axis, keep, cut):
+    """`value` with the slices `keep` leaves out along `axis` removed (`cut`) or zeroed. A 2-D `keep`
+    (heads, head size) reads `axis` and the next as heads and their dimensions (each head keeps as many)."""
+    if keep.ndim == 2:
+        shape = value.shape
+        merged = _cut(value.reshape(*shape[:axis], -1, *shape[axis + 2:]), axis, keep.reshape(-1), cut)
+        return merged.reshape(*shape[:axis], keep.shape[0], -1, *shape[axis + 2:])
+    if cut:
+        return np.compress(keep, value, axis=axis)
+    shape = [1] * value.ndim
+    shape[axis] = len(keep)
+    return value * keep.reshape(shape).astype(value.dtype)
 
 
 def _l2(cuts, units):
@@ -330,20 +474,26 @@ def _lowest(scores, count):
 
 
 class KerasHubShrinkPlan:
-    """Which blocks, feed-forward units and attention heads `tfopt.shrink` removes from a keras-hub model.
+    """Which blocks, feed-forward units, attention heads and hidden channels `tfopt.shrink` removes
+    from a keras-hub model.
 
     Made by `tfopt.plan_shrink` for a keras-hub Backbone or CausalLM;
     `apply()` builds the smaller model (the same keras-hub class), `masked()`
-    the same-size model with the removed units and heads set to zero (every
-    block kept), and `removed` says what goes.
+    the same-size model with the removed units, heads and hidden channels set
+    to zero (every block kept), and `removed` says what goes.
 
     Attributes:
         removed_blocks: indices of the blocks removed, in order.
         block_scores: each block's 1 - mean cosine similarity of its input and
             output on `data` (None without `data`).
+        removed_channels: indices of the residual-stream (hidden) channels
+            removed, in order (empty without `hidden=`).
+        hidden_scores: each residual-stream channel's importance (mean
+            |activation| on `data`, else weight magnitude; None without `hidden=`).
     """
 
-    def __init__(self, model, backbone, blocks, spec, removed_blocks, block_scores, unit_keep, head_keep):
+    def __init__(self, model, backbone, blocks, spec, removed_blocks, block_scores, unit_keep, head_keep,
+                 hidden_keep=None, head_dim_keep=None, hidden_scores=None):
         self.model = model
         self._backbone = backbone
         self._blocks = blocks
@@ -352,12 +502,19 @@ class KerasHubShrinkPlan:
         self.block_scores = block_scores
         self._unit_keep = unit_keep
         self._head_keep = head_keep
+        self._hidden_keep = hidden_keep
+        self._head_dim_keep = head_dim_keep  # per block: (query/key keep, value/output keep), (heads, head size)
+        self.removed_channels = [] if hidden_keep is None else np.flatnonzero(~hidden_keep).tolist()
+        self.hidden_scores = hidden_scores
 
     @property
     def removed(self):
         """`{block name: "removed"}` for removed blocks, `{block name: {"units": (before, after),
-        "heads": (before, after)}}` for blocks that lose units or heads."""
+        "heads": (before, after), "head_size": (before, after)}}` for blocks that lose units, heads or
+        head dimensions, and `{backbone name: {"hidden": (before, after)}}` when hidden channels go."""
         out = {}
+        if self._hidden_keep is not None and not self._hidden_keep.all():
+            out[self._backbone.name] = {"hidden": (len(self._hidden_keep), int(self._hidden_keep.sum()))}
         for i, block in enumerate(self._blocks):
             if i in self.removed_blocks:
                 out[block.name] = "removed"
@@ -367,53 +524,100 @@ class KerasHubShrinkPlan:
                 lost["units"] = (len(self._unit_keep[i]), int(self._unit_keep[i].sum()))
             if self._head_keep is not None and not self._head_keep[i].all():
                 lost["heads"] = (len(self._head_keep[i]), int(self._head_keep[i].sum()))
+            if self._head_dim_keep is not None:
+                qk = self._head_dim_keep[i][0]
+                lost["head_size"] = (qk.shape[1], int(qk[0].sum()))
             if lost:
                 out[block.name] = lost
         return out
 
+    def _hidden_factor(self):
+        """sqrt(hidden_dim before / after): what the norms' scales are multiplied by, so that a norm
+        over fewer channels gives what it gave over all of them when the removed ones carried nothing."""
+        return float(np.sqrt(len(self._hidden_keep) / self._hidden_keep.sum()))
+
+    def _scale(self, factor):
+        offset = self._spec.norm_offset
+        return lambda value: ((value + offset) * factor - offset).astype(value.dtype)
+
     def _keeps(self, i):
-        """`{id(variable): (axis, keep)}` of block `i`'s weights that lose slices."""
-        block, spec, keeps = self._blocks[i], self._spec, {}
+        """`{id(variable): [(axis, keep), ...]}` of block `i`'s weights that lose slices, and
+        `{id(variable): function}` of those `apply()` rescales."""
+        block, spec, keeps, factors = self._blocks[i], self._spec, {}, {}
         if self._unit_keep is not None:
             for v, axis in _ffn_cuts(block, spec):
-                keeps[id(v)] = (axis, self._unit_keep[i])
+                keeps.setdefault(id(v), []).append((axis, self._unit_keep[i]))
         if self._head_keep is not None:
             for v, axis in _head_cuts(block, spec):
                 heads = v.shape[axis]
-                keeps[id(v)] = (axis, self._head_keep[i] if heads == len(self._head_keep[i])
-                                else self._kv_keep(i))
-        return keeps
+                keeps.setdefault(id(v), []).append(
+                    (axis, self._head_keep[i] if heads == len(self._head_keep[i]) else self._kv_keep(i)))
+        if self._hidden_keep is not None:
+            for v, axis, role in _block_hidden_cuts(block, spec, len(self._hidden_keep)):
+                keeps.setdefault(id(v), []).append((axis, self._hidden_keep))
+                if role == "scale":
+                    factors[id(v)] = self._scale(self._hidden_factor())
+        if self._head_dim_keep is not None:
+            query_key, value_output = self._head_dim_keep[i]
+            names = [name for name, _ in spec.attention.axes]
+            attention = _sublayer(block, spec.attention.attention)
+            for v, axis in _head_cuts(block, spec):
+                parent = v.path.split("/")[-2]
+                keeps.setdefault(id(v), []).append((axis, query_key if parent in names[:2] else value_output))
+            # The softmax scale is 1 / sqrt(head size): the query keeps the smaller heads' scores as they were.
+            factor = float(np.sqrt(query_key[0].sum() / query_key.shape[1]))
+            for v in _sublayer_weights(attention, names[0]):
+                factors[id(v)] = lambda value, f=factor: (value * f).astype(value.dtype)
+        return keeps, factors
+
+    def _outer_keeps(self, layer):
+        """`_keeps` of a backbone layer outside the blocks (embeddings, norms, BERT's pooler)."""
+        keeps, factors = {}, {}
+        if self._hidden_keep is None:
+            return keeps, factors
+        factor = self._hidden_factor()
+        embedding = self._backbone.token_embedding
+        tied_and_scaled = self._spec.embedding_scaled and getattr(embedding, "tie_weights", False)
+        for v, axis, role in _outer_hidden_cuts(self._backbone, layer, len(self._hidden_keep)):
+            keeps.setdefault(id(v), []).append((axis, self._hidden_keep))
+            if role == "scale":
+                # Gemma: the tied embedding grows by `factor` (below), and so do the logits it makes.
+                factors[id(v)] = self._scale(1.0 if tied_and_scaled else factor)
+            elif role == "embed" and self._spec.embedding_scaled and layer is embedding:
+                # Gemma multiplies the embedding by sqrt(hidden_dim): keep what the blocks receive.
+                factors[id(v)] = lambda value, f=factor: (value * f).astype(value.dtype)
+        return keeps, factors
 
     def _kv_keep(self, i):
         keep = self._head_keep[i]
         config = self._backbone.get_config()
-        groups = config[self._spec.heads.kv_key]
+        groups = config[self._spec.attention.kv_key]
         return keep.reshape(groups, -1).all(axis=1)
 
-    def _block_values(self, i, cut):
-        keeps = self._keeps(i)
+    @staticmethod
+    def _values(weights, keeps, factors, cut):
         values = []
-        for v in self._blocks[i].weights:
+        for v in weights:
             value = ops.convert_to_numpy(v)
-            if id(v) in keeps:
-                axis, keep = keeps[id(v)]
-                if cut:
-                    value = np.compress(keep, value, axis=axis)
-                else:
-                    shape = [1] * value.ndim
-                    shape[axis] = len(keep)
-                    value = value * keep.reshape(shape).astype(value.dtype)
+            for axis, keep in keeps.get(id(v), ()):
+                value = _cut(value, axis, keep, cut)
+            if cut and id(v) in factors:
+                value = factors[id(v)](value)
             values.append(value)
         return values
 
+    def _block_values(self, i, cut):
+        return self._values(self._blocks[i].weights, *self._keeps(i), cut)
+
     def apply(self):
         """The smaller model: the same keras-hub class, built from the backbone's config with fewer
-        `num_layers`, `intermediate_dim` or heads, the kept weights copied in (not compiled)."""
+        `num_layers`, `intermediate_dim`, heads or `hidden_dim`, the kept weights copied in (not compiled)."""
         return self._build(cut=True)
 
     def masked(self):
-        """The model, same size and every block kept, with the removed feed-forward units and
-        heads set to zero (what `apply()` computes, but for the blocks it removes)."""
+        """The model, same size and every block kept, with the removed feed-forward units, heads and
+        hidden channels set to zero in every weight that reads or writes them (what `apply()` computes,
+        but for the blocks it removes; with `hidden=`, only approximately: see `tfopt.shrink`)."""
         return self._build(cut=False)
 
     def _build(self, cut):
@@ -425,14 +629,22 @@ class KerasHubShrinkPlan:
             if self._unit_keep is not None:
                 config["intermediate_dim"] = int(self._unit_keep[0].sum()) * spec.units_per_dim
             if self._head_keep is not None:
-                config[spec.heads.query_key] = int(self._head_keep[0].sum())
-                config[spec.heads.kv_key] = int(self._kv_keep(0).sum())
+                config[spec.attention.query_key] = int(self._head_keep[0].sum())
+                config[spec.attention.kv_key] = int(self._kv_keep(0).sum())
                 config["head_dim"] = self._head_dim()
+            if self._hidden_keep is not None:
+                config["hidden_dim"] = int(self._hidden_keep.sum())
+                if config.get("layer_norm_epsilon"):  # RMSNorm: eps as it was, next to a mean over fewer channels
+                    config["layer_norm_epsilon"] /= float(self._hidden_keep.mean())
+                if "head_dim" in config:  # Mistral's None meant hidden_dim // num_query_heads: keep the head size
+                    config["head_dim"] = self._head_dim()
         new = type(backbone).from_config(config)
         block_ids = {id(b) for b in blocks}
         for layer in backbone.layers:
             if id(layer) not in block_ids and layer.weights:
-                new.get_layer(layer.name).set_weights(layer.get_weights())
+                _graph.set_cut_weights(new.get_layer(layer.name), self._values(layer.weights, *self._outer_keeps(layer),
+                                                                               cut),
+                                       f"layer '{layer.name}' ({type(layer).__name__})", "the model's config")
         for j, i in enumerate(kept):
             _graph.set_cut_weights(new.transformer_layers[j], self._block_values(i, cut),
                                    f"block '{blocks[i].name}' ({type(blocks[i]).__name__})", "the model's config")
@@ -444,10 +656,61 @@ class KerasHubShrinkPlan:
         config = self._backbone.get_config()
         if config.get("head_dim"):
             return config["head_dim"]
-        return config["hidden_dim"] // config[self._spec.heads.query_key]
+        return config["hidden_dim"] // config[self._spec.attention.query_key]
 
 
-def plan(model, fraction=None, depth=None, heads=None, data=None, min_channels=1, **others):
+def _hidden_count(hidden, spec, config, name):
+    """`hidden=` as a count of residual-stream channels; where the head size is hidden_dim // heads,
+    a multiple of the number of heads (each head loses as many dimensions)."""
+    total = config["hidden_dim"]
+    count = _count(hidden, "hidden", total, keep_one=True)
+    if spec.head_size_key is None:
+        return count
+    heads = config[spec.head_size_key]
+    if isinstance(python_number(hidden), int):
+        if count % heads or count > total - heads:
+            raise ValueError(
+                f"`tfopt.shrink(hidden={hidden!r})`: model {name} derives its head size as hidden_dim // "
+                f"{spec.head_size_key} ({total} // {heads}), so each of its {heads} heads loses hidden / {heads} "
+                f"dimensions: hidden= must be a multiple of {heads} below {total}. Received: hidden={hidden!r}. "
+                f"Fix: e.g. hidden={heads * max(total // heads // 4, 1)}, or a share such as hidden=0.25 "
+                "(rounded to a multiple).")
+        return count
+    return min(heads * int(round(count / heads)), total - heads)
+
+
+def _hidden_l2(backbone, blocks, spec, hidden_dim):
+    """Each residual-stream channel's weight importance without `data`: the summed squares of its
+    token-embedding column plus those of every norm's (effective) scale, each term over its mean."""
+    embedding = np.square(ops.convert_to_numpy(backbone.token_embedding.embeddings).astype("float64")).sum(0)
+    norms = np.zeros(hidden_dim)
+    cuts = [c for b in blocks for c in _block_hidden_cuts(b, spec, hidden_dim)]
+    cuts += [c for layer in backbone.layers if layer.weights and not any(layer is b for b in blocks)
+             for c in _outer_hidden_cuts(backbone, layer, hidden_dim)]
+    for v, _, role in cuts:
+        if role == "scale":
+            norms += np.square(ops.convert_to_numpy(v).astype("float64") + spec.norm_offset)
+    return embedding / max(embedding.mean(), 1e-30) + norms / max(norms.mean(), 1e-30)
+
+
+def _head_dim_keeps(blocks, spec, count, heads, contexts):
+    """Per block, which dimensions of each head stay when each head loses `count`: query/key
+    dimensions by the product of their query and key column norms, value/output dimensions by the
+    mean |context| (with `data`; else the value column norm) times the output row norm."""
+    names = [name for name, _ in spec.attention.axes]
+    axes = dict(spec.attention.axes)
+    keeps = []
+    for i, block in enumerate(blocks):
+        attention = _sublayer(block, spec.attention.attention)
+        q, k, v, o = (np.sqrt(_per_head_dim_squares(attention, n, axes[n])) for n in names)
+        query_key = q * k
+        value_output = (contexts[i] if contexts is not None else v) * o
+        keeps.append((np.stack([_lowest(query_key[h], count) for h in range(heads)]),
+                      np.stack([_lowest(value_output[h], count) for h in range(heads)])))
+    return keeps
+
+
+def plan(model, fraction=None, depth=None, heads=None, data=None, min_channels=1, hidden=None, **others):
     """The `KerasHubShrinkPlan` of `tfopt.plan_shrink` for a keras-hub model (see `tfopt.shrink`).
 
     `others`: `plan_shrink`'s arguments for plain Keras models (`scope`,
@@ -463,11 +726,12 @@ def plan(model, fraction=None, depth=None, heads=None, data=None, min_channels=1
                 "blocks are scored from `data` (mean |activation| of the feed-forward units, 1 - cosine "
                 f"similarity of a block's input and output), or from weight magnitudes without it. Received: "
                 f"{key}={value!r}. Fix: leave {key} at its default ({defaults.get(key)!r}).")
-    if fraction is None and depth is None and heads is None:
+    if fraction is None and depth is None and heads is None and hidden is None:
         raise ValueError(
             f"`tfopt.shrink` of keras-hub model {name} needs what to remove: fraction= (the share of each "
-            "block's feed-forward units), depth= (blocks) or heads=. Received: none of them. Fix: e.g. "
-            "tfopt.shrink(model, 0.25), or tfopt.shrink(model, depth=2, data=token_batches).")
+            "block's feed-forward units), depth= (blocks), heads= or hidden= (residual-stream channels). "
+            "Received: none of them. Fix: e.g. tfopt.shrink(model, 0.25), or tfopt.shrink(model, depth=2, "
+            "data=token_batches).")
     fraction = python_number(fraction)
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                                  or not 0.0 <= fraction < 1.0):
@@ -484,44 +748,65 @@ def plan(model, fraction=None, depth=None, heads=None, data=None, min_channels=1
                 "state on calibration tokens (1 - cosine similarity of a block's input and output), and needs "
                 "`data`. Received: data=None. Fix: pass a few batches of token ids, e.g. data=token_ids[:64] "
                 "or data=[model.preprocessor(texts)[0]].")
-    if heads is not None and not isinstance(spec.heads, str) and config.get("query_head_dim_normalize") is False:
+    if heads is not None and spec.heads is None and config.get("query_head_dim_normalize") is False:
         raise ValueError(
             f"`tfopt.shrink(heads={heads!r})`: model {name} scales its queries by hidden_dim // num_query_heads "
             "(query_head_dim_normalize=False), which fewer heads would change. Fix: leave heads=None and shrink "
             "blocks (depth=) and feed-forward units (fraction=) instead.")
-    if heads is not None and isinstance(spec.heads, str):
+    if heads is not None and spec.heads is not None:
         raise ValueError(
             f"`tfopt.shrink(heads={heads!r})`: " + spec.heads.format(
                 backbone=type(backbone).__name__,
                 key="num_query_heads" if "num_query_heads" in config else "num_heads")
             + f" (model {name}). Fix: leave heads=None and shrink blocks (depth=) and feed-forward units "
             "(fraction=) instead.")
+    if hidden is not None and spec.hidden is not None:
+        raise ValueError(
+            f"`tfopt.shrink(hidden={hidden!r})`: " + spec.hidden.format(backbone=type(backbone).__name__)
+            + f" (model {name}). Fix: leave hidden=None and shrink blocks (depth=), feed-forward units "
+            "(fraction=) and key-value heads where the config allows; or rebuild the weights as a MistralBackbone "
+            "(the same blocks, with a head_dim in its config) and shrink that.")
+    hidden_count = _hidden_count(hidden, spec, config, name) if hidden is not None else 0
+    if hidden is not None and not hidden_count and python_number(hidden):
+        log.warning("tfopt.shrink(hidden=%r) of model %s removes no channel: the share rounds to 0 of its %d%s. "
+                    "Pass a larger share or a count.", hidden, name, config["hidden_dim"],
+                    f" (in multiples of {spec.head_size_key}={config[spec.head_size_key]})"
+                    if spec.head_size_key else "")
     batches = _batches(backbone, data, name) if data is not None else None
     units = config["intermediate_dim"] // spec.units_per_dim
-    block_scores, unit_scores = (None, None)
-    if batches is not None:
-        block_scores, unit_scores = _calibrate(backbone, blocks, spec, batches, units if fraction else 0)
+    calibration = _calibrate(backbone, blocks, spec, batches, units if fraction else 0) if batches else None
+    block_scores = calibration.blocks if calibration else None
     if depth is not None and removed_count:
         removed_blocks = list(np.flatnonzero(~_lowest(block_scores, removed_count)))
     unit_keep = None
     if fraction:
         count = min(int(round(fraction * units)), max(units - min_channels, 0))
-        unit_keep = [_lowest(unit_scores[i] if unit_scores is not None else _l2(_ffn_cuts(b, spec), units), count)
+        unit_keep = [_lowest(calibration.units[i] if calibration else _l2(_ffn_cuts(b, spec), units), count)
                      for i, b in enumerate(blocks)]
     head_keep = None
     if heads is not None:
-        groups = config[spec.heads.kv_key]
-        per_group = config[spec.heads.query_key] // groups
+        groups = config[spec.attention.kv_key]
+        per_group = config[spec.attention.query_key] // groups
         count = _count(heads, "heads", groups, keep_one=True)
         if count:
             head_keep = []
-            for block in blocks:
-                cuts = _head_cuts(block, spec)
-                scores = np.zeros(groups)
-                for v, axis in cuts:
-                    per_head = _l2([(v, axis)], v.shape[axis])
-                    scores += per_head.reshape(groups, -1).sum(axis=1)
+            for i, block in enumerate(blocks):
+                if calibration:  # mean |context| each query head hands the output projection
+                    scores = calibration.contexts[i].mean(axis=-1).reshape(groups, -1).sum(axis=1)
+                else:
+                    scores = np.zeros(groups)
+                    for v, axis in _head_cuts(block, spec):
+                        per_head = _l2([(v, axis)], v.shape[axis])
+                        scores += per_head.reshape(groups, -1).sum(axis=1)
                 head_keep.append(np.repeat(_lowest(scores, count), per_group))
-    result = KerasHubShrinkPlan(model, backbone, blocks, spec, [int(i) for i in removed_blocks], block_scores,
-                                unit_keep, head_keep)
-    return result
+    hidden_keep = head_dim_keep = hidden_scores = None
+    if hidden_count:
+        hidden_dim = config["hidden_dim"]
+        hidden_scores = calibration.hidden if calibration else _hidden_l2(backbone, blocks, spec, hidden_dim)
+        hidden_keep = _lowest(hidden_scores, hidden_count)
+        if spec.head_size_key is not None:
+            n = config[spec.head_size_key]
+            head_dim_keep = _head_dim_keeps(blocks, spec, hidden_count // n, n,
+                                            calibration.contexts if calibration else None)
+    return KerasHubShrinkPlan(model, backbone, blocks, spec, [int(i) for i in removed_blocks], block_scores,
+                              unit_keep, head_keep, hidden_keep, head_dim_keep, hidden_scores)

@@ -225,7 +225,7 @@ def _taylor_gradients(model, walker, loss, data):
 
 
 def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1, data=None, loss=None,
-                layers=None, depth=None, heads=None):
+                layers=None, depth=None, heads=None, hidden=None):
     """Plans which channels, heads and units `tfopt.shrink` removes (see `shrink`).
 
     Returns:
@@ -234,15 +234,18 @@ def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channe
         `masked()` and `removed`).
     """
     if _keras_hub.handles(model):
-        return _keras_hub.plan(model, fraction, depth=depth, heads=heads, data=data, min_channels=min_channels,
+        return _keras_hub.plan(model, fraction, depth=depth, heads=heads, hidden=hidden, data=data,
+                               min_channels=min_channels,
                                scope=scope, importance=importance, loss=loss, layers=layers)
-    if depth is not None or heads is not None:
-        given = "depth" if depth is not None else "heads"
-        raise ValueError(
-            f"`tfopt.shrink({given}=...)` removes whole transformer blocks or heads of keras-hub models, and "
-            f"model '{model.name}' ({type(model).__name__}) is not one. Received: {given}="
-            f"{depth if depth is not None else heads!r}. Fix: leave it None and pass fraction= (heads of "
-            "MultiHeadAttention layers are removed with the other channels).")
+    given = {"depth": depth, "heads": heads, "hidden": hidden}
+    for key, value in given.items():
+        if value is not None:
+            raise ValueError(
+                f"`tfopt.shrink({key}=...)` removes "
+                f"{'hidden (residual-stream) channels' if key == 'hidden' else 'whole transformer blocks or heads'} "
+                f"of keras-hub models, and model '{model.name}' ({type(model).__name__}) is not one. Received: {key}="
+                f"{value!r}. Fix: leave it None and pass fraction= (heads of MultiHeadAttention layers are "
+                "removed with the other channels).")
     _graph.check_graph_model(model, "shrink")
     fraction = python_number(fraction)
     if fraction is not None and (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
@@ -315,7 +318,7 @@ def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channe
 
 
 def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1, data=None, loss=None, layers=None,
-           depth=None, heads=None):
+           depth=None, heads=None, hidden=None):
     """Returns a smaller, dense copy of `model`: channels, attention heads and
     feed-forward units removed, not just zeroed.
 
@@ -385,6 +388,9 @@ def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1,
             them).
         heads: keras-hub Mistral and Gemma only: how many key-value head
             groups to remove from each block (an int), or which share of them.
+        hidden: keras-hub only (GPT-2, BERT, Mistral, Gemma; not Llama): how
+            many residual-stream channels to remove (an int), or which share
+            of `hidden_dim` (a float in [0, 1)); not exact (see above).
 
     Returns:
         A new `keras.Model`, not compiled even when `model` is (as after
@@ -402,7 +408,7 @@ def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1,
     (8, True, False)
     """
     plan = plan_shrink(model, fraction, scope=scope, importance=importance, min_channels=min_channels,
-                       data=data, loss=loss, layers=layers, depth=depth, heads=heads)
+                       data=data, loss=loss, layers=layers, depth=depth, heads=heads, hidden=hidden)
     small = plan.apply()
     log.info("tfopt.shrink: removed {layer: (units before, after)} %s; the result is not compiled", plan.removed)
     return small
