@@ -8,6 +8,8 @@ from unittest import mock
 
 import keras
 import numpy as np
+import pytest
+from keras import ops
 
 import tfopt
 from tfopt import exporting as export_lib
@@ -485,6 +487,53 @@ class SparseParityTest(testing.TestCase):
             report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "m.tflite"), precision="int16x8",
                                   representative_data=self.make_input((16, 128)), sparse=True, check=False)
         self.assertFalse(report.sparse_encoding)
+
+
+class _NewAxisMask(keras.layers.Layer):
+    """An int32 mask of free length sliced with a new axis (`mask[:, None]`, as keras-hub's Mistral
+    attention does): the converter needs the TF Select op StridedSlice for it unless the length is fixed."""
+
+    def call(self, ids):
+        mask = ops.cast(ops.expand_dims(ids, -1) * ops.expand_dims(ids, 1), "int32")
+        return ops.cast(mask[:, None, :, :], "float32")
+
+
+class FixedShapeExportTest(testing.TestCase):
+    """A model the converter takes only at fixed input shapes is converted at the shapes of `inputs`."""
+
+    def _model(self):
+        ids = keras.Input((None,), dtype="int32", name="ids")
+        return keras.Model(ids, _NewAxisMask()(ids))
+
+    def test_free_length_is_fixed_from_inputs_with_a_warning(self):
+        model = self._model()
+        x = np.random.default_rng(0).integers(0, 3, (4, 6)).astype("int32")
+        path = os.path.join(tempfile.mkdtemp(), "m.tflite")
+        with self.assertWarnsRegex(UserWarning, r"fixed input shapes.*StridedSlice.*'ids' \(None, 6\)"):
+            report = tfopt.export(model, path, inputs=x, measure_latency=True)
+        self.assertEqual(report.max_abs_diff, 0.0)
+        with open(path, "rb") as f:
+            content = f.read()
+        self.assertIsNone(litert.litert_load_error(content))
+        np.testing.assert_array_equal(litert.run_litert(content, [x], ["ids"])[0], model(x))
+
+    def test_without_inputs_says_to_pass_them(self):
+        path = os.path.join(tempfile.mkdtemp(), "m.tflite")
+        with self.assertRaisesRegex(ValueError, r"only at fixed input shapes.*'ids' \(None, None\).*Fix: pass inputs="):
+            tfopt.export(self._model(), path)
+        self.assertFalse(os.path.exists(path))
+
+    def test_keras_hub_mistral_causal_lm_exports(self):
+        keras_hub = pytest.importorskip("keras_hub")
+        keras.utils.set_random_seed(0)
+        lm = keras_hub.models.MistralCausalLM(backbone=keras_hub.models.MistralBackbone(
+            vocabulary_size=32, num_layers=1, num_query_heads=2, hidden_dim=16, intermediate_dim=32,
+            num_key_value_heads=1, head_dim=8, sliding_window=None), preprocessor=None)
+        ids = np.random.default_rng(0).integers(0, 32, (2, 8)).astype("int32")
+        with self.assertWarnsRegex(UserWarning, "fixed input shapes"):
+            report = tfopt.export(lm, os.path.join(tempfile.mkdtemp(), "lm.tflite"),
+                                  inputs={"token_ids": ids, "padding_mask": np.ones_like(ids)})
+        self.assertLess(report.max_abs_diff, 1e-4)
 
 
 class LayoutTest(testing.TestCase):

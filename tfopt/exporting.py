@@ -20,8 +20,8 @@ from tfopt._export import checks
 from tfopt._export.files import atomic_write_bytes, check_target
 from tfopt._export.forms import export_form
 from tfopt._export.inputs import (
-    as_arrays, check_arrays, check_finite, check_num_samples, draw_samples, flat_outputs, structured,
-    symbolic_inputs,
+    as_arrays, check_arrays, check_finite, check_num_samples, draw_samples, fixed_shapes, flat_outputs,
+    structured, symbolic_inputs,
 )
 from tfopt.layers.quantize_activation import QuantizingLayer
 from tfopt.litert import float_ops, litert_latency_ms, litert_load_error, run_litert  # noqa: F401 (public here too)
@@ -142,6 +142,7 @@ class _Plan:
     check: bool
     measure_latency: bool
     sparse: object
+    input_shapes: list | None = None  # fixed input shapes to convert at (see fixed_shapes), once needed
 
 
 @dataclasses.dataclass
@@ -240,14 +241,18 @@ def _encode(plan):
     calibrated = plan.representative_data is not None and not quantized_path
     convert_args = (export_form(stripped, calibrated), plan.optimizations, plan.precision,
                     plan.representative_data if calibrated else None)
-    content = litert.convert(*convert_args)
+    try:
+        content = litert.convert(*convert_args)
+    except Exception as error:  # noqa: BLE001 - fixed_shapes re-raises what it does not handle
+        plan.input_shapes = fixed_shapes(convert_args[0], plan.inputs, error)
+        content = litert.convert(*convert_args, input_shapes=plan.input_shapes)
     if quantized_path and plan.representative_data is not None and litert.float_ops(content):
         # Layers that quantization-aware training leaves in float (LayerNormalization,
         # attention, RNNs, ...): calibrate every range on the data instead, for a
         # full-integer file; the weights keep what QAT trained.
         stripped, calibrated = _stripped(plan.model), True
         convert_args = (export_form(stripped, True), plan.optimizations, plan.precision, plan.representative_data)
-        content = litert.convert(*convert_args)
+        content = litert.convert(*convert_args, input_shapes=plan.input_shapes)
     encoded = _Encoded(content, stripped, calibrated)
     if plan.sparse:  # (the same model and arguments, sparse-encoded)
         encoded.dense_size = len(content)
@@ -263,7 +268,7 @@ def _sparse_content(plan, dense, convert_args, stripped):
     sparsity = _kernel_sparsity(stripped)
     if plan.sparse == "auto" and (sparsity or 0.0) < _AUTO_SPARSITY:
         return dense, False
-    content = litert.convert(*convert_args, sparse=True)
+    content = litert.convert(*convert_args, sparse=True, input_shapes=plan.input_shapes)
     error = litert.litert_load_error(content)
     if error is not None:
         warnings.warn(
@@ -343,7 +348,7 @@ def _report(plan, encoded, parity, float_parity):
     if plan.measure_latency:
         latency = litert.litert_latency_ms(content, _samples(plan))
         float_latency = latency if plan.precision == "float32" else litert.litert_latency_ms(
-            litert.convert(export_form(_stripped(plan.model))), _samples(plan))
+            litert.convert(export_form(_stripped(plan.model)), input_shapes=plan.input_shapes), _samples(plan))
     integer = plan.precision in ("int8", "int16x8")
     return ExportReport(
         path=str(plan.path),

@@ -35,7 +35,8 @@ __all__ = ["convert", "run_litert", "litert_latency_ms", "litert_load_error", "f
            "sample_inputs"]
 
 
-def convert(model, optimizations=None, precision="float32", representative_data=None, sparse=False):
+def convert(model, optimizations=None, precision="float32", representative_data=None, sparse=False,
+            input_shapes=None):
     """Converts a Keras model, as it is, to a LiteRT flatbuffer (bytes).
 
     The model's inference function is traced once and frozen by the
@@ -52,6 +53,10 @@ def convert(model, optimizations=None, precision="float32", representative_data=
         representative_data: a list of arrays (one per model input, in
             `model.inputs` order) to calibrate int8/int16x8 ranges on, or None.
         sparse: store pruned weights in the converter's sparse format.
+        input_shapes: None (the model's input shapes), or one shape per model
+            input (in `model.inputs` order, without the batch axis) to trace at
+            instead: fixes the model's free (None) dimensions, such as a
+            sequence length, in the file. The batch axis stays free.
 
     Returns:
         The flatbuffer, as bytes.
@@ -63,23 +68,29 @@ def convert(model, optimizations=None, precision="float32", representative_data=
     >>> litert.convert(model)[4:8]
     b'TFL3'
     """
-    args = (optimizations, precision, representative_data, sparse)
+    args = (optimizations, precision, representative_data, sparse, input_shapes)
     try:
         return _convert_with(model, True, *args)
     except Exception as traced_error:  # noqa: BLE001 - the other path says whether it was the model
         if type(traced_error).__name__ == "ConverterError":  # (not public) the converter refused the model
+            raise
+        if input_shapes is not None:  # (from_keras_model converts the model's own shapes only)
             raise
         log.debug("tfopt.export: the traced conversion failed (%s); converting with from_keras_model.",
                   traced_error)
         return _convert_with(model, False, *args)
 
 
-def _traced_converter(model):
+def _traced_converter(model, input_shapes=None):
     """A converter for a `tf.function` calling `model` with its inputs in
-    `model.inputs` order, packed into the model's own input structure."""
+    `model.inputs` order, packed into the model's own input structure
+    (traced at `(None, *shape)` for each of `input_shapes` when given)."""
     import tensorflow as tf
 
-    specs = [tf.TensorSpec(t.shape, t.dtype, name=_keras_internal.input_name(t)) for t in model.inputs]
+    shapes = [t.shape for t in model.inputs] if input_shapes is None else [
+        (None, *shape) for shape in input_shapes]
+    specs = [tf.TensorSpec(shape, t.dtype, name=_keras_internal.input_name(t))
+             for shape, t in zip(shapes, model.inputs)]
 
     @tf.function(input_signature=specs)
     def serve(*tensors):
@@ -104,21 +115,21 @@ def _absl_warning_filtered(prefix):
         logger.removeFilter(drop)
 
 
-def _convert_with(model, traced, optimizations, precision, representative_data, sparse=False):
+def _convert_with(model, traced, optimizations, precision, representative_data, sparse=False, input_shapes=None):
     # Traced with every fake-quant op on (the converter reads the ranges only from ops that
     # feed their consumers), whichever path traces; the converter prints a SavedModel's
     # signature: keep the user's console for the report.
     with contextlib.redirect_stdout(io.StringIO()), _state.export_scope(), warnings.catch_warnings():
         # Printed for every QAT model: its input ranges come from the fake-quant ops instead.
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-        converter = _configured(model, traced, optimizations, precision, representative_data, sparse)
+        converter = _configured(model, traced, optimizations, precision, representative_data, sparse, input_shapes)
         return converter.convert()
 
 
-def _configured(model, traced, optimizations, precision, representative_data, sparse):
+def _configured(model, traced, optimizations, precision, representative_data, sparse, input_shapes=None):
     import tensorflow as tf
 
-    converter = _traced_converter(model) if traced else tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = _traced_converter(model, input_shapes) if traced else tf.lite.TFLiteConverter.from_keras_model(model)
     if optimizations:
         converter.optimizations = list(optimizations)
     if precision == "float16":

@@ -1,5 +1,8 @@
 """The arrays `tfopt.export` converts and checks with: validation, dicts, drawn samples."""
 
+import re
+import warnings
+
 import keras
 import numpy as np
 
@@ -190,3 +193,31 @@ def draw_samples(model, num_samples, seed):
         else:
             arrays.append(rng.standard_normal(shape).astype(dtype))
     return arrays
+
+
+def fixed_shapes(model, arrays, error):
+    """The shapes of `arrays` (without the batch axis) to convert `model` at, when the converter
+    refused it for TF Select ("flex") ops that only its free (None) input dims need (keras-hub's
+    Mistral attention slices a mask of free length: StridedSlice with a new axis); `error`
+    re-raised otherwise. Without `arrays` (the user's `inputs`), a ValueError says to pass them."""
+    tensors = symbolic_inputs(model) or []
+    free = [t for t in tensors if None in tuple(t.shape)[1:]]
+    if type(error).__name__ != "ConverterError" or "flex op" not in str(error) or not free:
+        raise error
+    found = re.search(r"TF Select ops: ([^\n]+)", str(error))
+    ops = found.group(1).strip() if found else "see the converter's message"
+    names = ", ".join(f"'{_keras_internal.input_name(t)}' {_shape_text(tuple(t.shape))}" for t in free)
+    if arrays is None:
+        raise ValueError(
+            f"tfopt.export: the converter takes model '{model.name}' only at fixed input shapes: with free "
+            f"dimensions (inputs {names}) it needs TF Select ops ({ops}), which the default LiteRT runtime "
+            "lacks. Received: no `inputs`. Fix: pass inputs= of the shape the file should run at (e.g. token ids "
+            "of the sequence length to serve); the file is then converted at that shape.") from error
+    shapes = [tuple(a.shape[1:]) for a in arrays]
+    fixed = ", ".join(f"'{_keras_internal.input_name(t)}' {_shape_text((None, *s))}" for t, s in zip(tensors, shapes))
+    warnings.warn(
+        f"tfopt.export: model '{model.name}' converts only at fixed input shapes (with free dimensions, inputs "
+        f"{names}, the converter needs TF Select ops: {ops}), so the file takes the shapes of `inputs`: {fixed}. "
+        "Fix: to run the file at another length, export again with inputs= of that length.", UserWarning,
+        stacklevel=4)
+    return shapes
