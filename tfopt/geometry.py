@@ -74,6 +74,7 @@ __all__ = [
     "FLATTEN",
     "HEADS",
     "macs",
+    "register_macs",
 ]
 
 WEIGHTS = "weights"  # a layer with optimizable weights
@@ -420,7 +421,52 @@ def _macs_parts(layer, input_shapes, output_shapes, per_timestep):
         return [(layer, _times(inner[0][1], steps))] + [(sub, _times(count, steps)) for sub, count in inner]
     if isinstance(layer, keras.layers.RNN):
         return [(layer, _times(_recurrent_step_macs(layer, output_shapes), 1 if per_timestep else input_shapes[0][1]))]
+    counter = _macs_counter(layer)
+    if counter is not None:  # a composite layer described elsewhere (tfopt.adapters): its parts too
+        if per_timestep:
+            return [(layer, None)]
+        found = counter(layer, input_shapes, output_shapes)
+        return list(found) if isinstance(found, (list, tuple)) else [(layer, found)]
     return [(layer, None if per_timestep else _layer_macs(layer, input_shapes, output_shapes))]
+
+
+_MACS = {}  # layer type -> fn(layer, input_shapes, output_shapes) -> count or [(layer, count), ...]
+
+
+def register_macs(layer_type, fn):
+    """Registers how `macs` counts layers of `layer_type` (and its subclasses)
+    that the table cannot: composite layers (keras-hub's transformer blocks,
+    registered by `tfopt.adapters`). `fn(layer, input_shapes, output_shapes)`
+    returns the count of one call on one example, None if unknown, or
+    `[(layer, count), (sublayer, count), ...]`: the layer's count first, then
+    its sublayers' shares (which `tfopt.summary` shows on their rows).
+
+    Example:
+    >>> import keras
+    >>> class Twice(keras.layers.Layer):
+    ...     def build(self, input_shape):
+    ...         self.inner = keras.layers.Dense(4)
+    ...         self.inner.build(input_shape)
+    ...     def call(self, x):
+    ...         return self.inner(x) + self.inner(x)
+    >>> register_macs(Twice, lambda layer, ins, outs: 2 * macs(layer.inner, ins, outs))
+    >>> layer = Twice()
+    >>> layer.build((None, 4))
+    >>> macs(layer, [(None, 4)], [(None, 4)])
+    32
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, keras.layers.Layer)) or not callable(fn):
+        raise TypeError(
+            "`tfopt.geometry.register_macs` takes a Keras layer class and a function fn(layer, input_shapes, "
+            f"output_shapes). Received: layer_type={layer_type!r}, fn={fn!r}")
+    _MACS[layer_type] = fn
+
+
+def _macs_counter(layer):
+    for klass in type(layer).__mro__:
+        if klass in _MACS:
+            return _MACS[klass]
+    return None
 
 
 def _output_shapes(layer, input_shape, fallback):

@@ -1,6 +1,7 @@
 """`summary`: what was pruned, layer by layer, as a table and as data."""
 
 import os
+import sys
 import zipfile
 
 import keras
@@ -12,7 +13,7 @@ from tfopt import _keras_internal, geometry, pruning
 __all__ = ["summary", "overall_sparsity", "prunable_values", "zero_fraction", "macs", "total_macs"]
 
 
-def macs(model):
+def macs(model, sequence_length=None):
     """Multiply-adds of one example through `model`, per layer: `{layer name:
     count}` in graph order, every call of a shared layer counted, nested
     models' layers included; layers without weights count 0, and so would
@@ -24,6 +25,13 @@ def macs(model):
     timesteps; `tfopt.summary` gives such a layer's count per timestep).
     The result is None for a subclassed model (it has no graph to read).
 
+    `sequence_length`: the length to count for an open sequence axis (the
+    axis after the batch, None in the model's shapes), as in a language model
+    whose inputs are `(batch, None)` token ids: keras-hub's backbones and causal
+    LMs (their transformer blocks count projections, attention scores,
+    feed-forward and norms; see `tfopt.adapters._keras_hub_geometry`), or a
+    Dense or recurrent layer over `keras.Input((None, features))`.
+
     Example:
     >>> import keras
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="a"),
@@ -31,7 +39,7 @@ def macs(model):
     >>> macs(model)
     {'a': 32, 'b': 8}
     """
-    calls = _calls(model)
+    calls = _calls(model, sequence_length)
     if calls is None:
         return None
     out = {}
@@ -42,20 +50,43 @@ def macs(model):
     return out
 
 
-def _calls(model):
+def _sequence_length(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            "`sequence_length` is the number of tokens (timesteps) to count for the open sequence axis of a "
+            f"model's inputs, an int >= 1. Received: sequence_length={value!r}. Fix: e.g. sequence_length=128.")
+    return int(value)
+
+
+def _with_length(shape, sequence_length):
+    """`shape` with an open axis after the batch set to `sequence_length` (if given)."""
+    if sequence_length is None or len(shape) < 2 or shape[1] is not None:
+        return shape
+    return (shape[0], sequence_length) + tuple(shape[2:])
+
+
+def _calls(model, sequence_length=None):
     """`[(layer, [(layer or wrapped layer, (count, per_timestep))], input shape)]`
     for every layer call in `model`'s graph, or None for a subclassed model.
     Each figure is `(count, False)`, `(count of one timestep, True)` where the
-    number of timesteps is unknown, or `(None, False)` when unknown."""
+    number of timesteps is unknown, or `(None, False)` when unknown.
+    `sequence_length` fills an open axis after the batch (see `macs`)."""
+    sequence_length = _sequence_length(sequence_length)
     if not _keras_internal.is_graph_network(model) or not model.built or not model.inputs:
         return None
+    if "keras_hub" in sys.modules:  # lazy: the adapter reads keras-hub layers (optional) and sits above reporting
+        from tfopt.adapters import _keras_hub_geometry
+
+        _keras_hub_geometry.register_model(model)
     out = []
     for layer, node in reversed(_keras_internal.graph_calls(model)):
         if (not isinstance(layer, keras.layers.Layer)  # an op on symbolic tensors: `outputs["x"]`, `ops.add`
                 or isinstance(layer, keras.Model) or _keras_internal.is_input_layer(layer)):
             continue
-        shapes = ([tuple(t.shape) for t in _keras_internal.node_inputs(node)],
-                  [tuple(t.shape) for t in _keras_internal.node_outputs(node)])
+        shapes = ([_with_length(tuple(t.shape), sequence_length) for t in _keras_internal.node_inputs(node)],
+                  [_with_length(tuple(t.shape), sequence_length) for t in _keras_internal.node_outputs(node)])
         parts = geometry.macs(layer, *shapes, parts=True)
         steps = geometry.macs(layer, *shapes, per_timestep=True, parts=True) if parts[0][1] is None else None
         if steps is not None and steps[0][1] is not None:
@@ -127,7 +158,7 @@ def overall_sparsity(model):
     return zero_fraction([value for _, _, value in prunable_values(model, pruned_only=True)])
 
 
-def summary(model, print_fn=print):
+def summary(model, print_fn=print, sequence_length=None):
     """Prints and returns a per-layer pruning table.
 
     One row per prunable weight: layer name and type, the layer's parameter
@@ -152,6 +183,10 @@ def summary(model, print_fn=print):
             `Lambda` layer, needs `tfopt.load_model(path, safe_mode=False)`
             first).
         print_fn: called with the rendered table; None to only return the rows.
+        sequence_length: the number of tokens `macs` counts for an open
+            sequence axis (a language model's `(batch, None)` token ids, as in
+            keras-hub models): see `macs`. Without it such layers' counts are
+            unknown ("-"), and a note under the table says so.
 
     Returns:
         A list of dicts with keys `layer`, `type`, `weight`, `params`, `size`,
@@ -172,7 +207,7 @@ def summary(model, print_fn=print):
     model = _model_argument(model)
     rows = []
     state = _state_ids(model)
-    calls = _calls(model)
+    calls = _calls(model, sequence_length)
     figures, total = {}, _Figure()  # id(layer) -> its _Figure; the model's
     for layer, parts, _ in calls or ():
         if parts[0][1][0] is not None:  # unknown layers are left out of the total (a note says which)
@@ -219,11 +254,11 @@ def summary(model, print_fn=print):
         }
     )
     if print_fn is not None:
-        print_fn("\n".join([render(rows)] + _macs_notes(calls)))
+        print_fn("\n".join([render(rows)] + _macs_notes(calls, sequence_length)))
     return rows
 
 
-def _macs_notes(calls):
+def _macs_notes(calls, sequence_length=None):
     """Lines under the summary table naming the layers whose multiply-adds
     are per timestep or unknown."""
     notes = []
@@ -237,8 +272,13 @@ def _macs_notes(calls):
     unknown = sorted({f"{layer.name} ({type(layer).__name__})" for layer, parts, _ in calls or ()
                       if parts[0][1][0] is None})
     if unknown:
+        open_sequence = sequence_length is None and any(
+            parts[0][1][0] is None and shape is not None and len(shape) > 1 and shape[1] is None
+            for _, parts, shape in calls or ())
         notes.append(f"macs: unknown for layers {unknown} (a layer type tfopt cannot count, or a size the model "
-                     "leaves open), so the total leaves them out.")
+                     "leaves open), so the total leaves them out."
+                     + (" Their inputs have an open sequence axis (None after the batch). Fix: count for a "
+                        "length, tfopt.summary(model, sequence_length=128)." if open_sequence else ""))
     return notes
 
 

@@ -1,0 +1,99 @@
+"""keras-hub models seen inside by tfopt's reporting and pruning: multiply-adds of their transformer
+blocks counted by hand, WidthPruning of feed-forward units and key-value head groups during `fit`,
+magnitude pruning of the blocks' nested kernels."""
+
+import keras
+import numpy as np
+import pytest
+
+import tfopt
+from tfopt import testing
+
+keras_hub = pytest.importorskip("keras_hub")
+M = keras_hub.models if keras_hub else None
+
+_SMALL = dict(vocabulary_size=64, num_layers=2, hidden_dim=32, intermediate_dim=64)
+_GQA = dict(num_query_heads=4, num_key_value_heads=2)
+T = 8  # the sequence length counted
+
+
+def _gpt2():
+    return M.GPT2CausalLM(M.GPT2Backbone(num_heads=2, max_sequence_length=16, dropout=0.0, **_SMALL))
+
+
+def _mistral():
+    return M.MistralCausalLM(M.MistralBackbone(**_GQA, **_SMALL))
+
+
+def _gemma():  # Gemma's intermediate_dim counts gate and up: 64 units, as the others
+    return M.GemmaCausalLM(M.GemmaBackbone(head_dim=8, **_GQA, **dict(_SMALL, intermediate_dim=128)))
+
+
+class KerasHubMacsTest(testing.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(1)
+        cls.lms = {"gpt2": _gpt2(), "mistral": _mistral(), "gemma": _gemma()}
+
+    def test_gpt2_counted_by_hand(self):
+        # Per block: q, k, v, o 32x32 each; scores 2 heads x 16 x T^2 x 2; FFN 32x64 twice; 2 LayerNorms.
+        block = T * 4 * 32 * 32 + 2 * 16 * T * T * 2 + T * 2 * 32 * 64 + T * 2 * 32
+        counts = tfopt.reporting.macs(self.lms["gpt2"], sequence_length=T)
+        self.assertEqual(counts["transformer_layer_0"], block)
+        self.assertEqual(counts["transformer_layer_1"], block)
+        self.assertEqual(counts["position_embedding"], 0)  # a lookup
+        self.assertEqual(counts["token_embedding"], T * 32 * 64)  # the lookup 0, the tied head hidden x vocab
+        self.assertEqual(counts["layer_norm"], T * 32)
+        self.assertEqual(tfopt.reporting.total_macs(counts), 2 * block + T * 32 + T * 32 * 64)
+
+    def test_grouped_query_attention_counted_by_hand(self):
+        # Mistral and Gemma alike: q 32x(4x8), k and v 32x(2x8) (two key-value heads), o (4x8)x32;
+        # scores 4 heads x 8 x T^2 x 2; a gated FFN: three 32x64 kernels; two RMS norms.
+        block = T * (1024 + 512 + 512 + 1024) + 4 * 8 * T * T * 2 + T * 3 * 32 * 64 + T * 2 * 32
+        for name, first in (("mistral", "transformer_layer_0"), ("gemma", "decoder_block_0")):
+            with self.subTest(name):
+                counts = tfopt.reporting.macs(self.lms[name], sequence_length=T)
+                self.assertEqual(counts[first], block)
+                self.assertEqual(tfopt.reporting.total_macs(counts), 2 * block + T * 32 + T * 32 * 64)
+
+    def test_the_attention_scores_grow_with_the_square_of_the_length(self):
+        lm = self.lms["mistral"]
+        short, long = (tfopt.reporting.macs(lm, sequence_length=n)["transformer_layer_0"] for n in (T, 2 * T))
+        self.assertEqual(long - 2 * short, 4 * 8 * 2 * (4 * T * T - 2 * T * T))
+
+    def test_shrink_removes_the_expected_multiply_adds(self):
+        for name, kernels in (("gpt2", 2), ("mistral", 3), ("gemma", 3)):
+            with self.subTest(name):
+                lm = self.lms[name]
+                before = tfopt.reporting.total_macs(tfopt.reporting.macs(lm, sequence_length=T))
+                after = tfopt.reporting.total_macs(tfopt.reporting.macs(tfopt.shrink(lm, 0.5), sequence_length=T))
+                self.assertEqual(before - after, 2 * T * kernels * 32 * 32)  # 32 of 64 units, in 2 blocks
+
+    def test_shrink_of_heads_removes_their_projections_and_scores(self):
+        lm = self.lms["mistral"]
+        before = tfopt.reporting.macs(lm, sequence_length=T)["transformer_layer_0"]
+        after = tfopt.reporting.macs(tfopt.shrink(lm, heads=1), sequence_length=T)["transformer_layer_0"]
+        # One key-value group of two: 2 query heads, 1 key and 1 value head of 8, and their scores.
+        self.assertEqual(before - after, T * (2 * 8 * 32 * 2 + 8 * 32 * 2) + 2 * 8 * T * T * 2)
+
+    def test_summary_counts_the_blocks_sublayers_on_their_rows(self):
+        lines = []
+        rows = tfopt.summary(self.lms["gpt2"], print_fn=lines.append, sequence_length=T)
+        total = tfopt.reporting.total_macs(tfopt.reporting.macs(self.lms["gpt2"], sequence_length=T))
+        self.assertEqual(rows[-1]["macs"], total)
+        query = [r for r in rows if r["layer"] == "query"]
+        self.assertEqual([r["macs"] for r in query], [T * 32 * 32] * 2)
+        self.assertNotIn("unknown", lines[0])
+
+    def test_without_a_length_the_note_says_how_to_count(self):
+        lines = []
+        rows = tfopt.summary(self.lms["gpt2"], print_fn=lines.append)
+        self.assertEqual(rows[-1]["macs"], 0)  # the lookups: the rest needs a length
+        self.assertIn("open sequence axis", lines[0])
+        self.assertIn("sequence_length=128", lines[0])
+        self.assertIsNone(tfopt.reporting.macs(self.lms["gpt2"])["transformer_layer_0"])
+
+    def test_a_bad_length_is_refused(self):
+        with self.assertRaisesRegex(ValueError, r"Received: sequence_length=0\. Fix: e\.g\. sequence_length=128"):
+            tfopt.reporting.macs(self.lms["gpt2"], sequence_length=0)
