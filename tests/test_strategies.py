@@ -284,24 +284,36 @@ print("REPLICAS", type(strategy).__name__, strategy.num_replicas_in_sync, float(
 """
 
 
-def _auto_workers(indices, timeout, delays=None, limit=180):
-    """Runs `auto(timeout)` in one process per index of a 2-worker loopback cluster; returns their stdout."""
+def _auto_workers(indices, timeout, start_after=None, limit=180):
+    """Runs `auto(timeout)` in one process per index of a 2-worker loopback cluster; returns their stdout.
+
+    With `start_after`, each process after the first starts once the first has printed that text
+    (or after `limit` seconds): a worker that starts late, without a fixed sleep."""
+    import threading
+
     ports = ",".join(map(str, free_loopback_ports(2)))
     env = {key: value for key, value in os.environ.items() if key not in ("TF_CONFIG", "TPU_NAME", "COLAB_TPU_ADDR")}
-    procs = []
+    procs, texts, readers = [], [], []
+    deadline = time.time() + limit
     for i, index in enumerate(indices):
-        if delays and delays[i]:
-            time.sleep(delays[i])
+        while i and start_after and start_after not in "".join(texts[0]) and time.time() < deadline \
+                and (procs[0].poll() is None or readers[0].is_alive()):
+            time.sleep(0.1)
         procs.append(subprocess.Popen([sys.executable, "-c", _AUTO_WORKER, str(index), ports, str(timeout)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.time() + limit
+        texts.append([])
+        readers.append(threading.Thread(target=lambda p=procs[-1], t=texts[-1]: t.extend(iter(p.stdout.readline, "")),
+                                        daemon=True))
+        readers[-1].start()
     while time.time() < deadline and any(p.poll() is None for p in procs):
-        time.sleep(0.5)
+        time.sleep(0.2)
     outputs = []
-    for p in procs:
+    for p, text, reader in zip(procs, texts, readers):
         if p.poll() is None:
             p.kill()  # SIGKILL: a worker stuck in TensorFlow's join ignores SIGTERM
-        outputs.append(p.communicate()[0])
+        p.wait()
+        reader.join()
+        outputs.append("".join(text))
     return ports.split(","), outputs
 
 
@@ -309,17 +321,18 @@ class WaitingForWorkersTest(testing.TestCase):
     """`auto()` under a TF_CONFIG: what two processes on 127.0.0.1 really do."""
 
     def test_a_worker_that_never_starts_is_logged_then_a_runtime_error(self):
-        (_, missing), (out,) = _auto_workers([0], timeout=12)  # worker 1 never starts
+        (_, missing), (out,) = _auto_workers([0], timeout=3)  # worker 1 never starts
         self.assertRegex(out, rf"waiting for the other workers of TF_CONFIG \(\d+ s so far\); not answering yet: "
                               rf"\['127.0.0.1:{missing}'\]")
-        self.assertRegex(out, rf"RuntimeError: .*did not all start within 12 s; not answering: "
+        self.assertRegex(out, rf"RuntimeError: .*did not all start within 3 s; not answering: "
                               rf"\['127.0.0.1:{missing}'\]. Fix: start every worker")
         self.assertNotIn("REPLICAS", out)
 
     @pytest.mark.slow
     def test_workers_started_apart_find_each_other(self):
-        # worker 1 starts late: worker 0 waits (answering on its port meanwhile), then both join TensorFlow's cluster
-        (_, late), outputs = _auto_workers([0, 1], timeout=120, delays=[0, 8])
+        # worker 1 starts late, once worker 0 waits for it (answering on its port meanwhile); then both join
+        # TensorFlow's cluster
+        (_, late), outputs = _auto_workers([0, 1], timeout=120, start_after="not answering yet")
         for out in outputs:
             self.assertIn("REPLICAS MultiWorker 2 2.0", out, outputs)
             self.assertNotIn("RuntimeError", out, outputs)
