@@ -277,6 +277,21 @@ if importlib.util.find_spec("keras_hub") is not None:
                lambda: tfopt.shrink(_bert_classifier(), 0.5), raises=TypeError,
                match=r"`tfopt.shrink` takes a keras-hub Backbone or CausalLM, and model '.*' \(BertTextClassifier\) "
                      r"is another keras-hub task.*Fix: shrink its backbone"),
+        Misuse("shrink of a keras-hub Llama by hidden width",
+               lambda: tfopt.shrink(importlib.import_module("keras_hub").models.LlamaBackbone(
+                   vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1, hidden_dim=8,
+                   intermediate_dim=16), hidden=0.25), raises=ValueError,
+               match=r"`tfopt.shrink\(hidden=0.25\)`: LlamaBackbone derives the head size as hidden_dim // "
+                     r"num_query_heads and has no head_dim in its config.*rotary position embedding.*Fix: leave "
+                     r"hidden=None"),
+        Misuse("shrink of a keras-hub GPT-2 by a hidden width its heads cannot share",
+               lambda: tfopt.shrink(_gpt2(), hidden=3), raises=ValueError,
+               match=r"`tfopt.shrink\(hidden=3\)`: model 'gpt2_causal_lm\w*' \(GPT2CausalLM\) derives its head size "
+                     r"as hidden_dim // num_heads \(8 // 2\).*a multiple of 2 below 8\. Received: hidden=3\. Fix"),
+        Misuse("shrink of a keras-hub model by all its hidden width",
+               lambda: tfopt.shrink(_gpt2(), hidden=8), raises=ValueError,
+               match=r"`tfopt.shrink\(hidden=...\)` is how many of the model's 8 residual-stream channels "
+                     r"\(hidden_dim\) to remove: an int from 0 to 7, or a share in \[0, 1\)\. Received: hidden=8\. Fix"),
         Misuse("shrink of a keras-hub model with an argument for plain Keras models",
                lambda: tfopt.shrink(_gpt2(), 0.5, importance="taylor"), raises=ValueError,
                match=r"`tfopt.shrink\(importance=...\)` applies to plain Keras models, not to keras-hub model "
@@ -288,6 +303,10 @@ TABLE += [
            lambda: tfopt.shrink(_mlp(), depth=1), raises=ValueError,
            match=r"`tfopt.shrink\(depth=...\)` removes whole transformer blocks or heads of keras-hub models, and "
                  r"model 'mlp' \(Sequential\) is not one\. Received: depth=1\. Fix: leave it None"),
+    Misuse("shrink by hidden width of a plain Keras model",
+           lambda: tfopt.shrink(_mlp(), hidden=0.25), raises=ValueError,
+           match=r"`tfopt.shrink\(hidden=...\)` removes hidden \(residual-stream\) channels of keras-hub models, "
+                 r"and model 'mlp' \(Sequential\) is not one\. Received: hidden=0.25\. Fix: leave it None"),
 ]
 
 

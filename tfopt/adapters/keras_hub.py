@@ -1,4 +1,4 @@
-"""`tfopt.shrink` for keras-hub transformers: whole blocks, feed-forward units, attention heads.
+"""`tfopt.shrink` for keras-hub transformers: whole blocks, feed-forward units, attention heads, hidden width.
 
 keras-hub's backbones (`GPT2Backbone`, `BertBackbone`, `LlamaBackbone`,
 `MistralBackbone`, `GemmaBackbone`) and the causal LMs around them are
@@ -7,9 +7,10 @@ Functional models whose transformer blocks are opaque custom layers, so
 blocks (the one place in tfopt that reads their sublayer attributes) and
 shrinks the model the way the config can say it: fewer blocks (`num_layers`),
 fewer feed-forward units (`intermediate_dim`), fewer attention heads where the
-config has a `head_dim` (Mistral, Gemma). The result is the same keras-hub
-class built from the smaller config, with the kept weights copied in, so it
-saves, loads and generates like any keras-hub model.
+config has a `head_dim` (Mistral, Gemma), fewer residual-stream channels
+(`hidden_dim`). The result is the same keras-hub class built from the smaller
+config, with the kept weights copied in, so it saves, loads and generates like
+any keras-hub model.
 
 Importance:
 
@@ -20,7 +21,42 @@ Importance:
   (what the down projection reads; Minitron), or, without `data`, the summed
   squares of the weights that make and read it.
 - an attention head (a key-value group under grouped-query attention): the
-  summed squares of its query, key, value and output weights.
+  mean |activation| of its slice of the attention output projection's input
+  (the context vectors its query heads hand on) over the calibration tokens,
+  or, without `data`, the summed squares of its query, key, value and output
+  weights.
+- a residual-stream (hidden) channel: its mean |activation| over the
+  calibration tokens at the embedding output and at every block's output
+  (Minitron), or, without `data`, the summed squares of its token-embedding
+  column plus those of every norm's scale at it (each term over its mean).
+
+Removing blocks, units and heads is exact: the result computes what the
+model computes with the removed blocks skipped and the removed units and
+heads zeroed (`plan.masked()`). Removing hidden channels (`hidden=`) is not:
+every norm then averages over fewer channels. tfopt multiplies each norm's
+scale by sqrt(hidden_dim before / after) and divides RMSNorm's epsilon by the
+kept share, which makes a norm over the kept channels give what it gave over
+all of them when the removed channels carried nothing: RMSNorm models
+(Mistral, Gemma) then compute what `plan.masked()` computes (the removed
+channels zeroed in every weight that reads or writes them) to float rounding,
+and LayerNorm models (GPT-2, BERT) only approximately, since the mean over the
+kept channels is not the mean over all of them. Channels that did carry
+something are lost: recover by distillation from the original (the Minitron
+recipe, `tfopt.distillation`). Where the config derives the head size from
+hidden_dim (GPT-2, BERT: hidden_dim // num_heads), each head loses
+hidden / num_heads dimensions too (so `hidden` counts in multiples of
+num_heads): query/key dimensions by the product of their query and key column
+norms, value/output dimensions by the mean |context| (or the value column
+norm) times the output row norm; the query is scaled by
+sqrt(head size after / before), so the softmax's 1/sqrt(head size) gives the
+kept dimensions the scores they had. Mistral and Gemma have `head_dim` in
+their config: their heads keep their size (Mistral's `head_dim=None` becomes
+the number it meant). Gemma multiplies the token embedding by
+sqrt(hidden_dim): its (tied) embedding is scaled by sqrt(before / after) so
+the blocks receive what they did. Llama's config has no `head_dim`, and its
+rotary embedding spreads the rotation frequencies over the head size: smaller
+heads would turn every kept pair of dimensions at another frequency, so
+`hidden=` is refused for Llama.
 
 keras-hub stays optional: it is imported only when a keras-hub model arrives.
 
@@ -32,9 +68,9 @@ Example:
 ...     vocabulary_size=64, num_layers=3, num_heads=2, hidden_dim=32, intermediate_dim=64,
 ...     max_sequence_length=16))
 >>> tokens = np.random.default_rng(0).integers(1, 64, (4, 16))
->>> small = tfopt.shrink(lm, 0.5, depth=1, data=tokens)
->>> type(small).__name__, small.backbone.num_layers, small.backbone.intermediate_dim
-('GPT2CausalLM', 2, 32)
+>>> small = tfopt.shrink(lm, 0.5, depth=1, hidden=0.25, data=tokens)
+>>> type(small).__name__, small.backbone.num_layers, small.backbone.intermediate_dim, small.backbone.hidden_dim
+('GPT2CausalLM', 2, 32, 24)
 """
 
 import contextlib
@@ -208,7 +244,8 @@ def _count(value, what, total, keep_one):
 
 
 def _what_units(what):
-    return {"depth": "blocks", "heads": "key-value head groups per block"}.get(what, "units")
+    return {"depth": "blocks", "heads": "key-value head groups per block",
+            "hidden": "residual-stream channels (hidden_dim)"}.get(what, "units")
 
 
 def _batches(backbone, data, name):
@@ -396,9 +433,10 @@ def _block_hidden_cuts(block, spec, hidden_dim):
         else:
             raise TypeError(
                 f"`tfopt.shrink(hidden=...)`: block '{block.name}' ({type(block).__name__}) holds weight "
-                f"'{v.path}' of shape {tuple(v.shape)}, which is not one of the weights this keras-hub version's "
-                "block had (query/key/value, attention output, feed-forward, norms). Fix: use the keras-hub "
-                "version tfopt was checked on (0.32), and report the one you have.")
+                f"'{v.path}' of shape {tuple(v.shape)}, which is not one of the float weights this keras-hub "
+                "version's block had (query/key/value, attention output, feed-forward, norms). Fix: shrink the "
+                "float model before quantizing it or enabling LoRA; otherwise use the keras-hub version tfopt "
+                "was checked on (0.32), and report the one you have.")
     return cuts
 
 
@@ -711,10 +749,23 @@ def _head_dim_keeps(blocks, spec, count, heads, contexts):
 
 
 def plan(model, fraction=None, depth=None, heads=None, data=None, min_channels=1, hidden=None, **others):
-    """The `KerasHubShrinkPlan` of `tfopt.plan_shrink` for a keras-hub model (see `tfopt.shrink`).
+    """The `KerasHubShrinkPlan` of `tfopt.plan_shrink` for a keras-hub model (see `tfopt.shrink` and
+    this module's docstring: what each of `fraction`, `depth`, `heads` and `hidden` removes, how it is
+    scored, and why `hidden` is not exact).
 
     `others`: `plan_shrink`'s arguments for plain Keras models (`scope`,
     `importance`, `loss`, `layers`), refused unless left at their defaults.
+
+    Example:
+
+    >>> import numpy as np, pytest, tfopt
+    >>> keras_hub = pytest.importorskip("keras_hub")  # keras-hub is optional
+    >>> lm = keras_hub.models.GemmaCausalLM(keras_hub.models.GemmaBackbone(
+    ...     vocabulary_size=64, num_layers=2, num_query_heads=4, num_key_value_heads=2, head_dim=8,
+    ...     hidden_dim=32, intermediate_dim=64))
+    >>> plan = tfopt.plan_shrink(lm, hidden=8, heads=1, data=np.ones((2, 8), "int32"))
+    >>> plan.removed["gemma_backbone"], plan.removed["decoder_block_0"], len(plan.removed_channels)
+    ({'hidden': (32, 24)}, {'heads': (4, 2)}, 8)
     """
     backbone, blocks, spec = _backbone(model)
     name = f"'{model.name}' ({type(model).__name__})"

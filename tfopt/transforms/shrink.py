@@ -231,7 +231,9 @@ def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channe
     Returns:
         A `ShrinkPlan`; for a keras-hub Backbone or CausalLM a
         `tfopt.adapters.keras_hub.KerasHubShrinkPlan` (the same `apply()`,
-        `masked()` and `removed`).
+        `masked()` and `removed`; with `hidden=`, `masked()` zeroes the
+        removed channels in every weight that reads or writes them, which
+        `apply()` matches only under RMSNorm: see `shrink`).
     """
     if _keras_hub.handles(model):
         return _keras_hub.plan(model, fraction, depth=depth, heads=heads, hidden=hidden, data=data,
@@ -361,11 +363,20 @@ def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1,
     ones that change the hidden state least on `data`, token ids), `fraction=`
     each block's share of feed-forward units (lowest mean |activation| on
     `data`, or lowest weight L2 without it), `heads=` key-value head groups
-    (Mistral and Gemma only: GPT-2, BERT and Llama derive the head size from
-    the number of heads, so their configs cannot hold fewer heads of the same
-    size). The result is the same keras-hub class, built from the smaller
-    config, that computes what `model` computes with the removed blocks skipped
-    and the removed units and heads zeroed.
+    (lowest mean |context| they hand the output projection on `data`, or
+    lowest weight L2; Mistral and Gemma only: GPT-2, BERT and Llama derive the
+    head size from the number of heads, so their configs cannot hold fewer
+    heads of the same size), `hidden=` residual-stream channels (lowest mean
+    |activation| of the embedding and block outputs on `data`, or lowest
+    embedding and norm-scale L2; not Llama, whose rotary embedding ties its
+    head size to hidden_dim). The result is the same keras-hub class, built
+    from the smaller config. Without `hidden=` it computes what `model`
+    computes with the removed blocks skipped and the removed units and heads
+    zeroed. `hidden=` is not exact: the norms average over fewer channels
+    (their scales are rescaled for it, which is exact only for RMSNorm and
+    removed channels that carried nothing); recover by distillation. GPT-2's
+    and BERT's heads lose hidden / num_heads dimensions each with it, so there
+    `hidden` counts in multiples of num_heads (a share is rounded).
 
     Args:
         model: a Keras 3 Sequential or Functional model of Keras layers
@@ -388,9 +399,11 @@ def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1,
             them).
         heads: keras-hub Mistral and Gemma only: how many key-value head
             groups to remove from each block (an int), or which share of them.
-        hidden: keras-hub only (GPT-2, BERT, Mistral, Gemma; not Llama): how
-            many residual-stream channels to remove (an int), or which share
-            of `hidden_dim` (a float in [0, 1)); not exact (see above).
+        hidden: keras-hub GPT-2, BERT, Mistral and Gemma only: how many
+            residual-stream channels to remove from `hidden_dim` everywhere
+            (embeddings, every norm, every block's inputs and outputs, the LM
+            head), an int, or which share of them (a float in [0, 1)); not
+            exact (see above).
 
     Returns:
         A new `keras.Model`, not compiled even when `model` is (as after
@@ -406,6 +419,21 @@ def shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1,
     >>> small = tfopt.shrink(model, 0.5)
     >>> small.get_layer("conv").filters, small.count_params() < model.count_params(), small.compiled
     (8, True, False)
+
+    A keras-hub causal LM: a quarter of its hidden width, half of each
+    block's feed-forward units and key-value heads, and one block, scored on
+    calibration tokens:
+
+    >>> import pytest
+    >>> keras_hub = pytest.importorskip("keras_hub")  # keras-hub is optional
+    >>> lm = keras_hub.models.MistralCausalLM(keras_hub.models.MistralBackbone(
+    ...     vocabulary_size=64, num_layers=3, num_query_heads=4, num_key_value_heads=2, hidden_dim=32,
+    ...     intermediate_dim=64))
+    >>> tokens = np.random.default_rng(0).integers(1, 64, (4, 16))
+    >>> small = tfopt.shrink(lm, 0.5, heads=0.5, hidden=0.25, depth=1, data=tokens)
+    >>> config = small.backbone.get_config()
+    >>> config["num_layers"], config["hidden_dim"], config["intermediate_dim"], config["num_key_value_heads"]
+    (2, 24, 32, 1)
     """
     plan = plan_shrink(model, fraction, scope=scope, importance=importance, min_channels=min_channels,
                        data=data, loss=loss, layers=layers, depth=depth, heads=heads, hidden=hidden)
