@@ -354,6 +354,9 @@ class KerasHubShrinkTest(testing.TestCase):
         self.assertEqual(tfopt.plan_shrink(lm, hidden=0.2).removed["gpt2_backbone"], {"hidden": (32, 26)})
         with self.assertRaisesRegex(ValueError, r"hidden=3\).*multiple of 2.*Received: hidden=3\. Fix"):
             tfopt.plan_shrink(lm, hidden=3)
+        with self.assertLogs("tfopt", "WARNING") as logs:  # a share that rounds to no channel says so
+            self.assertEqual(tfopt.plan_shrink(lm, 0.25, hidden=0.02).removed_channels, [])
+        self.assertIn("removes no channel", logs.output[0])
 
     def test_hidden_exports_to_litert(self):
         for name in ("gpt2", "bert", "mistral", "gemma"):

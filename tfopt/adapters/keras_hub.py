@@ -720,7 +720,10 @@ def _hidden_count(hidden, spec, config, name):
 def _hidden_l2(backbone, blocks, spec, hidden_dim):
     """Each residual-stream channel's weight importance without `data`: the summed squares of its
     token-embedding column plus those of every norm's (effective) scale, each term over its mean."""
-    embedding = np.square(ops.convert_to_numpy(backbone.token_embedding.embeddings).astype("float64")).sum(0)
+    table = ops.convert_to_numpy(backbone.token_embedding.embeddings)
+    embedding = np.zeros(hidden_dim)
+    for start in range(0, len(table), 4096):  # a large vocabulary's table is not copied whole as float64
+        embedding += np.square(table[start:start + 4096].astype("float64")).sum(0)
     norms = np.zeros(hidden_dim)
     cuts = [c for b in blocks for c in _block_hidden_cuts(b, spec, hidden_dim)]
     cuts += [c for layer in backbone.layers if layer.weights and not any(layer is b for b in blocks)
