@@ -2,6 +2,9 @@
 blocks counted by hand, WidthPruning of feed-forward units and key-value head groups during `fit`,
 magnitude pruning of the blocks' nested kernels."""
 
+import os
+import tempfile
+
 import keras
 import numpy as np
 import pytest
@@ -97,3 +100,90 @@ class KerasHubMacsTest(testing.TestCase):
     def test_a_bad_length_is_refused(self):
         with self.assertRaisesRegex(ValueError, r"Received: sequence_length=0\. Fix: e\.g\. sequence_length=128"):
             tfopt.reporting.macs(self.lms["gpt2"], sequence_length=0)
+
+
+def _data(seed=0):
+    """8 sequences of T token ids, next-token targets: x and y for a causal LM's `fit`."""
+    ids = np.random.default_rng(seed).integers(1, 64, (8, T + 1)).astype("int32")
+    return {"token_ids": ids[:, :-1], "padding_mask": np.ones((8, T), "int32")}, ids[:, 1:]
+
+
+def _fit(lm, callback):
+    x, y = _data()
+    lm.compile(optimizer=keras.optimizers.Adam(1e-3),
+               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    lm.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[callback])  # 2 steps
+    return x
+
+
+def _zero_slices(value, axis):
+    """Indices along `axis` whose slices are all zero."""
+    moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+    return np.flatnonzero(~moved.any(axis=1)).tolist()
+
+
+def _value(variable):
+    return keras.ops.convert_to_numpy(variable)
+
+
+class KerasHubWidthPruningTest(testing.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(2)
+        cls.lm = _mistral()
+        schedule = tfopt.schedules.ConstantSparsity(0.5, begin_step=0, frequency=1)
+        cls.x = _fit(cls.lm, tfopt.callbacks.WidthPruning(schedule))
+
+    def test_whole_units_and_key_value_groups_are_zeroed_in_every_block(self):
+        for block in self.lm.backbone.transformer_layers:
+            weights = {v.path.split("/")[-2]: _value(v) for v in block.weights if v.name == "kernel"}
+            units = _zero_slices(weights["feedforward_intermediate_dense"], 1)
+            self.assertEqual(len(units), 32)  # half of 64
+            self.assertEqual(_zero_slices(weights["feedforward_gate_dense"], 1), units)
+            self.assertEqual(_zero_slices(weights["feedforward_output_dense"], 0), units)
+            groups = _zero_slices(weights["key"], 1)
+            self.assertEqual(len(groups), 1)  # one of two key-value heads
+            self.assertEqual(_zero_slices(weights["value"], 1), groups)
+            queries = [2 * groups[0], 2 * groups[0] + 1]  # the group's two query heads
+            self.assertEqual(_zero_slices(weights["query"], 1), queries)
+            self.assertEqual(_zero_slices(weights["attention_output"], 0), queries)
+
+    def test_shrink_removes_them_and_computes_what_the_pruned_model_computes(self):
+        small = tfopt.shrink(self.lm, 0.5, heads=1)  # the zeroed units and group score lowest
+        self.assertEqual((small.backbone.intermediate_dim, small.backbone.num_key_value_heads), (32, 1))
+        self.assertAllClose(_value(small(self.x)), _value(self.lm(self.x)), atol=1e-5)
+
+    def test_summary_names_the_structure(self):
+        rows = tfopt.summary(self.lm, print_fn=None)
+        structures = {r["layer"]: r["structure"] for r in rows}
+        self.assertEqual(structures["feedforward_gate_dense"], "width (channel groups)")
+        self.assertEqual(structures["key"], "width (channel groups)")
+
+
+class KerasHubPruningTest(testing.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(3)
+        cls.lm = _gpt2()
+        with pytest.warns(UserWarning, match="position_embedding"):  # its table: no kernel, named
+            cls.x = _fit(cls.lm, tfopt.callbacks.Pruning(
+                tfopt.schedules.ConstantSparsity(0.75, begin_step=0, frequency=1)))
+
+    def test_the_blocks_nested_kernels_reach_the_sparsity(self):
+        kernels = [v for block in self.lm.backbone.transformer_layers for v in block.weights if v.name == "kernel"]
+        self.assertEqual(len(kernels), 12)  # q, k, v, o, up, down in 2 blocks
+        for v in kernels:
+            self.assertAlmostEqual(float(np.mean(_value(v) == 0)), 0.75, places=6, msg=v.path)
+        self.assertAlmostEqual(tfopt.reporting.overall_sparsity(self.lm), 0.75, places=6)
+
+    def test_saved_and_loaded_as_the_keras_hub_class_with_its_zeros(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "lm.keras")
+            self.lm.save(path)
+            loaded = keras.saving.load_model(path)
+        self.assertIs(type(loaded), type(self.lm))
+        query = loaded.backbone.transformer_layers[0].weights[0]
+        self.assertAlmostEqual(float(np.mean(_value(query) == 0)), 0.75, places=6)
+        self.assertAllClose(_value(loaded(self.x)), _value(self.lm(self.x)), atol=1e-6)

@@ -314,3 +314,27 @@ class PruningMisuseTest(MisuseTestCase):
     def test_table(self):
         # Every row raised, warned or logged what it says (a failing row fails its subtest).
         self.assertEqual(self.run_table(TABLE), len(TABLE))
+
+
+def _width_prune_bert_classifier():
+    """WidthPruning in the `fit` of a keras-hub task whose blocks tfopt does not know how to rebuild."""
+    model = _bert_classifier()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x = {"token_ids": _TOKENS, "segment_ids": np.zeros_like(_TOKENS), "padding_mask": np.ones_like(_TOKENS)}
+    schedule = tfopt.schedules.ConstantSparsity(0.5, begin_step=0, frequency=1)
+    model.fit(x, np.zeros(2, "int32"), epochs=1, verbose=0, callbacks=[tfopt.callbacks.WidthPruning(schedule)])
+
+
+if importlib.util.find_spec("keras_hub") is not None:
+    TABLE += [
+        Misuse("prune of a keras-hub model",
+               lambda: tfopt.prune(_gpt2(), "baseline"), raises=TypeError,
+               match=r"`tfopt.prune` rebuilds a Functional graph by swapping its layers for tfopt twins, and model "
+                     r"'gpt2_causal_lm\w*' \(GPT2CausalLM\) is a keras-hub model: .*Fix: prune it in place during "
+                     r"fit, .*tfopt.callbacks.Pruning\(schedule\)"),
+        Misuse("width pruning of a keras-hub task whose blocks tfopt cannot rebuild",
+               _width_prune_bert_classifier, raises=TypeError,
+               match=r"tfopt.callbacks.WidthPruning prunes the feed-forward units .* of keras-hub GPT2, BERT, Llama, "
+                     r"Mistral and Gemma backbones and causal LMs, and cannot see inside model '.*' "
+                     r"\(BertTextClassifier\): .*Fix: shrink its backbone"),
+    ]

@@ -146,9 +146,9 @@ def width_groups(model):
             slices.append((v, axis, np.arange(units)))
         per_block.append(slices)
     groups.append(("units", units, per_block))
-    if not isinstance(spec.heads, str) and config.get("query_head_dim_normalize") is not False:
-        kv = config[spec.heads.kv_key]
-        query = config[spec.heads.query_key]
+    if spec.heads is None and config.get("query_head_dim_normalize") is not False:  # else fewer heads can't be
+        kv = config[spec.attention.kv_key]  # written in the config (`spec.heads` says why)
+        query = config[spec.attention.query_key]
         per_group = query // kv
         per_block = []
         for block in blocks:

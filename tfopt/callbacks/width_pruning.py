@@ -9,6 +9,8 @@ from keras import ops
 from tfopt import _backend, _state, channel_groups, pruning
 from tfopt import sparsity as sparsity_lib
 from tfopt._arguments import python_number
+from tfopt.adapters import _keras_hub_geometry
+from tfopt.adapters import keras_hub as _keras_hub
 from tfopt.callbacks.pruning import Pruning
 from tfopt.transforms import _graph
 
@@ -51,7 +53,15 @@ class WidthPruning(Pruning):
     constraints), so `steps_per_execution > 1`, `jit_compile=True` and
     strategies work, and `tfopt.strip` bakes them.
 
-    Sequential and Functional models of Keras layers (it reads the graph).
+    Sequential and Functional models of Keras layers (it reads the graph),
+    and keras-hub's GPT-2, BERT, Llama, Mistral and Gemma backbones and causal
+    LMs, whose transformer blocks it sees inside (as `tfopt.shrink` does): in
+    every block, feed-forward units (the up and gate kernels' columns and
+    biases, the down kernel's rows) and, for Mistral and Gemma, whole
+    key-value head groups (a group's query heads, its key and value heads, the
+    output projection's rows of its query heads), each block a group of its
+    own, so every block loses as many as the config can say
+    (`tfopt.shrink(model, fraction, heads=...)` then removes them exactly).
 
     Args:
         pruning_schedule: a `tfopt.schedules.SparsitySchedule` or preset name;
@@ -87,12 +97,33 @@ class WidthPruning(Pruning):
 
     def on_train_begin(self, logs=None):
         _graph.check_graph_model(self.model, "callbacks.WidthPruning")
+        if _keras_hub.handles(self.model):
+            self._keras_hub_groups()  # (raises for a keras-hub model it does not know, before training)
         super().on_train_begin(logs)
+
+    def _keras_hub_groups(self):
+        """`_keras_hub_geometry.width_groups` of the model, or a TypeError saying what is supported."""
+        model = self.model
+        name = f"'{model.name}' ({type(model).__name__})"
+        if self.layers is not None:
+            raise ValueError(
+                f"tfopt.callbacks.WidthPruning(layers=...) selects layers of plain Keras models; in keras-hub "
+                f"model {name} it prunes every transformer block's feed-forward units (and key-value head "
+                f"groups), as tfopt.shrink removes them. Received: layers={self.layers!r}. Fix: leave layers=None.")
+        try:
+            return _keras_hub_geometry.width_groups(model)
+        except TypeError as e:
+            raise TypeError(
+                f"tfopt.callbacks.WidthPruning prunes the feed-forward units (and, for Mistral and Gemma, the "
+                f"key-value head groups) of keras-hub GPT2, BERT, Llama, Mistral and Gemma backbones and causal "
+                f"LMs, and cannot see inside model {name}: {e}") from None
 
     def _attach(self):
         if self._masks:
             return False
         model = self.model
+        if _keras_hub.handles(model):
+            return self._attach_keras_hub()
         walker = channel_groups.read(model)
         groups = channel_groups.unit_groups(walker, self.layers, model)
         if not any(not walker.atoms.frozen[r] for roots in groups.values() for r in roots):
@@ -127,6 +158,28 @@ class WidthPruning(Pruning):
                     per_group.setdefault(g, np.full(len(roots), self._groups[g].free, "int32"))[i] = p
             for g, index in per_group.items():
                 by_variable.setdefault(id(s.variable), (s.variable, []))[1].append((s.axis, g, index, s.score))
+        return self._attach_slices(by_variable, resuming)
+
+    def _attach_keras_hub(self):
+        """Groups from the keras-hub blocks: per block, its feed-forward units, and its
+        key-value head groups where the config can hold fewer (each keeps one at least)."""
+        resuming = int(ops.convert_to_numpy(self.model.optimizer.iterations)) > 0
+        self._groups = []
+        by_variable = {}
+        for kind, units, per_block in self._keras_hub_groups():
+            limit = max(units - self.min_channels, 0) if kind == "units" else units - 1
+            for slices in per_block:
+                g = len(self._groups)
+                keep = _backend.in_init_scope(lambda n=units: self._variable(np.ones(n, "float32"), "width_keep"))
+                self._groups.append(_Group(keep, units, limit, units))
+                for variable, axis, index in slices:
+                    by_variable.setdefault(id(variable), (variable, []))[1].append(
+                        (axis, g, np.asarray(index, "int32"), True))
+        return self._attach_slices(by_variable, resuming)
+
+    def _attach_slices(self, by_variable, resuming):
+        """Masks and constraints for `{id(variable): (variable, [(axis, group, index, scored)])}`."""
+        model = self.model
         # In the order the optimizer applies constraints, so that the first (the leader, which
         # updates the groups) runs before every other one of the step.
         self._slices = [by_variable[id(v)] for v in model.trainable_variables if id(v) in by_variable]

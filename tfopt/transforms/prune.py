@@ -4,6 +4,7 @@ import logging
 
 from tfopt import geometry, pruning
 from tfopt import sparsity as sparsity_lib
+from tfopt.adapters import keras_hub as _keras_hub
 from tfopt.transforms import _graph
 
 __all__ = ["prune"]
@@ -20,7 +21,10 @@ def prune(model, pruning_schedule, structure=None, layers=None):
     by it, with the same name, config and weights. Other layers are copied as
     they are. Nested models and shared layers are kept. The copy is not
     compiled. For subclassed models, or custom layers, use
-    `tfopt.callbacks.Pruning` instead.
+    `tfopt.callbacks.Pruning` instead; for keras-hub models too (their
+    transformer blocks are custom layers, whose kernels the callback prunes in
+    place, and a rebuilt graph would not be the keras-hub class): `prune`
+    refuses them.
 
     Args:
         model: a Keras 3 Sequential or Functional model.
@@ -43,6 +47,14 @@ def prune(model, pruning_schedule, structure=None, layers=None):
     ['tfopt', 'keras']
     """
     _graph.check_graph_model(model, "prune")
+    if _keras_hub.handles(model):
+        raise TypeError(
+            f"`tfopt.prune` rebuilds a Functional graph by swapping its layers for tfopt twins, and model "
+            f"'{model.name}' ({type(model).__name__}) is a keras-hub model: its kernels sit inside custom "
+            "transformer-block layers the graph cannot swap (they would stay dense), and the rebuilt model would "
+            "not be a keras-hub class. Fix: prune it in place during fit, model.fit(..., "
+            "callbacks=[tfopt.callbacks.Pruning(schedule)]), which reaches every block's kernels; for whole "
+            "units and heads, tfopt.callbacks.WidthPruning(schedule) or tfopt.shrink.")
     schedule = pruning.get_schedule(pruning_schedule)
     if schedule is None:
         raise ValueError(
