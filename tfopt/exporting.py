@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 
 from tfopt import _keras_internal, _state, litert, strategies, transforms
-from tfopt._export import checks
+from tfopt._export import checks, weight_only
 from tfopt._export.files import atomic_write_bytes, check_target
 from tfopt._export.forms import export_form
 from tfopt._export.inputs import (
@@ -54,7 +54,8 @@ class ExportReport:
             between LiteRT and the Keras model; an input whose output holds
             NaN/Inf in either counts as disagreeing (None if not checked, or
             if the first output is not (samples, classes)).
-        precision: "float32", "float16", "int8" or "int16x8".
+        precision: "float32", "float16", "int8", "int16x8", or one of the
+            weight-quantized precisions (see `tfopt.export`).
         float_ops: the file's ops that still compute in float, other than the
             QUANTIZE/DEQUANTIZE at its edges (empty for a full-integer model).
         latency_ms: median time of one single-input inference of the written
@@ -74,6 +75,9 @@ class ExportReport:
             against its float counterpart (`tfopt.strip(model)`, no fake
             quantization); else None.
         float_max_abs_diff: the same for `max_abs_diff`.
+        float_size_bytes: for the precisions LiteRT's quantizer writes
+            ("int8_weight_only", "int4_*"), the size of the converter's float32
+            file it quantized; else None.
 
     Example:
     >>> import keras, tempfile, os, tfopt
@@ -99,6 +103,7 @@ class ExportReport:
     dense_size_bytes: int | None = None
     float_top1_agreement: float | None = None
     float_max_abs_diff: float | None = None
+    float_size_bytes: int | None = None
 
     def __str__(self):
         diff = "not checked" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
@@ -106,6 +111,8 @@ class ExportReport:
             f"{self.path}: {self.size_bytes:,} bytes ({self.gzip_bytes:,} gzipped), "
             f"max |LiteRT - Keras| = {diff} over {self.num_check_samples} inputs"
         )
+        if self.float_size_bytes:
+            text += f", {self.size_bytes / self.float_size_bytes:.2f}x the float32 file"
         if self.sparse_encoding:
             text += f", sparse-encoded (dense: {self.dense_size_bytes:,} bytes)"
         if self.top1_agreement is not None:
@@ -119,7 +126,7 @@ class ExportReport:
         return text
 
 
-_PRECISIONS = ("float32", "float16", "int8", "int16x8")
+_PRECISIONS = ("float32", "float16", "int8", "int16x8") + weight_only.PRECISIONS
 # Below this fraction of zeros in the kernels, `sparse="auto"` keeps the file dense (the
 # converter itself encodes a weight only above about 30% zeros).
 _AUTO_SPARSITY = 0.5
@@ -152,6 +159,7 @@ class _Encoded:
     calibrated: bool
     dense_size: int | None = None
     sparse_encoding: bool = False
+    float_size: int | None = None
 
 
 def _has_quantization(model):
@@ -179,6 +187,9 @@ def _plan(model, path, inputs, check, num_check_samples, seed, optimizations, pr
         raise ValueError(f"`precision` must be one of {_PRECISIONS}. Received: precision={precision!r}")
     if sparse not in (True, False, "auto") or isinstance(sparse, (int, float)) and not isinstance(sparse, bool):
         raise ValueError(f"`sparse` must be True, False or 'auto'. Received: sparse={sparse!r}")
+    weight_only.check_keras_quantized(model)
+    if weight_only.is_weight_precision(precision):
+        sparse = weight_only.check_plan(precision, sparse)
     strategy = _keras_internal.distribute_strategy(model)
     if strategy is not None and not strategies.is_chief(strategy):
         # Multi-worker: every worker runs the same script; only the chief's file lands at `path`.
@@ -239,8 +250,8 @@ def _encode(plan):
     stripped = plan.model if quantized_path else _stripped(plan.model)
     # (A mixed-precision model is converted from a float32 copy and checked against itself.)
     calibrated = plan.representative_data is not None and not quantized_path
-    convert_args = (export_form(stripped, calibrated), plan.optimizations, plan.precision,
-                    plan.representative_data if calibrated else None)
+    convert_args = (export_form(stripped, calibrated), weight_only.converter_optimizations(plan.precision, plan.optimizations),
+                    plan.precision, plan.representative_data if calibrated else None)
     try:
         content = litert.convert(*convert_args)
     except Exception as error:  # noqa: BLE001 - fixed_shapes re-raises what it does not handle
@@ -254,6 +265,8 @@ def _encode(plan):
         convert_args = (export_form(stripped, True), plan.optimizations, plan.precision, plan.representative_data)
         content = litert.convert(*convert_args, input_shapes=plan.input_shapes)
     encoded = _Encoded(content, stripped, calibrated)
+    if weight_only.is_weight_precision(plan.precision):  # the float file, then LiteRT's quantizer on it
+        encoded.content, encoded.float_size = weight_only.quantize(content, plan.precision, plan.path)
     if plan.sparse:  # (the same model and arguments, sparse-encoded)
         encoded.dense_size = len(content)
         encoded.content, encoded.sparse_encoding = _sparse_content(plan, content, convert_args, stripped)
@@ -367,6 +380,7 @@ def _report(plan, encoded, parity, float_parity):
         dense_size_bytes=encoded.dense_size,
         float_top1_agreement=None if float_parity is None else float_parity.top1_agreement,
         float_max_abs_diff=None if float_parity is None else float_parity.max_abs_diff,
+        float_size_bytes=encoded.float_size,
     )
 
 
@@ -423,6 +437,25 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             activations need more than 8 bits (LayerNormalization, softmax,
             audio front ends). Ops without an int16x8 kernel stay float and are
             listed in `float_ops`.
+            Weight-quantized precisions (no calibration data; activations stay
+            float in the file; see `tfopt/_export/weight_only.py`):
+            "int8_weight_only" (int8 weights, one scale per output channel,
+            dequantized before float ops), "int8_dynamic" (the converter's
+            dynamic range, `optimizations=[DEFAULT]` without data: int8 weights
+            of 1024+ elements, activations quantized at run time),
+            "int4_weight_only", "int4_dynamic" (int4 per output channel), and
+            "int4_block32"/"int4_block64"/"int4_block128" (int4 in blocks along
+            the input dimension, activations quantized to int8 at run time: the
+            only blockwise form LiteRT's quantizer writes; the block size must
+            divide every FULLY_CONNECTED input dimension, else ValueError naming
+            the sizes that fit). All but "int8_dynamic" rewrite the converter's
+            float32 file with LiteRT's quantizer (`pip install
+            'tfopt[litert-quantizer]'`; an ImportError says so when missing);
+            `report.float_size_bytes` is that float file's size. A file that
+            holds no weight of the precision asked for, or that the default
+            LiteRT interpreter cannot load, raises and is not written. Models
+            quantized by Keras (`model.quantize(...)`) are refused: export the
+            float model with one of these precisions instead.
         representative_data: inputs for calibration (an array, a list of
             arrays, or a dict keyed by input name, as `inputs`; finite, at least one sample; used only with
             precision="int8"/"int16x8", else ignored with a warning). For a

@@ -1,0 +1,164 @@
+"""export()'s weight-quantized precisions: the converter's float file rewritten by LiteRT's quantizer."""
+
+import os
+import tempfile
+import warnings
+from unittest import mock
+
+import keras
+import numpy as np
+import pytest
+
+import tfopt
+from tfopt import _keras_internal, litert, testing
+from tfopt._export import weight_only
+
+INT8, INT4 = weight_only.INT8, weight_only.INT4
+
+
+def _mlp():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, activation="relu"),
+                             keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)])
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _export(model, precision, **kwargs):
+    path = os.path.join(tempfile.mkdtemp(), f"{precision}.tflite")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (int4 on a random model: the agreement warning)
+        return tfopt.export(model, path, precision=precision, **kwargs)
+
+
+class MlpTest(testing.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        pytest.importorskip("litert_quantizer")
+        cls.model = _mlp()
+        cls.x = np.random.default_rng(0).standard_normal((64, 64)).astype("float32")
+        cls.float_size = _export(cls.model, "float32", inputs=cls.x).size_bytes
+
+    def _check(self, precision, most, int_type):
+        report = _export(self.model, precision, inputs=self.x)
+        content = _read(report.path)
+        self.assertEqual(report.precision, precision)
+        self.assertIsNone(litert.litert_load_error(content))
+        self.assertEqual(report.float_size_bytes, self.float_size)
+        self.assertLess(report.size_bytes, most * self.float_size)
+        self.assertIn("x the float32 file", str(report))
+        types = weight_only.tensor_types(content)
+        self.assertEqual(types.get(int_type), 3, types)  # the three kernels
+        return report, content
+
+    def test_int8_weight_only(self):
+        report, content = self._check("int8_weight_only", 0.35, INT8)
+        self.assertGreaterEqual(report.top1_agreement, 0.95)
+        self.assertLess(report.max_abs_diff, 0.05)
+        ops = {op["op_name"] for op in _keras_internal.litert_ops(litert._interpreter(model_content=content))}
+        self.assertIn("DEQUANTIZE", ops)  # weights dequantized, float compute
+
+    def test_int4_weight_only_and_dynamic(self):
+        for precision in ("int4_weight_only", "int4_dynamic"):
+            report, _ = self._check(precision, 0.22, INT4)
+            self.assertGreaterEqual(report.top1_agreement, 0.5)  # measured 0.80 / 0.81 on random inputs
+            self.assertLess(report.max_abs_diff, 0.5)
+
+    def test_int4_blocks(self):
+        for block in (32, 64):
+            report, content = self._check(f"int4_block{block}", 0.22, INT4)
+            self.assertGreaterEqual(report.top1_agreement, 0.5)  # measured 0.81 / 0.84
+            blocks = {t["quantization_parameters"]["block_size"]
+                      for t in litert._interpreter(model_content=content).get_tensor_details()}
+            self.assertIn(block, blocks)
+
+    def test_block_size_that_does_not_divide_the_input_dim_is_refused(self):
+        path = os.path.join(tempfile.mkdtemp(), "m.tflite")
+        with open(path, "wb") as f:
+            f.write(b"previous")
+        with self.assertRaisesRegex(ValueError, r"blocks of 128.*\(128, 64\).*\[64, 128\].*'int4_block64'"):
+            tfopt.export(self.model, path, inputs=self.x, precision="int4_block128")
+        self.assertEqual(_read(path), b"previous")
+
+    def test_int8_dynamic_through_the_converter(self):
+        report = _export(self.model, "int8_dynamic", inputs=self.x)
+        content = _read(report.path)
+        self.assertIsNone(report.float_size_bytes)  # (no float file converted)
+        self.assertLess(report.size_bytes, 0.35 * self.float_size)
+        self.assertGreater(litert.tensor_count(content, np.int8), 0)
+        self.assertGreaterEqual(report.top1_agreement, 0.9)
+
+    def test_int8_dynamic_with_weights_too_small_is_refused(self):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        with self.assertRaisesRegex(ValueError, r"left every weight in float.*int8_weight_only"):
+            _export(model, "int8_dynamic")
+
+    def test_sparse_true_is_refused_before_converting(self):
+        with mock.patch.object(litert, "convert") as convert:
+            with self.assertRaisesRegex(ValueError, r"sparse=True.*int4_weight_only"):
+                _export(self.model, "int4_weight_only", sparse=True)
+        convert.assert_not_called()
+
+
+class MisuseTest(testing.TestCase):
+    def test_unknown_precision_lists_the_valid_ones(self):
+        with self.assertRaisesRegex(ValueError, r"int8_weight_only.*int4_block128.*precision='int4'"):
+            tfopt.export(_mlp(), os.path.join(tempfile.mkdtemp(), "m.tflite"), precision="int4")
+
+    def test_missing_quantizer_names_the_extra(self):
+        with mock.patch.dict("sys.modules", {"litert_quantizer": None}), \
+                mock.patch.object(litert, "convert") as convert:
+            with self.assertRaisesRegex(ImportError, r"tfopt\[litert-quantizer\]"):
+                tfopt.export(_mlp(), os.path.join(tempfile.mkdtemp(), "m.tflite"), precision="int4_weight_only")
+        convert.assert_not_called()
+
+    def test_keras_quantized_model_is_refused(self):
+        for mode in ("int8", "int4"):
+            model = _mlp()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (InputLayer has no quantize method)
+                model.quantize(mode)
+            path = os.path.join(tempfile.mkdtemp(), "m.tflite")
+            with self.assertRaisesRegex(ValueError, rf"quantized by Keras.*model.quantize\('{mode}'\).*int8_weight_only"):
+                tfopt.export(model, path)
+            self.assertFalse(os.path.exists(path))
+
+
+@pytest.mark.slow
+class Gpt2Test(testing.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        pytest.importorskip("litert_quantizer")
+        keras_hub = pytest.importorskip("keras_hub")
+        keras.utils.set_random_seed(0)
+        cls.lm = keras_hub.models.GPT2CausalLM(keras_hub.models.GPT2Backbone(
+            vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
+            max_sequence_length=16), preprocessor=None)
+        ids = np.random.default_rng(0).integers(0, 64, (4, 16)).astype("int32")
+        cls.inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+        cls.logits = np.asarray(cls.lm(cls.inputs))
+        cls.float_size = _export(cls.lm, "float32", inputs=cls.inputs).size_bytes
+
+    def _token_agreement(self, content):
+        got = litert.run_litert(content, [self.inputs["padding_mask"], self.inputs["token_ids"]],
+                                ["padding_mask", "token_ids"])[0]
+        return float(np.mean(np.argmax(got, -1) == np.argmax(self.logits, -1)))
+
+    def test_precisions(self):
+        # (expected share of the float file, int tensor type, lowest token top-1 agreement)
+        for precision, most, int_type, agreement in [("int8_weight_only", 0.75, INT8, 0.9),
+                                                      ("int4_weight_only", 0.65, INT4, 0.3),
+                                                      ("int4_block32", 0.6, INT4, 0.3)]:
+            report = _export(self.lm, precision, inputs=self.inputs)
+            content = _read(report.path)
+            self.assertIsNone(litert.litert_load_error(content), precision)
+            self.assertLess(report.size_bytes, most * self.float_size, precision)
+            self.assertGreater(weight_only.tensor_types(content).get(int_type, 0), 0, precision)
+            self.assertGreaterEqual(self._token_agreement(content), agreement, precision)
+
+    def test_block_larger_than_the_hidden_width_is_refused(self):
+        with self.assertRaisesRegex(ValueError, r"blocks of 64.*'int4_block32'"):
+            _export(self.lm, "int4_block64", inputs=self.inputs)

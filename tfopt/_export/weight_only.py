@@ -1,0 +1,221 @@
+"""`tfopt.export`'s weight-quantized precisions: integer weights, float activations.
+
+Two steps, as Google's LiteRT guide does it: the converter writes the float32
+file (or, for "int8_dynamic", its own dynamic-range file), then LiteRT's
+quantizer (`litert-quantizer`, an optional extra) rewrites the weights of that
+file with one of its recipes. The result must load in the default
+`ai_edge_litert` interpreter and hold the integer weights asked for, else
+nothing is written.
+
+Measured here (litert-quantizer 0.11, LiteRT 2.3): the quantizer quantizes
+FULLY_CONNECTED, BATCH_MATMUL, CONV_2D and EMBEDDING_LOOKUP weights; its
+blockwise int4 exists only as a dynamic recipe (weights int4 in blocks along the
+input dimension, activations quantized to int8 at run time by the kernel): its
+weight-only recipe in blocks is silently skipped (the file stays float), so
+tfopt offers blockwise as "int4_block32/64/128", dynamic, and refuses a file
+whose weights were not quantized.
+"""
+
+import dataclasses
+
+
+EXTRA = "litert-quantizer"
+INSTALL = "pip install 'tfopt[litert-quantizer]'"
+BLOCK_SIZES = (32, 64, 128)
+# TensorType codes of the LiteRT schema (the interpreter reports an INT4 tensor as np.int8).
+INT8, INT4 = 9, 17
+FULLY_CONNECTED = 9  # (BuiltinOperator code)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a precision is made: the converter's dynamic range (`converter`) or a quantizer recipe."""
+
+    bits: int
+    dynamic: bool  # activations quantized at run time (else: weights dequantized, float compute)
+    block_size: int = 0  # 0: one scale per output channel
+    converter: bool = False
+
+
+RECIPES = {
+    "int8_weight_only": Recipe(8, dynamic=False),
+    "int8_dynamic": Recipe(8, dynamic=True, converter=True),
+    "int4_weight_only": Recipe(4, dynamic=False),
+    "int4_dynamic": Recipe(4, dynamic=True),
+    **{f"int4_block{b}": Recipe(4, dynamic=True, block_size=b) for b in BLOCK_SIZES},
+}
+PRECISIONS = tuple(RECIPES)
+
+
+def is_weight_precision(precision):
+    return precision in RECIPES
+
+
+def needs_quantizer(precision):
+    return precision in RECIPES and not RECIPES[precision].converter
+
+
+def require_quantizer(precision):
+    """Raises an ImportError naming the extra when `precision` needs the quantizer and it is absent."""
+    if not needs_quantizer(precision):
+        return
+    try:
+        import litert_quantizer  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"tfopt.export: precision={precision!r} rewrites the converter's float file with LiteRT's quantizer, "
+            f"which is not installed. Fix: `{INSTALL}` (package litert-quantizer), or export with "
+            "precision='int8_dynamic' (the converter's own dynamic-range int8, no extra needed).") from e
+
+
+def converter_optimizations(precision, optimizations):
+    """The `optimizations` to convert with: the converter's dynamic range for "int8_dynamic"."""
+    if precision in RECIPES and RECIPES[precision].converter:
+        import tensorflow as tf
+
+        return [tf.lite.Optimize.DEFAULT]
+    return optimizations
+
+
+def tensor_types(content):
+    """{LiteRT TensorType code: count} over the tensors of the file's subgraphs (INT4 is 17, INT8 9)."""
+    from litert_quantizer.utils import tfl_flatbuffer_utils
+
+    counts = {}
+    for subgraph in tfl_flatbuffer_utils.read_model(content).subgraphs:
+        for tensor in subgraph.tensors:
+            counts[tensor.type] = counts.get(tensor.type, 0) + 1
+    return counts
+
+
+def _weight_shapes(content):
+    """(tensor name, shape) of the constant 2-D weights of the file's FULLY_CONNECTED ops."""
+    from litert_quantizer.utils import tfl_flatbuffer_utils
+
+    model = tfl_flatbuffer_utils.read_model(content)
+    out = []
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            if max(code.builtinCode, code.deprecatedBuiltinCode) != FULLY_CONNECTED or len(op.inputs) < 2:
+                continue
+            tensor = subgraph.tensors[op.inputs[1]]
+            buffer = model.buffers[tensor.buffer]
+            constant = buffer.data is not None or getattr(buffer, "offset", 0)
+            if constant and tensor.shape is not None and len(tensor.shape) == 2:
+                out.append((tfl_flatbuffer_utils.get_tensor_name(tensor), tuple(int(d) for d in tensor.shape)))
+    return out
+
+
+def _check_blocks(content, precision, path):
+    block = RECIPES[precision].block_size
+    bad = [(name, shape) for name, shape in _weight_shapes(content) if shape[1] % block]
+    if not bad:
+        return
+    dims = sorted({shape[1] for _, shape in _weight_shapes(content)})
+    fits = [f"int4_block{b}" for b in BLOCK_SIZES if all(d % b == 0 for d in dims)]
+    name, shape = bad[0]
+    raise ValueError(
+        f"tfopt.export: precision={precision!r} quantizes weights in blocks of {block} along their input "
+        f"dimension, and {len(bad)} weight(s) have an input dimension that {block} does not divide (first: "
+        f"'{name}', shape {shape} (outputs, inputs)), so nothing was written to {str(path)!r}. The input "
+        f"dimensions of the file's FULLY_CONNECTED weights are {dims}. Fix: "
+        + (f"precision={fits[-1]!r} (divides every one), or " if fits else "")
+        + "precision='int4_dynamic' or 'int4_weight_only' (one scale per output channel).")
+
+
+def quantize(content, precision, path):
+    """(file, size of the float file quantized or None): `content` (the converter's file) with its weights
+    quantized for `precision`.
+
+    Raises (nothing written) when the quantizer fails, quantizes no weight, or
+    writes a file the default LiteRT interpreter cannot load."""
+    recipe = RECIPES[precision]
+    if recipe.converter:
+        import numpy as np
+
+        from tfopt import litert
+
+        if not litert.tensor_count(content, np.int8):
+            raise ValueError(
+                f"tfopt.export: the converter left every weight in float for precision={precision!r} (its dynamic "
+                "range quantizes only weights of 1024 elements or more, of FULLY_CONNECTED, CONV_2D and similar "
+                f"ops), so nothing was written to {str(path)!r}. Fix: precision='int8_weight_only' (LiteRT's "
+                "quantizer takes every weight), or 'float16'.")
+        return content, None
+    from litert_quantizer import qtyping, quantizer
+
+    if recipe.block_size:
+        _check_blocks(content, precision, path)
+    granularity = (getattr(qtyping.QuantGranularity, f"BLOCKWISE_{recipe.block_size}") if recipe.block_size
+                   else qtyping.QuantGranularity.CHANNELWISE)
+    q = quantizer.Quantizer(content)
+    add = q.add_dynamic_config if recipe.dynamic else q.add_weight_only_config
+    add(".*", qtyping.TFLOperationName.ALL_SUPPORTED, recipe.bits, granularity)
+    try:
+        result = q.quantize(enable_progress_report=False, enable_progress_bar=False)
+    except ValueError as e:
+        raise ValueError(
+            f"tfopt.export: LiteRT's quantizer could not quantize the file for precision={precision!r} "
+            f"({' '.join(str(e).split())[:300]}), so nothing was written to {str(path)!r}. Fix: try "
+            "precision='int8_weight_only' or 'int8_dynamic', or report the model to tfopt.") from e
+    quantized = bytes(result.quantized_model)
+    wanted = INT4 if recipe.bits == 4 else INT8
+    if not tensor_types(quantized).get(wanted):
+        raise ValueError(
+            f"tfopt.export: LiteRT's quantizer left every weight in float for precision={precision!r} (the "
+            f"file has no int{recipe.bits} tensor: no FULLY_CONNECTED, BATCH_MATMUL, CONV_2D or "
+            f"EMBEDDING_LOOKUP op with constant weights it takes), so nothing was written to {str(path)!r}. "
+            "Fix: export with precision='float16' or 'int8' (with representative_data=).")
+    from tfopt import litert
+
+    error = litert.litert_load_error(quantized)
+    if error is not None:
+        raise ValueError(
+            f"tfopt.export: the {precision} file from LiteRT's quantizer does not load in the default LiteRT "
+            f"interpreter ({' '.join(str(error).split())[:200]}), so nothing was written to {str(path)!r}. "
+            "Fix: try precision='int8_weight_only' or 'int8_dynamic'.")
+    return quantized, len(content)
+
+
+def keras_quantized_layers(model):
+    """Layers of `model` that Keras quantized (`model.quantize("int8"/"int4"/...)`): their dtype policy has a mode."""
+    from tfopt import _keras_internal
+
+    return [layer for layer in _keras_internal.all_layers(model)
+            if getattr(getattr(layer, "dtype_policy", None), "quantization_mode", None)]
+
+
+def check_keras_quantized(model):
+    """Refuses a model quantized by Keras, before converting: the converter does not take it.
+
+    Measured (Keras 3.15, TF 2.21): `model.quantize("int8")` layers quantize
+    their inputs to int8 and multiply int8 by int8, which the converter refuses
+    ('tfl.fully_connected' op operand #0 ... got 'tensor<?x64xi8>'); after
+    `model.quantize("int4")` the converter writes a file that computes something
+    else (max |difference| 1.7, top-1 agreement 50% on a 64-64-10 MLP)."""
+    layers = keras_quantized_layers(model)
+    if not layers:
+        return
+    modes = sorted({layer.dtype_policy.quantization_mode for layer in layers})
+    raise ValueError(
+        f"tfopt.export: model '{model.name}' was quantized by Keras (`model.quantize({modes[0]!r})`: layer "
+        f"'{layers[0].name}' ({type(layers[0]).__name__}) has dtype policy {layers[0].dtype_policy.name!r}, "
+        f"{len(layers)} layer(s) in all), which the LiteRT converter does not convert correctly (int8: refused; "
+        "int4: a file that computes something else), so tfopt does not export it. Fix: export the float model "
+        "(before `model.quantize`) with precision='int8_weight_only' or 'int4_weight_only' (per-channel "
+        "integer weights, as Keras's), or 'int8_dynamic' (int8 weights and activations quantized at run time).")
+
+
+def check_plan(precision, sparse):
+    """Plan-time checks of a weight precision: the extra installed, no sparse encoding."""
+    require_quantizer(precision)
+    if sparse is True:
+        raise ValueError(
+            f"tfopt.export: sparse=True re-encodes the converter's file, and precision={precision!r} rewrites "
+            "its weights with LiteRT's quantizer afterwards; the two do not combine. Fix: drop sparse= (or "
+            "pass sparse=False), or export with precision='float32' or 'int8' and sparse=True.")
+    return False if sparse == "auto" else sparse
+
+
+__all__ = ["PRECISIONS", "is_weight_precision", "quantize", "tensor_types", "check_plan"]
