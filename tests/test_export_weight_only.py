@@ -148,10 +148,14 @@ class Gpt2Test(testing.TestCase):
         return float(np.mean(np.argmax(got, -1) == np.argmax(self.logits, -1)))
 
     def test_precisions(self):
-        # (expected share of the float file, int tensor type, lowest token top-1 agreement)
+        # (expected share of the float file, int tensor type, lowest token top-1 agreement). Measured on
+        # 8x16 tokens: 0.67x / 0.98, 0.62x / 0.99, 0.60x / 0.85, 0.58x / 0.85, 0.56x / 0.86 (the embedding
+        # GATHERs and the op graph stay float, so the share is well above the MLP's).
         for precision, most, int_type, agreement in [("int8_weight_only", 0.75, INT8, 0.9),
-                                                      ("int4_weight_only", 0.65, INT4, 0.3),
-                                                      ("int4_block32", 0.6, INT4, 0.3)]:
+                                                      ("int8_dynamic", 0.7, INT8, 0.9),
+                                                      ("int4_weight_only", 0.65, INT4, 0.6),
+                                                      ("int4_dynamic", 0.65, INT4, 0.6),
+                                                      ("int4_block32", 0.6, INT4, 0.6)]:
             report = _export(self.lm, precision, inputs=self.inputs)
             content = _read(report.path)
             self.assertIsNone(litert.litert_load_error(content), precision)
