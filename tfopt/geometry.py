@@ -74,7 +74,6 @@ __all__ = [
     "FLATTEN",
     "HEADS",
     "macs",
-    "register_macs",
 ]
 
 WEIGHTS = "weights"  # a layer with optimizable weights
