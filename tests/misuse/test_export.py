@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import warnings
 from unittest import mock
 
 import keras
@@ -25,6 +26,19 @@ def _path(name="m.tflite"):
 def _x(*shape, fill=None):
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
     return x if fill is None else np.full(shape, fill, "float32")
+
+
+def _keras_int8_quantized():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="head")], name="kq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (InputLayer has no quantize method)
+        model.quantize("int8")
+    return model
+
+
+def _mlp_48():
+    return keras.Sequential([keras.Input((48,)), keras.layers.Dense(64, name="hidden"), keras.layers.Dense(2)],
+                            name="mlp")
 
 
 def _export_into_directory():
@@ -292,6 +306,20 @@ TABLE = [
            raises=ValueError,
            match=r"model 'sub' \(_Sub\) computes in half precision \(dtype policies \['mixed_float16'\]\).*"
                  r"Fix: build the model again under keras\.mixed_precision\.set_global_policy\('float32'\)"),
+    Misuse("export of a model quantized by Keras", lambda: tfopt.export(_keras_int8_quantized(), _path()),
+           raises=ValueError,
+           match=r"model 'kq' was quantized by Keras \(`model\.quantize\('int8'\)`: layer 'head' \(Dense\).*"
+                 r"Fix: export the float model \(before `model\.quantize`\) with precision='int8_weight_only'"),
+    Misuse("int4 blockwise export with a block size that does not divide an input dimension",
+           lambda: tfopt.export(_mlp_48(), _path(), precision="int4_block32"),
+           raises=ValueError,
+           match=r"precision='int4_block32' quantizes weights in blocks of 32 along their input dimension, and 1 "
+                 r"weight\(s\).*shape \(64, 48\).*Fix: precision='int4_dynamic' or 'int4_weight_only'"),
+    Misuse("int8_dynamic export whose weights the converter leaves in float",
+           lambda: tfopt.export(_frames(), _path(), precision="int8_dynamic"),
+           raises=ValueError,
+           match=r"the converter left every weight in float for precision='int8_dynamic' .*Fix: "
+                 r"precision='int8_weight_only'"),
 ]
 
 

@@ -16,7 +16,9 @@ tfopt offers blockwise as "int4_block32/64/128", dynamic, and refuses a file
 whose weights were not quantized.
 """
 
+import contextlib
 import dataclasses
+import io
 
 
 EXTRA = "litert-quantizer"
@@ -153,7 +155,8 @@ def quantize(content, precision, path):
     add = q.add_dynamic_config if recipe.dynamic else q.add_weight_only_config
     add(".*", qtyping.TFLOperationName.ALL_SUPPORTED, recipe.bits, granularity)
     try:
-        result = q.quantize(enable_progress_report=False, enable_progress_bar=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # (its transformation step draws a progress bar regardless)
+            result = q.quantize(enable_progress_report=False, enable_progress_bar=False)
     except ValueError as e:
         raise ValueError(
             f"tfopt.export: LiteRT's quantizer could not quantize the file for precision={precision!r} "
