@@ -122,7 +122,8 @@ class MisuseTest(testing.TestCase):
                 warnings.simplefilter("ignore")  # (InputLayer has no quantize method)
                 model.quantize(mode)
             path = os.path.join(tempfile.mkdtemp(), "m.tflite")
-            with self.assertRaisesRegex(ValueError, rf"quantized by Keras.*model.quantize\('{mode}'\).*int8_weight_only"):
+            message = rf"quantized by Keras.*model.quantize\('{mode}'\).*int8_weight_only"
+            with self.assertRaisesRegex(ValueError, message):
                 tfopt.export(model, path)
             self.assertFalse(os.path.exists(path))
 

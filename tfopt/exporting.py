@@ -250,8 +250,9 @@ def _encode(plan):
     stripped = plan.model if quantized_path else _stripped(plan.model)
     # (A mixed-precision model is converted from a float32 copy and checked against itself.)
     calibrated = plan.representative_data is not None and not quantized_path
-    convert_args = (export_form(stripped, calibrated), weight_only.converter_optimizations(plan.precision, plan.optimizations),
-                    plan.precision, plan.representative_data if calibrated else None)
+    optimizations = weight_only.converter_optimizations(plan.precision, plan.optimizations)
+    convert_args = (export_form(stripped, calibrated), optimizations, plan.precision,
+                    plan.representative_data if calibrated else None)
     try:
         content = litert.convert(*convert_args)
     except Exception as error:  # noqa: BLE001 - fixed_shapes re-raises what it does not handle
