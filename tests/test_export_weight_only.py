@@ -115,17 +115,40 @@ class MisuseTest(testing.TestCase):
                 tfopt.export(_mlp(), os.path.join(tempfile.mkdtemp(), "m.tflite"), precision="int4_weight_only")
         convert.assert_not_called()
 
-    def test_keras_quantized_model_is_refused(self):
-        for mode in ("int8", "int4"):
-            model = _mlp()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # (InputLayer has no quantize method)
-                model.quantize(mode)
+    def test_keras_int8_model_exports_its_own_integers(self):
+        pytest.importorskip("litert_quantizer")
+        from litert_quantizer.utils import tfl_flatbuffer_utils
+
+        model = _keras_quantized("int8")
+        x = np.random.default_rng(0).standard_normal((32, 64)).astype("float32")
+        report = _export(model, "int8_weight_only", inputs=x)
+        self.assertEqual(report.top1_agreement, 1.0)  # (against Keras's int8 model; measured max diff 0.02)
+        flat = tfl_flatbuffer_utils.read_model(_read(report.path))
+        stored = [tfl_flatbuffer_utils.get_tensor_data(t, flat.buffers) for t in flat.subgraphs[0].tensors
+                  if t.type == INT8]
+        for layer in model.layers:  # Keras's integers, bit for bit (FULLY_CONNECTED keeps (outputs, inputs))
+            self.assertTrue(any(np.array_equal(s, np.asarray(layer._kernel).T) for s in stored), layer.name)
+        self.assertEqual(_export(model, "float32", inputs=x).top1_agreement, 1.0)  # dequantized, in float
+
+    def test_keras_quantized_model_that_cannot_be_written_is_refused(self):
+        for mode, precision, message in [
+                ("int8", "int4_weight_only", r"quantized by Keras.*would quantize its int8 weights again.*"
+                                             r"precision='int8_weight_only'"),
+                ("int4", "float32", r"quantized by Keras \(`model.quantize\('int4'\)`.*int8_weight_only")]:
             path = os.path.join(tempfile.mkdtemp(), "m.tflite")
-            message = rf"quantized by Keras.*model.quantize\('{mode}'\).*int8_weight_only"
-            with self.assertRaisesRegex(ValueError, message):
-                tfopt.export(model, path)
+            with mock.patch.object(litert, "convert") as convert:
+                with self.assertRaisesRegex(ValueError, message):
+                    tfopt.export(_keras_quantized(mode), path, precision=precision)
+            convert.assert_not_called()
             self.assertFalse(os.path.exists(path))
+
+
+def _keras_quantized(mode):
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (InputLayer has no quantize method)
+        model.quantize(mode)
+    return model
 
 
 @pytest.mark.slow

@@ -187,7 +187,7 @@ def _plan(model, path, inputs, check, num_check_samples, seed, optimizations, pr
         raise ValueError(f"`precision` must be one of {_PRECISIONS}. Received: precision={precision!r}")
     if sparse not in (True, False, "auto") or isinstance(sparse, (int, float)) and not isinstance(sparse, bool):
         raise ValueError(f"`sparse` must be True, False or 'auto'. Received: sparse={sparse!r}")
-    weight_only.check_keras_quantized(model)
+    weight_only.check_keras_quantized(model, precision)
     if weight_only.is_weight_precision(precision):
         sparse = weight_only.check_plan(precision, sparse)
     strategy = _keras_internal.distribute_strategy(model)
@@ -454,9 +454,11 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
             'tfopt[litert-quantizer]'`; an ImportError says so when missing);
             `report.float_size_bytes` is that float file's size. A file that
             holds no weight of the precision asked for, or that the default
-            LiteRT interpreter cannot load, raises and is not written. Models
-            quantized by Keras (`model.quantize(...)`) are refused: export the
-            float model with one of these precisions instead.
+            LiteRT interpreter cannot load, raises and is not written. A
+            Sequential/Functional model quantized by Keras in int8
+            (`model.quantize("int8")`, Dense and Embedding layers) exports in
+            "int8_weight_only" with Keras's own integers (bit for bit) or in
+            "float32" (dequantized); other Keras-quantized models are refused.
         representative_data: inputs for calibration (an array, a list of
             arrays, or a dict keyed by input name, as `inputs`; finite, at least one sample; used only with
             precision="int8"/"int16x8", else ignored with a warning). For a
@@ -509,7 +511,11 @@ def _stripped(model):
     """`tfopt.strip(model)` for conversion only. A custom layer Keras cannot
     re-create from its config is reused in the stripped copy; strip warns that
     the copy shares it with `model`, which does not matter here: the copy never
-    leaves `export` and nothing trains it."""
+    leaves `export` and nothing trains it. A model quantized by Keras in int8 becomes its float copy
+    with the dequantized weights (see `tfopt/_export/weight_only.py`)."""
+    keras_int8 = weight_only.keras_int8_float_copy(model)
+    if keras_int8 is not None:
+        return keras_int8
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*cannot be re-created from its config.*reuses this layer")
         return transforms.strip(model)

@@ -28,11 +28,11 @@ def _x(*shape, fill=None):
     return x if fill is None else np.full(shape, fill, "float32")
 
 
-def _keras_int8_quantized():
+def _keras_quantized(mode):
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="head")], name="kq")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (InputLayer has no quantize method)
-        model.quantize("int8")
+        model.quantize(mode)
     return model
 
 
@@ -306,10 +306,16 @@ TABLE = [
            raises=ValueError,
            match=r"model 'sub' \(_Sub\) computes in half precision \(dtype policies \['mixed_float16'\]\).*"
                  r"Fix: build the model again under keras\.mixed_precision\.set_global_policy\('float32'\)"),
-    Misuse("export of a model quantized by Keras", lambda: tfopt.export(_keras_int8_quantized(), _path()),
+    Misuse("export of a model quantized by Keras in int4", lambda: tfopt.export(_keras_quantized("int4"), _path()),
            raises=ValueError,
-           match=r"model 'kq' was quantized by Keras \(`model\.quantize\('int8'\)`: layer 'head' \(Dense\).*"
+           match=r"model 'kq' was quantized by Keras \(`model\.quantize\('int4'\)`: layer 'head' \(Dense\).*"
                  r"Fix: export the float model \(before `model\.quantize`\) with precision='int8_weight_only'"),
+    Misuse("export of a model quantized by Keras in int8 in another precision",
+           lambda: tfopt.export(_keras_quantized("int8"), _path(), precision="int4_weight_only"),
+           raises=ValueError,
+           match=r"model 'kq' was quantized by Keras \(`model\.quantize\('int8'\)`, 1 layer\(s\)\), and "
+                 r"precision='int4_weight_only' would quantize its int8 weights again\. Fix: "
+                 r"precision='int8_weight_only'"),
     Misuse("int4 blockwise export with a block size that does not divide an input dimension",
            lambda: tfopt.export(_mlp_48(), _path(), precision="int4_block32"),
            raises=ValueError,

@@ -189,25 +189,85 @@ def keras_quantized_layers(model):
             if getattr(getattr(layer, "dtype_policy", None), "quantization_mode", None)]
 
 
-def check_keras_quantized(model):
-    """Refuses a model quantized by Keras, before converting: the converter does not take it.
+# What a model quantized by Keras can be exported as: its own int8 weights (LiteRT's quantizer gives back
+# exactly Keras's integers: both are symmetric per output channel, scale = max |w| / 127), or in float.
+KERAS_INT8_PRECISIONS = ("int8_weight_only", "float32")
 
-    Measured (Keras 3.15, TF 2.21): `model.quantize("int8")` layers quantize
-    their inputs to int8 and multiply int8 by int8, which the converter refuses
-    ('tfl.fully_connected' op operand #0 ... got 'tensor<?x64xi8>'); after
-    `model.quantize("int4")` the converter writes a file that computes something
-    else (max |difference| 1.7, top-1 agreement 50% on a 64-64-10 MLP)."""
+
+def _keras_int8_supported(model, layers):
+    import keras
+
+    from tfopt import _keras_internal
+
+    top = {id(layer) for layer in model.layers}
+    return _keras_internal.is_graph_network(model) and all(
+        layer.dtype_policy.quantization_mode == "int8" and type(layer) in (keras.layers.Dense, keras.layers.Embedding)
+        and id(layer) in top for layer in layers)
+
+
+def check_keras_quantized(model, precision):
+    """Refuses, before converting, a model quantized by Keras that export cannot write correctly.
+
+    Measured (Keras 3.15, TF 2.21): the converter refuses `model.quantize("int8")`
+    layers as they are (they quantize their inputs to int8 and multiply int8 by
+    int8: 'tfl.fully_connected' op operand #0 ... got 'tensor<?x64xi8>'), and
+    after `model.quantize("int4")` it writes a file that computes something else
+    (max |difference| 1.7, top-1 agreement 50% on a 64-64-10 MLP). So a
+    Sequential or Functional model whose quantized layers are int8 Dense and
+    Embedding layers is exported from a float copy holding its dequantized
+    weights (`keras_int8_float_copy`), in `KERAS_INT8_PRECISIONS`; anything else
+    is refused here."""
     layers = keras_quantized_layers(model)
     if not layers:
         return
+    if _keras_int8_supported(model, layers):
+        if precision in KERAS_INT8_PRECISIONS:
+            return
+        raise ValueError(
+            f"tfopt.export: model '{model.name}' was quantized by Keras (`model.quantize('int8')`, {len(layers)} "
+            f"layer(s)), and precision={precision!r} would quantize its int8 weights again. Fix: "
+            "precision='int8_weight_only' (the file holds Keras's own int8 weights and scales) or 'float32' "
+            "(its dequantized weights in float).")
     modes = sorted({layer.dtype_policy.quantization_mode for layer in layers})
     raise ValueError(
         f"tfopt.export: model '{model.name}' was quantized by Keras (`model.quantize({modes[0]!r})`: layer "
         f"'{layers[0].name}' ({type(layers[0]).__name__}) has dtype policy {layers[0].dtype_policy.name!r}, "
         f"{len(layers)} layer(s) in all), which the LiteRT converter does not convert correctly (int8: refused; "
-        "int4: a file that computes something else), so tfopt does not export it. Fix: export the float model "
+        "int4: a file that computes something else), and tfopt exports with their own weights only int8 Dense "
+        "and Embedding layers at the top of a Sequential or Functional model. Fix: export the float model "
         "(before `model.quantize`) with precision='int8_weight_only' or 'int4_weight_only' (per-channel "
         "integer weights, as Keras's), or 'int8_dynamic' (int8 weights and activations quantized at run time).")
+
+
+def keras_int8_float_copy(model):
+    """A float32 copy of a model quantized by Keras in int8 (see `check_keras_quantized`), its weights
+    dequantized (kernel / kernel_scale per output unit, embeddings / embeddings_scale per row); None for
+    a model Keras did not quantize."""
+    layers = keras_quantized_layers(model)
+    if not layers or not _keras_int8_supported(model, layers):
+        return None
+    import keras
+    import numpy as np
+
+    ids = {id(layer) for layer in layers}
+
+    def clone_function(layer):
+        config = layer.get_config()
+        if id(layer) in ids:
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone_function)
+    for layer, twin in zip(model.layers, copy.layers):
+        if id(layer) not in ids:
+            twin.set_weights(layer.get_weights())
+        elif isinstance(layer, keras.layers.Dense):
+            kernel = np.asarray(layer._kernel, "float32") / np.asarray(layer.kernel_scale, "float32")
+            twin.set_weights([kernel] + ([np.asarray(layer.bias)] if layer.use_bias else []))
+        else:
+            scale = np.asarray(layer.embeddings_scale, "float32")[:, None]
+            twin.set_weights([np.asarray(layer._embeddings, "float32") / scale])
+    return copy
 
 
 def check_plan(precision, sparse):
