@@ -187,3 +187,39 @@ class KerasHubPruningTest(testing.TestCase):
         query = loaded.backbone.transformer_layers[0].weights[0]
         self.assertAlmostEqual(float(np.mean(_value(query) == 0)), 0.75, places=6)
         self.assertAllClose(_value(loaded(self.x)), _value(self.lm(self.x)), atol=1e-6)
+
+
+class KerasHubGradualWidthPruningTest(testing.TestCase):
+    def test_gemma_prunes_gradually_and_pruned_units_stay_pruned(self):
+        # Gemma's heads are on the kernels' first axis, and its feed-forward layers are EinsumDense.
+        keras.utils.set_random_seed(4)
+        lm = _gemma()
+        schedule = tfopt.schedules.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=3, power=1, frequency=1)
+        x, y = _data()
+        lm.compile(optimizer=keras.optimizers.Adam(1e-3),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        seen = []
+
+        class Record(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                gating = lm.backbone.transformer_layers[0].weights
+                kernel = [v for v in gating if v.path.endswith("ffw_gating/kernel")][0]
+                seen.append(set(_zero_slices(_value(kernel), 1)))
+
+        lm.fit(x, y, batch_size=2, epochs=1, verbose=0,
+               callbacks=[tfopt.callbacks.WidthPruning(schedule), Record()])  # 4 steps, the ramp over 3
+        counts = [len(s) for s in seen]
+        self.assertEqual(counts[-1], 32)  # round(0.5 x 64)
+        self.assertTrue(any(0 < n < 32 for n in counts), counts)  # on the way: 11 (1/6) or 21 (1/3)
+        self.assertTrue(set(counts[:-1]) <= {0, 11, 21, 32}, counts)
+        for before, after in zip(seen, seen[1:]):
+            self.assertLessEqual(before, after)
+        for block in lm.backbone.transformer_layers:
+            weights = {v.path.split("/")[-2]: _value(v) for v in block.weights if v.name == "kernel"}
+            groups = _zero_slices(weights["key"], 0)
+            self.assertEqual(len(groups), 1)  # round(0.5 x 2)
+            self.assertEqual(_zero_slices(weights["query"], 0), [2 * groups[0], 2 * groups[0] + 1])
+            self.assertEqual(len(_zero_slices(weights["ffw_linear"], 0)), 32)
+        small = tfopt.shrink(lm, 0.5, heads=1)
+        self.assertEqual((small.backbone.intermediate_dim, small.backbone.num_key_value_heads), (64, 1))
+        self.assertAllClose(_value(small(x)), _value(lm(x)), atol=1e-5)

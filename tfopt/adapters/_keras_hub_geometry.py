@@ -96,8 +96,8 @@ def _reversible_embedding_macs(layer, input_shapes, output_shapes):
 
 
 def _norm_macs(layer, input_shapes, output_shapes):
-    positions = _positions(input_shapes[0])
-    return None if positions is None else positions * _norm_scale(layer)
+    positions, scale = _positions(input_shapes[0]), _norm_scale(layer)
+    return None if positions is None or scale is None else positions * scale
 
 
 def _zero(layer, input_shapes, output_shapes):
