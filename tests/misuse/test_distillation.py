@@ -17,6 +17,11 @@ def _mlp(classes, name, softmax=False):
     return model
 
 
+def _frozen(model):
+    model.trainable = False
+    return model
+
+
 def _x(n=16, width=8):
     return np.random.default_rng(0).standard_normal((n, width)).astype("float32")
 
@@ -227,6 +232,13 @@ TABLE = [
         raises=ValueError,
         match=r"DistillationLoss: the targets are per-position \(sequence\) targets, so the student's output must "
               r"be \(batch, seq, vocab\) logits. Received: student output of shape \(8, 12\). Fix:"),
+    Misuse(
+        "a student with every weight frozen",
+        lambda: D.Distiller(_mlp(9, "teacher"), _frozen(_mlp(9, "student"))).compile("adam"),
+        raises=ValueError,
+        match=r"Distiller: student 'student' has no trainable weights \(4 weights, all frozen; frozen sublayers: "
+              r"\['student_hidden', 'student_head'\]\), so distillation would train nothing. Fix: "
+              r"student.trainable = True"),
     Misuse(
         "cached sequence targets with keras-hub's default weighted_metrics",
         _cached_lm_fit_with_keras_hub_metrics,

@@ -338,6 +338,15 @@ class Distiller(keras.Model):
             **kwargs: the other arguments of `keras.Model.compile`
                 (`steps_per_execution`, `jit_compile`, ...).
         """
+        if self.student.weights and not self.student.trainable_weights:
+            nested = [layer.name for layer in self.student._flatten_layers(include_self=False, recursive=False)
+                      if layer.weights and not layer.trainable]
+            raise ValueError(
+                f"Distiller: student '{self.student.name}' has no trainable weights "
+                f"({len(self.student.weights)} weights, all frozen"
+                + (f"; frozen sublayers: {nested}" if nested else "") + "), so distillation would train "
+                "nothing. Fix: student.trainable = True (and on each frozen sublayer, e.g. "
+                "student.backbone.trainable = True) before compile.")
         self._student_loss = _student_loss(loss)
         self._student_loss_config = loss
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
