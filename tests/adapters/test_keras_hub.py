@@ -266,9 +266,13 @@ class KerasHubShrinkTest(testing.TestCase):
         lm = self.lms["llama"]
         before = [w.copy() for w in lm.get_weights()]
         block = lm.backbone.transformer_layers[0]
+        attention = block._self_attention_layer
         attributes = dict(vars(block))  # the recording stand-ins are gone again
+        layers = lambda owner: {k: id(v) for k, v in vars(owner).items() if isinstance(v, keras.layers.Layer)}
+        attention_layers = layers(attention)  # its output projection was recorded: it is back too
         tfopt.shrink(lm, 0.5, depth=1, data=self.batch)
         self.assertEqual({k: id(v) for k, v in vars(block).items()}, {k: id(v) for k, v in attributes.items()})
+        self.assertEqual(layers(attention), attention_layers)
         for a, b in zip(before, lm.get_weights()):
             np.testing.assert_array_equal(a, b)
 
