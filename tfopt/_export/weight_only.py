@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import io
 
+from tfopt import _keras_internal, litert
 
 EXTRA = "litert-quantizer"
 INSTALL = "pip install 'tfopt[litert-quantizer]'"
@@ -136,8 +137,6 @@ def quantize(content, precision, path):
     if recipe.converter:
         import numpy as np
 
-        from tfopt import litert
-
         if not litert.tensor_count(content, np.int8):
             raise ValueError(
                 f"tfopt.export: the converter left every weight in float for precision={precision!r} (its dynamic "
@@ -170,8 +169,6 @@ def quantize(content, precision, path):
             f"file has no int{recipe.bits} tensor: no FULLY_CONNECTED, BATCH_MATMUL, CONV_2D or "
             f"EMBEDDING_LOOKUP op with constant weights it takes), so nothing was written to {str(path)!r}. "
             "Fix: export with precision='float16' or 'int8' (with representative_data=).")
-    from tfopt import litert
-
     error = litert.litert_load_error(quantized)
     if error is not None:
         raise ValueError(
@@ -183,8 +180,6 @@ def quantize(content, precision, path):
 
 def keras_quantized_layers(model):
     """Layers of `model` that Keras quantized (`model.quantize("int8"/"int4"/...)`): their dtype policy has a mode."""
-    from tfopt import _keras_internal
-
     return [layer for layer in _keras_internal.all_layers(model)
             if getattr(getattr(layer, "dtype_policy", None), "quantization_mode", None)]
 
@@ -196,8 +191,6 @@ KERAS_INT8_PRECISIONS = ("int8_weight_only", "float32")
 
 def _keras_int8_supported(model, layers):
     import keras
-
-    from tfopt import _keras_internal
 
     top = {id(layer) for layer in model.layers}
     return _keras_internal.is_graph_network(model) and all(
@@ -261,7 +254,7 @@ def keras_int8_float_copy(model):
     for layer, twin in zip(model.layers, copy.layers):
         if id(layer) not in ids:
             twin.set_weights(layer.get_weights())
-        elif isinstance(layer, keras.layers.Dense):
+        elif hasattr(layer, "kernel_scale"):  # a Dense (the other kind is an Embedding)
             kernel = np.asarray(layer._kernel, "float32") / np.asarray(layer.kernel_scale, "float32")
             twin.set_weights([kernel] + ([np.asarray(layer.bias)] if layer.use_bias else []))
         else:

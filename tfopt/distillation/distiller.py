@@ -339,7 +339,7 @@ class Distiller(keras.Model):
                 (`steps_per_execution`, `jit_compile`, ...).
         """
         if self.student.weights and not self.student.trainable_weights:
-            nested = [layer.name for layer in self.student._flatten_layers(include_self=False, recursive=False)
+            nested = [layer.name for layer in getattr(self.student, "layers", [])
                       if layer.weights and not layer.trainable]
             raise ValueError(
                 f"Distiller: student '{self.student.name}' has no trainable weights "
