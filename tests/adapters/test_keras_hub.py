@@ -396,3 +396,12 @@ class KerasHubShrinkTest(testing.TestCase):
             self.assertEqual(from_data._head_keep[i].tolist(), [False, False, True, True])
             self.assertEqual(from_weights._head_keep[i].tolist(), [True, True, False, False])
         self.assertAllClose(_logits(from_data.apply(), self.batch), _logits(from_data.masked(), self.batch), atol=1e-5)
+
+    def test_a_frozen_teacher_gives_a_trainable_student(self):
+        keras.utils.set_random_seed(7)
+        teacher = M.MistralCausalLM(M.MistralBackbone(**_GQA, **_SMALL))
+        teacher.trainable = False  # as for distillation
+        student = tfopt.shrink(teacher, 0.5, hidden=0.25, data=self.batch)
+        self.assertTrue(student.trainable)
+        self.assertEqual(len(student.trainable_weights), len(student.weights))
+        self.assertFalse(teacher.trainable)

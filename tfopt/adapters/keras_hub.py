@@ -686,6 +686,8 @@ class KerasHubShrinkPlan:
         for j, i in enumerate(kept):
             _graph.set_cut_weights(new.transformer_layers[j], self._block_values(i, cut),
                                    f"block '{blocks[i].name}' ({type(blocks[i]).__name__})", "the model's config")
+        if cut:  # a teacher frozen for distillation: its student is to be trained (as for plain Keras models)
+            new.trainable = True
         if self.model is backbone:
             return new
         return type(self.model)(backbone=new, preprocessor=getattr(self.model, "preprocessor", None))
