@@ -134,6 +134,7 @@ class KerasHubWidthPruningTest(testing.TestCase):
         cls.lm = _mistral()
         schedule = tfopt.schedules.ConstantSparsity(0.5, begin_step=0, frequency=1)
         cls.x = _fit(cls.lm, tfopt.callbacks.WidthPruning(schedule))
+        cls.rows = tfopt.summary(cls.lm, print_fn=None)  # before a test strips the masks (in place)
 
     def test_whole_units_and_key_value_groups_are_zeroed_in_every_block(self):
         for block in self.lm.backbone.transformer_layers:
@@ -150,13 +151,38 @@ class KerasHubWidthPruningTest(testing.TestCase):
             self.assertEqual(_zero_slices(weights["attention_output"], 0), queries)
 
     def test_shrink_removes_them_and_computes_what_the_pruned_model_computes(self):
-        small = tfopt.shrink(self.lm, 0.5, heads=1)  # the zeroed units and group score lowest
+        stripped = tfopt.strip(self.lm)  # in place: a keras-hub model keeps its class
+        self.assertIs(stripped, self.lm)
+        small = tfopt.shrink(stripped)  # no fraction: what pruning zeroed
+        self.assertIs(type(small), type(self.lm))
         self.assertEqual((small.backbone.intermediate_dim, small.backbone.num_key_value_heads), (32, 1))
         self.assertAllClose(_value(small(self.x)), _value(self.lm(self.x)), atol=1e-5)
+        # The same units and group score lowest when asked by share.
+        self.assertAllClose(_value(tfopt.shrink(self.lm, 0.5, heads=1)(self.x)), _value(small(self.x)), atol=1e-6)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "lm.keras")
+            self.lm.save(path)
+            loaded = keras.saving.load_model(path)
+        self.assertIs(type(loaded), type(self.lm))
+        self.assertAllClose(_value(loaded(self.x)), _value(self.lm(self.x)), atol=1e-6)
+
+    def test_shrink_without_a_share_refuses_blocks_pruned_unevenly(self):
+        lm = _mistral()
+        lm.set_weights(self.lm.get_weights())
+        down = [v for v in lm.backbone.transformer_layers[0].weights
+                if v.path.endswith("feedforward_output_dense/kernel")][0]
+        up = [v for v in lm.backbone.transformer_layers[0].weights if "feedforward_" in v.path
+              and not v.path.endswith("feedforward_output_dense/kernel")]
+        alive = np.flatnonzero(_value(down).any(axis=1))[0]
+        for v in [down] + up:  # one more unit zeroed in block 0 only
+            value = _value(v).copy()
+            np.moveaxis(value, 0 if v is down else value.ndim - 1, 0)[alive] = 0
+            v.assign(value)
+        with self.assertRaisesRegex(ValueError, r"its blocks have \[33, 32\] feed-forward units zeroed"):
+            tfopt.shrink(lm)
 
     def test_summary_names_the_structure(self):
-        rows = tfopt.summary(self.lm, print_fn=None)
-        structures = {r["layer"]: r["structure"] for r in rows}
+        structures = {r["layer"]: r["structure"] for r in self.rows}
         self.assertEqual(structures["feedforward_gate_dense"], "width (channel groups)")
         self.assertEqual(structures["key"], "width (channel groups)")
 

@@ -259,7 +259,7 @@ if importlib.util.find_spec("keras_hub") is not None:
         Misuse("shrink of a keras-hub model with nothing to remove",
                lambda: tfopt.shrink(_gpt2()), raises=ValueError,
                match=r"`tfopt.shrink` of keras-hub model 'gpt2_causal_lm\w*' \(GPT2CausalLM\) needs what to remove: "
-                     r"fraction=.*Received: none of them\. Fix"),
+                     r"fraction=.*Received: none of them, and no feed-forward unit or head group is zero in every block\. Fix"),
         Misuse("shrink of a keras-hub model by heads its config cannot hold fewer of",
                lambda: tfopt.shrink(_gpt2(), heads=1), raises=ValueError,
                match=r"`tfopt.shrink\(heads=1\)`: GPT2Backbone derives the head size as hidden_dim // num_heads, so "

@@ -504,6 +504,39 @@ def _l2(cuts, units):
     return scores
 
 
+def _zeroed(backbone, blocks, spec, name):
+    """`(unit_keep, head_keep)` as `plan` takes them: each block's feed-forward units and (where the config
+    can have fewer heads) key-value groups whose every weight is zero, as `WidthPruning` leaves them; None
+    for an axis where nothing is zero. Every block must have lost as many (the config has one count)."""
+    config = backbone.get_config()
+    units = config["intermediate_dim"] // spec.units_per_dim
+    unit_keep = [_l2(_ffn_cuts(block, spec), units) > 0 for block in blocks]
+    head_keep = None
+    if spec.heads is None:
+        groups = config[spec.attention.kv_key]
+        per_group = config[spec.attention.query_key] // groups
+        head_keep = []
+        for block in blocks:
+            scores = np.zeros(groups)
+            for v, axis in _head_cuts(block, spec):
+                scores += _l2([(v, axis)], v.shape[axis]).reshape(groups, -1).sum(axis=1)
+            head_keep.append(np.repeat(scores > 0, per_group))
+    found = []
+    for what, keeps in (("feed-forward units", unit_keep), ("key-value head groups", head_keep)):
+        if keeps is None or all(keep.all() for keep in keeps):
+            found.append(None)
+            continue
+        counts = [int((~keep).sum()) for keep in keeps]
+        if len(set(counts)) > 1 or any(keep.sum() == 0 for keep in keeps):
+            raise ValueError(
+                f"`tfopt.shrink` of keras-hub model {name}: its blocks have {counts} {what} zeroed, and its config "
+                f"holds one count for every block{' (and keeps at least one)' if min(k.sum() for k in keeps) == 0 else ''}"
+                ". Fix: prune every block alike (tfopt.callbacks.WidthPruning does), or pass fraction=/heads= to "
+                "choose by importance.")
+        found.append(keeps)
+    return found[0], found[1]
+
+
 def _lowest(scores, count):
     """Indices of the `count` lowest scores (ties: the first), as a boolean keep mask."""
     keep = np.ones(len(scores), bool)
@@ -783,11 +816,16 @@ def plan(model, fraction=None, depth=None, heads=None, data=None, min_channels=1
                 f"similarity of a block's input and output), or from weight magnitudes without it. Received: "
                 f"{key}={value!r}. Fix: leave {key} at its default ({defaults.get(key)!r}).")
     if fraction is None and depth is None and heads is None and hidden is None:
-        raise ValueError(
-            f"`tfopt.shrink` of keras-hub model {name} needs what to remove: fraction= (the share of each "
-            "block's feed-forward units), depth= (blocks), heads= or hidden= (residual-stream channels). "
-            "Received: none of them. Fix: e.g. tfopt.shrink(model, 0.25), or tfopt.shrink(model, depth=2, "
-            "data=token_batches).")
+        # The units and key-value groups pruning already zeroed (tfopt.callbacks.WidthPruning, then strip).
+        unit_keep, head_keep = _zeroed(backbone, blocks, spec, name)
+        if unit_keep is None and head_keep is None:
+            raise ValueError(
+                f"`tfopt.shrink` of keras-hub model {name} needs what to remove: fraction= (the share of each "
+                "block's feed-forward units), depth= (blocks), heads= or hidden= (residual-stream channels), or "
+                "units and heads zeroed by tfopt.callbacks.WidthPruning. Received: none of them, and no "
+                "feed-forward unit or head group is zero in every block. Fix: e.g. tfopt.shrink(model, 0.25), "
+                "or tfopt.shrink(model, depth=2, data=token_batches).")
+        return KerasHubShrinkPlan(model, backbone, blocks, spec, [], None, unit_keep, head_keep, None, None, None)
     fraction = python_number(fraction)
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                                  or not 0.0 <= fraction < 1.0):

@@ -3,6 +3,7 @@
 import keras
 
 from tfopt import _keras_internal, geometry, pruning
+from tfopt.adapters import keras_hub as _keras_hub
 from tfopt.layers.base import Prunable
 from tfopt.layers.quantize_activation import QuantizeActivation
 from tfopt.transforms import _graph
@@ -23,7 +24,8 @@ def strip(model):
     attached by `tfopt.callbacks.Pruning` are baked in and their constraints
     dropped.
 
-    For subclassed models, the model itself is stripped in place and returned:
+    For subclassed models and keras-hub models (whose class a rebuilt graph
+    would lose), the model itself is stripped in place and returned:
     weights are multiplied by their masks and tfopt constraints removed (the
     classes of its layers are the user's and are kept).
 
@@ -35,7 +37,8 @@ def strip(model):
     (True, 2)
     """
     pruning.check_keras3(model)
-    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model):
+    if (not isinstance(model, keras.Model) or not _keras_internal.is_graph_network(model)
+            or _keras_hub.handles(model)):  # a keras-hub model keeps its class (it holds no tfopt layer)
         for layer in _keras_internal.all_layers(model):
             for pw in pruning.prunable_weights(layer):
                 pruning.bake(pw.variable)
