@@ -10,18 +10,19 @@ Mistral, not GPT-2: keras-hub's GPT2Backbone derives the head size as
 hidden_dim // num_heads, so fewer heads of the same size cannot be written in
 its config; Mistral's config has `head_dim`.
 
-Rows: the dense teacher; `tfopt.shrink(lm, 0.5, heads=0.5, data=calib)` (half
-the feed-forward units of every block and half its key-value head groups, no
-training); the same distilled from the teacher (`tfopt.distillation.Distiller`,
-per-position KL of the logits, on a third of the teacher's training tokens); the same
+Rows: the dense teacher; `tfopt.shrink(lm, 0.55, heads=0.5, data=calib)`
+(55% of the feed-forward units of every block and half its key-value head
+groups, no training: half the parameters, the embeddings staying whole); the
+same distilled from the teacher (`tfopt.distillation.Distiller`, per-position
+KL of the logits, on a third of the teacher's training tokens); the same
 recipe with 25% of the hidden (residual) width removed too (`hidden=0.25`);
 the same with a quarter of the blocks removed too (`depth=0.25`); the shape of
-the distilled 50% row trained from scratch on the same tokens as the
+the first distilled row trained from scratch on the same tokens as the
 distillation. Columns: parameters, multiply-adds of one prefill of `--seq`
-tokens (counted from the config: every matmul, attention scores and context
-over the full (seq, seq) matrix the file computes, and the output head;
-element-wise ops, norms and RoPE not counted; `tfopt.macs` does not know
-keras-hub's blocks), validation perplexity (exp of the mean next-byte
+tokens (`tfopt.reporting.macs(lm, sequence_length=...)`: projections,
+attention scores and context over the full (seq, seq) matrix the file
+computes, feed-forward, norms and the output head; element-wise ops and RoPE
+not counted), validation perplexity (exp of the mean next-byte
 crossentropy), float32 LiteRT file size, and LiteRT prefill latency (batch 1,
 `--seq` tokens, one thread, medians of `--rounds` interleaved rounds of 50
 runs), each as a ratio to the dense model. tfmot has no counterpart: it takes
@@ -123,10 +124,6 @@ def _distill(teacher, student, x, y, args):
     import tfopt
 
     steps = math.ceil(len(y) / args.batch)
-    # The shrunk model's backbone is built from the frozen teacher's config, trainable=False included, and
-    # `student.trainable = True` on the (already trainable) CausalLM does not reach it: unfreeze the backbone.
-    student.backbone.trainable = True
-    assert student.trainable_weights, "the student has nothing to train"
     distiller = tfopt.distillation.Distiller(teacher=teacher, student=student, temperature=1.0, alpha=0.0)
     distiller.compile(_optimizer(args.distill_lr, steps))
     distiller.fit(x, y, batch_size=args.batch, epochs=1, verbose=0, shuffle=False)  # (shuffled once, below)
@@ -149,16 +146,10 @@ def _unigram_perplexity(train, validation):
 
 
 def _macs(lm, seq):
-    """Multiply-adds of one prefill of `seq` tokens, from the backbone's config (see the module docstring)."""
-    c = lm.backbone.get_config()
-    if "num_heads" in c:  # GPT-2: head size hidden_dim // num_heads
-        c = {**c, "num_query_heads": c["num_heads"], "num_key_value_heads": c["num_heads"],
-             "head_dim": c["hidden_dim"] // c["num_heads"]}
-    hidden, heads, kv, head_dim = c["hidden_dim"], c["num_query_heads"], c["num_key_value_heads"], c["head_dim"]
-    projections = seq * hidden * head_dim * (2 * heads + 2 * kv)  # query, output; key, value
-    attention = 2 * heads * seq * seq * head_dim  # scores and context
-    feed_forward = (2 if "num_heads" in c else 3) * seq * hidden * c["intermediate_dim"]  # (gate,) up, down
-    return c["num_layers"] * (projections + attention + feed_forward) + seq * hidden * c["vocabulary_size"]
+    """Multiply-adds of one prefill of `seq` tokens, as `tfopt.reporting.macs` counts them."""
+    import tfopt
+
+    return tfopt.reporting.total_macs(tfopt.reporting.macs(lm, sequence_length=seq))
 
 
 def _export(lm, ids, path):
@@ -222,29 +213,30 @@ def main(args):
     say("teacher trained")
 
     # GPT-2 cannot lose heads (see the module docstring): its rows remove feed-forward units, hidden, depth.
-    heads, what = ({}, "feed-forward") if args.arch == "gpt2" else ({"heads": 0.5}, "heads + feed-forward")
-    first = f"50% {what}, distilled"
+    ffn = f"{args.ffn:.0%} feed-forward"
+    heads, what = ({}, ffn) if args.arch == "gpt2" else ({"heads": 0.5}, f"50% heads + {ffn}")
+    first = f"{what}, distilled"
     models = {"dense (teacher)": dense}
-    models[f"50% {what}, one-shot"] = tfopt.shrink(dense, 0.5, **heads, data=calibration)
+    models[f"{what}, one-shot"] = tfopt.shrink(dense, args.ffn, **heads, data=calibration)
     keras.utils.set_random_seed(1)
-    models[first] = _distill(dense, tfopt.shrink(dense, 0.5, **heads, data=calibration), x_budget, y_budget, args)
-    say(f"distilled: 50% {what}")
+    models[first] = _distill(dense, tfopt.shrink(dense, args.ffn, **heads, data=calibration), x_budget, y_budget, args)
+    say(f"distilled: {what}")
     keras.utils.set_random_seed(2)
     models["+ 25% hidden, distilled"] = _distill(
-        dense, tfopt.shrink(dense, 0.5, **heads, hidden=0.25, data=calibration), x_budget, y_budget, args)
+        dense, tfopt.shrink(dense, args.ffn, **heads, hidden=0.25, data=calibration), x_budget, y_budget, args)
     say("distilled: + 25% hidden")
     keras.utils.set_random_seed(3)
     models["+ 25% hidden + depth -25%, distilled"] = _distill(
-        dense, tfopt.shrink(dense, 0.5, **heads, hidden=0.25, depth=0.25, data=calibration), x_budget, y_budget,
+        dense, tfopt.shrink(dense, args.ffn, **heads, hidden=0.25, depth=0.25, data=calibration), x_budget, y_budget,
         args)
     say("distilled: + depth -25%")
     small = models[first].backbone.get_config()
     keras.utils.set_random_seed(4)
     shape = ("intermediate_dim",) if args.arch == "gpt2" else ("num_query_heads", "num_key_value_heads",
                                                                  "intermediate_dim")
-    models["50% shape, from scratch"] = _train(_lm(args, **{k: small[k] for k in shape}), x_budget, y_budget, args,
+    models["the first distilled shape, from scratch"] = _train(_lm(args, **{k: small[k] for k in shape}), x_budget, y_budget, args,
                                                args.lr)
-    say("trained from scratch: 50% shape")
+    say("trained from scratch")
 
     ids = validation[: 4, :-1]
     files, results = {}, {}
@@ -258,7 +250,7 @@ def main(args):
     latency = _interleaved_latency(files, ids, args.rounds)
 
     base = results["dense (teacher)"]
-    scratch = results["50% shape, from scratch"]["perplexity"]
+    scratch = results["the first distilled shape, from scratch"]["perplexity"]
     rows = []
     for key, r in results.items():
         params, macs = r["params"] / base["params"], r["macs"] / base["macs"]
@@ -286,14 +278,14 @@ def main(args):
                  f"blocks, {args.heads} heads, feed-forward {args.intermediate}, sequences of {args.seq})")
         why = ("GPT-2 rows for the axes its config can express: GPT2Backbone derives the head size as hidden_dim // "
                "num_heads, so it cannot lose heads (the Mistral section above does).")
-        call, export_note = "tfopt.shrink(lm, 0.5[, hidden=0.25][, depth=0.25]", ""
+        call, export_note = f"tfopt.shrink(lm, {args.ffn}[, hidden=0.25][, depth=0.25]", ""
     else:
         model = (f"A keras-hub `MistralCausalLM` (byte vocabulary {VOCABULARY}, hidden {args.hidden}, {args.layers} "
                  f"blocks, {args.heads} query heads in {args.kv_heads} key-value groups of head size "
                  f"{args.hidden // args.heads}, gated feed-forward {args.intermediate}, sequences of {args.seq})")
         why = ("Mistral, not GPT-2: GPT2Backbone derives the head size as hidden_dim // num_heads, so fewer heads "
                "cannot be written in its config; Mistral's has `head_dim`.")
-        call = "tfopt.shrink(lm, 0.5, heads=0.5[, hidden=0.25][, depth=0.25]"
+        call = f"tfopt.shrink(lm, {args.ffn}, heads=0.5[, hidden=0.25][, depth=0.25]"
         export_note = " (keras-hub's Mistral attention needs a TF Select op at a free length)"
     body = (
         f"{model} trained on {train[:, 1:].size:,} next-byte targets of the installed Keras's Python files "
@@ -303,9 +295,11 @@ def main(args):
         "`tfopt.distillation.Distiller(teacher=dense, student=..., temperature=1, alpha=0)` (per-position KL of "
         f"the logits) on a third of the teacher's training sequences ({y_budget.size:,} targets, one pass, peak "
         f"learning rate {args.distill_lr}); 'from scratch': the first distilled row's shape trained on the same "
-        f"third with labels (peak learning rate {args.lr}). MACs: one prefill of {args.seq} tokens counted from "
-        "the config (matmuls, full (seq, seq) attention scores and context, output head; element-wise ops not "
-        "counted; `tfopt.macs` does not know keras-hub's blocks). LiteRT: float32 `tfopt.export` at sequence "
+        f"third with labels (peak learning rate {args.lr}). MACs: one prefill of {args.seq} tokens as "
+        "`tfopt.reporting.macs(lm, sequence_length=...)` counts them (projections, grouped-query attention "
+        "scores and context, feed-forward, norms, the tied output head; element-wise ops and RoPE not counted). "
+        f"The feed-forward share, {args.ffn}, is what brings the first shrunk row to half the parameters (the "
+        "embeddings are not cut by heads and feed-forward units). LiteRT: float32 `tfopt.export` at sequence "
         f"length {args.seq}{export_note}; prefill latency at batch 1, one thread, medians of {args.rounds} "
         "interleaved rounds of 50 runs. Targets: half the parameters with at most 10% higher perplexity after "
         "distillation on at most a third of the teacher's tokens, better than the same shape from scratch on "
@@ -336,6 +330,7 @@ if __name__ == "__main__":
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--ffn", type=float, default=0.55, help="share of feed-forward units removed")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--distill-lr", type=float, default=2e-3)
     parser.add_argument("--rounds", type=int, default=5)
