@@ -444,16 +444,17 @@ def _outer_hidden_cuts(backbone, layer, hidden_dim):
     """`[(variable, axis, role)]` of a backbone layer outside the blocks: "embed" (a token, position or
     segment embedding's columns), "read", "write", "scale", "shift"."""
     cuts = []
+    dense = any(w.name == "kernel" and len(w.shape) == 2 for w in layer.weights)  # BERT's pooler
     for v in layer.weights:
         name = v.path.split("/")[-1]
         if name == "reverse_embeddings":
             cuts.append((v, 0, "read"))
         elif name == "embeddings" and len(v.shape) == 2:
             cuts.append((v, 1, "embed"))
-        elif isinstance(layer, keras.layers.Dense) and name == "kernel" and len(v.shape) == 2:
+        elif dense and name == "kernel" and len(v.shape) == 2:
             cuts += [(v, 0, "read"), (v, 1, "write")]  # BERT's pooler: hidden_dim in and out
         elif len(v.shape) == 1 and v.shape[0] == hidden_dim:
-            role = "write" if isinstance(layer, keras.layers.Dense) else (
+            role = "write" if dense else (
                 "scale" if name in ("gamma", "scale") else "shift")
             cuts.append((v, 0, role))
         else:
