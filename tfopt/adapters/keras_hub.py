@@ -518,10 +518,7 @@ def _zeroed(backbone, blocks, spec, name):
         per_group = config[spec.attention.query_key] // groups
         head_keep = []
         for block in blocks:
-            scores = np.zeros(groups)
-            for v, axis in _head_cuts(block, spec):
-                scores += _l2([(v, axis)], v.shape[axis]).reshape(groups, -1).sum(axis=1)
-            head_keep.append(np.repeat(scores > 0, per_group))
+            head_keep.append(np.repeat(_group_l2(block, spec, groups) > 0, per_group))
     found = []
     for what, keeps in (("feed-forward units", unit_keep), ("key-value head groups", head_keep)):
         if keeps is None or all(keep.all() for keep in keeps):
@@ -536,6 +533,14 @@ def _zeroed(backbone, blocks, spec, name):
                 "choose by importance.")
         found.append(keeps)
     return found[0], found[1]
+
+
+def _group_l2(block, spec, groups):
+    """Per key-value group of `block`: the summed squares of its query, key, value and output weights."""
+    scores = np.zeros(groups)
+    for v, axis in _head_cuts(block, spec):
+        scores += _l2([(v, axis)], v.shape[axis]).reshape(groups, -1).sum(axis=1)
+    return scores
 
 
 def _lowest(scores, count):
@@ -889,10 +894,7 @@ def plan(model, fraction=None, depth=None, heads=None, data=None, min_channels=1
                 if calibration:  # mean |context| each query head hands the output projection
                     scores = calibration.contexts[i].mean(axis=-1).reshape(groups, -1).sum(axis=1)
                 else:
-                    scores = np.zeros(groups)
-                    for v, axis in _head_cuts(block, spec):
-                        per_head = _l2([(v, axis)], v.shape[axis])
-                        scores += per_head.reshape(groups, -1).sum(axis=1)
+                    scores = _group_l2(block, spec, groups)
                 head_keep.append(np.repeat(_lowest(scores, count), per_group))
     hidden_keep = head_dim_keep = hidden_scores = None
     if hidden_count:
