@@ -112,6 +112,20 @@ class CliCommandsTest(testing.TestCase):
         self.assertEqual(code, 0, err)
         self.assertIn("float ops left: none", stdout)
 
+    def test_precisions_are_the_exports(self):
+        from tfopt import exporting
+        from tfopt.__main__ import PRECISIONS
+
+        self.assertEqual(PRECISIONS, exporting._PRECISIONS)
+
+    def test_export_weight_quantized(self):
+        out = os.path.join(self.dir, "weights.tflite")
+        code, stdout, err = self._main("export", self.paths["pruned"], "-o", out, "--precision", "int8_weight_only",
+                                       "--representative-data", self.paths["data"])
+        self.assertEqual(code, 0, err)
+        self.assertIn("the float32 file, top-1 agreement", stdout)
+        self.assertGreater(os.path.getsize(out), 0)
+
     def test_user_mistakes_are_one_line_and_exit_1(self):
         text = os.path.join(self.dir, "notes.txt")
         with open(text, "w") as f:

@@ -20,6 +20,12 @@ import sys
 import zipfile
 
 
+# `tfopt.export`'s precisions, written out here so that `--help` does not
+# import TensorFlow (tests/test_cli.py checks that they are the same).
+PRECISIONS = ("float32", "float16", "int8", "int16x8", "int8_weight_only", "int8_dynamic", "int4_weight_only",
+              "int4_dynamic", "int4_block32", "int4_block64", "int4_block128")
+
+
 class UserError(Exception):
     """A mistake the user can fix: printed without a traceback, exit status 1."""
 
@@ -54,8 +60,12 @@ def _parser():
     export = sub.add_parser("export", help="strip and export a saved .keras model to LiteRT, with a report")
     export.add_argument("model", help="a .keras file")
     export.add_argument("-o", "--output", required=True, help="the .tflite file to write")
-    export.add_argument("--precision", choices=["float32", "float16", "int8", "int16x8"],
-                        default="float32")
+    export.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="float32 (default); float16 weights; int8 (full integer: QAT ranges, or "
+                        "--representative-data); int16x8 (with --representative-data); weight-quantized "
+                        "files for language models: int8_weight_only, int8_dynamic, int4_weight_only, "
+                        "int4_dynamic, int4_block32/64/128 (blockwise int4, dynamic; needs "
+                        "pip install 'tfopt[litert-quantizer]' except int8_dynamic)")
     export.add_argument("--representative-data", default=None,
                         help="a .npy file of typical inputs: calibration for int8 (a model trained "
                         "without QAT, or one whose QAT file keeps float ops) and int16x8")
