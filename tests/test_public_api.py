@@ -6,7 +6,7 @@ import tfopt
 from tfopt import testing
 
 _PUBLIC = {
-    "tfopt": ["callbacks", "distillation", "geometry", "layers", "quantizers", "schedules", "sparsity", "strategies", "compat", "prune", "strip", "shrink", "plan_shrink", "ShrinkPlan", "load_model", "quantize_model", "reestimate_batch_norm",
+    "tfopt": ["callbacks", "distillation", "geometry", "layers", "quantizers", "schedules", "sparsity", "strategies", "compat", "prune", "strip", "shrink", "plan_shrink", "ShrinkPlan", "load_model", "quantize_model", "quantize_weights", "reestimate_batch_norm",
               "summary", "export", "ExportReport", "plot_sparsity", "plot_accuracy_vs_size"],
     "tfopt.layers": ["Prunable", "QuantizeActivation", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
                      "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",

@@ -75,3 +75,42 @@ class QuantizersTest(testing.TestCase, parameterized.TestCase):
 
         self.assertEqual(keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(spec)), spec)
         self.assertEqual(quantizers.get_precision(True), quantizers.PRECISIONS["int8"])
+
+
+class IntWeightValuesTest(testing.TestCase, parameterized.TestCase):
+    """`int_weight_values` is LiteRT's quantizer's grid (litert-quantizer 0.11), bit for bit."""
+
+    @parameterized.parameters((4, 0), (4, 32), (4, 128), (8, 0))
+    def test_matches_litert_quantizer_and_is_a_fixed_point(self, bits, block):
+        import pytest
+
+        pytest.importorskip("litert_quantizer")
+        from litert_quantizer import qtyping
+        from litert_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as u
+
+        rng = np.random.default_rng(0)
+        w = (rng.standard_normal((128, 24)) * rng.uniform(1e-3, 1.0, (1, 24))).astype("float32")
+        ours = np.asarray(quantizers.int_weight_values(w, bits, block))
+        file_weight = w.T  # the FULLY_CONNECTED weight: (outputs, inputs)
+        if block:
+            blocks = file_weight.reshape(24, -1, block)
+            granularity = getattr(qtyping.QuantGranularity, f"BLOCKWISE_{block}")
+            _, scale = u.tensor_zp_scale_from_min_max(blocks.min(-1), blocks.max(-1), bits, True, granularity)
+            scale = np.repeat(scale, block, axis=1)
+        else:
+            _, scale = u.tensor_zp_scale_from_min_max(file_weight.min(1, keepdims=True), file_weight.max(1, keepdims=True),
+                                                      bits, True, qtyping.QuantGranularity.CHANNELWISE)
+        low, high = u.get_quantized_range(u.IntType(bits, signed=True))
+        theirs = (np.clip(np.rint(file_weight / scale), low + (bits >= 8), high) * scale).T
+        self.assertAllEqual(ours, theirs)
+        self.assertAllEqual(np.asarray(quantizers.int_weight_values(ours, bits, block)), ours)
+
+    def test_gradient_is_straight_through(self):
+        w = tf.Variable(np.random.default_rng(1).standard_normal((64, 3)).astype("float32"))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(quantizers.int_weight_values(w, 4, 32) * 2.0)
+        self.assertAllClose(tape.gradient(loss, w), np.full((64, 3), 2.0, "float32"))
+
+    def test_block_that_does_not_divide_is_refused(self):
+        with self.assertRaisesRegex(ValueError, r"block_size=32 must divide the input dimension 48"):
+            quantizers.int_weight_values(np.ones((48, 2), "float32"), 4, 32)

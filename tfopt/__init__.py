@@ -13,6 +13,8 @@ Public API:
 - `tfopt.export(model, path)`: LiteRT file, checked in the interpreter, with sizes.
 - `tfopt.quantize_model(model)`, `tfopt.quantizers`, `tfopt.callbacks.QuantizationSchedule`:
   quantization-aware training to a full-integer LiteRT model.
+- `tfopt.quantize_weights(model, "int4_block32")`: int4/int8 weight-only QAT in place
+  (keras-hub LMs included) for the weight-quantized LiteRT precisions.
 - `tfopt.distillation`: teacher-student distillation, cached (`attach_teacher` +
   `DistillationLoss`) or online (`Distiller`).
 - `tfopt.plot_sparsity(model, path)`, `tfopt.plot_accuracy_vs_size(rows, path)`: PNG plots.
@@ -36,7 +38,7 @@ from tfopt.exporting import ExportReport, export  # noqa: E402
 from tfopt.plots import plot_accuracy_vs_size, plot_sparsity  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
 from tfopt.transforms import (  # noqa: E402
-    ShrinkPlan, load_model, plan_shrink, prune, quantize_model, reestimate_batch_norm, shrink, strip,
+    ShrinkPlan, load_model, plan_shrink, prune, quantize_model, quantize_weights, reestimate_batch_norm, shrink, strip,
 )
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "ShrinkPlan",
     "load_model",
     "quantize_model",
+    "quantize_weights",
     "reestimate_batch_norm",
     "summary",
     "export",

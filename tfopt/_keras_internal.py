@@ -42,6 +42,8 @@ __all__ = [
     "replica_local_variable",
     "stepping_model",
     "attention_projection",
+    "weight_quantizable_kind",
+    "set_class",
 ]
 
 CHECKED_KERAS_VERSIONS = ("3.11.3", "3.15.1")
@@ -401,3 +403,28 @@ def stepping_model():
                 return model, name
     return None, None
 
+
+
+# --- weight-only quantization-aware forms (tfopt.quantize_weights) -------------------------
+def weight_quantizable_kind(layer):
+    """"dense", "einsum_dense" or "reversible_embedding" for a layer that is a Keras Dense,
+    EinsumDense or ReversibleEmbedding computing with its base class's `call` (keras-hub's
+    ReversibleEmbedding, a pass-through subclass, included); None for anything else. Which
+    base it is comes first in the tuple returned by `weight_quantizable_base`."""
+    base = weight_quantizable_base(layer)
+    return None if base is None else {keras.layers.Dense: "dense", keras.layers.EinsumDense: "einsum_dense",
+                                      keras.layers.ReversibleEmbedding: "reversible_embedding"}[base]
+
+
+def weight_quantizable_base(layer):
+    """The Keras class among Dense, EinsumDense, ReversibleEmbedding whose `call` `layer` runs, or None."""
+    for base in (keras.layers.ReversibleEmbedding, keras.layers.EinsumDense, keras.layers.Dense):
+        if isinstance(layer, base):
+            return base if type(layer).call is base.call else None
+    return None
+
+
+def set_class(layer, cls):
+    """Changes the class of a built `layer` to `cls`, a subclass of (or base of) its class that
+    computes from the same state: tfopt's weight-quantizing forms, and back."""
+    object.__setattr__(layer, "__class__", cls)

@@ -13,6 +13,7 @@ import dataclasses
 import gzip
 import warnings
 
+import keras
 import numpy as np
 
 from tfopt import _keras_internal, _state, litert, strategies, transforms
@@ -26,6 +27,7 @@ from tfopt._export.inputs import (
 from tfopt.layers.quantize_activation import QuantizingLayer
 from tfopt.litert import float_ops, litert_latency_ms, litert_load_error, run_litert  # noqa: F401 (public here too)
 from tfopt.reporting import prunable_values, zero_fraction
+from tfopt.transforms import weight_quantization
 
 __all__ = ["export", "ExportReport", "atomic_write_bytes", "litert_latency_ms"]
 
@@ -78,6 +80,12 @@ class ExportReport:
         float_size_bytes: for the precisions LiteRT's quantizer writes
             ("int8_weight_only", "int4_*"), the size of the converter's float32
             file it quantized; else None.
+        perplexity: for a causal language model checked on token data
+            (`inputs={"token_ids": ..., "padding_mask": ...}` and logits of
+            shape (samples, length, vocabulary)), exp of the mean next-token
+            crossentropy of the file's logits over those tokens (position t's
+            logits scored on token t + 1, padding left out); else None.
+        keras_perplexity: the same for the Keras model's logits.
 
     Example:
     >>> import keras, tempfile, os, tfopt
@@ -104,6 +112,8 @@ class ExportReport:
     float_top1_agreement: float | None = None
     float_max_abs_diff: float | None = None
     float_size_bytes: int | None = None
+    perplexity: float | None = None
+    keras_perplexity: float | None = None
 
     def __str__(self):
         diff = "not checked" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
@@ -119,6 +129,8 @@ class ExportReport:
             text += f", top-1 agreement {self.top1_agreement:.1%}"
             if self.float_top1_agreement is not None:
                 text += f" ({self.float_top1_agreement:.1%} with the float model)"
+        if self.perplexity is not None:
+            text += f", perplexity {self.perplexity:.4g} (Keras model: {self.keras_perplexity:.4g})"
         if self.latency_ms is not None:
             text += f", {self.latency_ms:.3g} ms per inference"
             if self.precision != "float32":
@@ -340,23 +352,67 @@ def _outputs(model, arrays):
 
 def _verify(plan, encoded):
     """The file in the precision asked for, then (with `check`) its outputs against the model's:
-    (parity with the model passed, parity with its float counterpart or None)."""
+    (parity with the model passed, parity with its float counterpart or None,
+    (file perplexity, Keras perplexity) for a causal LM checked on token data, or None)."""
     _check_precision_reached(plan, encoded.content)
     if not plan.check:
-        return None, None
+        return None, None, None
     samples = _samples(plan)
     num = len(samples[0])
-    got = litert.run_litert(encoded.content, samples, input_names=_input_names(encoded.stripped))
-    parity = checks.compare(got, _outputs(plan.model, samples), num)
+    names = _input_names(encoded.stripped)
+    got = litert.run_litert(encoded.content, samples, input_names=names)
+    expected = _outputs(plan.model, samples)
+    parity = checks.compare(got, expected, num)
     float_parity = None
     if plan.quantized:
         float_model = encoded.stripped if encoded.stripped is not plan.model else _stripped(plan.model)
         float_parity = checks.compare(got, _outputs(float_model, samples), num)
     checks.warn_if_disagreeing(parity, plan.precision, samples, plan.inputs is not None, stacklevel=4)
-    return parity, float_parity
+    perplexities = None
+    tokens = _token_data(plan, names or _input_names(plan.model), got[0])
+    if tokens is not None:
+        perplexities = (next_token_perplexity(got[0], *tokens), next_token_perplexity(expected[0], *tokens))
+    return parity, float_parity, perplexities
 
 
-def _report(plan, encoded, parity, float_parity):
+def _token_data(plan, names, logits):
+    """(token ids, padding mask) when `plan.inputs` (given by the caller, not drawn) are a causal LM's
+    tokens: an integer input named "token_ids" of shape (samples, length), logits (samples, length,
+    vocabulary) over every id it holds; else None."""
+    if plan.inputs is None or not names or "token_ids" not in names:
+        return None
+    ids = np.asarray(plan.inputs[names.index("token_ids")])
+    logits = np.asarray(logits)
+    if (not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 2 or logits.ndim != 3
+            or logits.shape[:2] != ids.shape or ids.shape[1] < 2 or ids.min() < 0 or ids.max() >= logits.shape[-1]):
+        return None
+    mask = np.asarray(plan.inputs[names.index("padding_mask")]) if "padding_mask" in names else np.ones_like(ids)
+    return ids, mask
+
+
+def next_token_perplexity(logits, token_ids, padding_mask=None):
+    """exp of the mean crossentropy of `logits[:, t]` for `token_ids[:, t + 1]`, over the
+    positions where both tokens are real (`padding_mask` 1); NaN if none is.
+
+    Example:
+    >>> import numpy as np
+    >>> ids = np.array([[0, 1, 0]])
+    >>> round(next_token_perplexity(np.zeros((1, 3, 4), "float32"), ids), 3)  # uniform over 4 tokens
+    4.0
+    """
+    logits = np.asarray(logits, "float64")[:, :-1]
+    targets = np.asarray(token_ids)[:, 1:]
+    mask = np.ones(targets.shape) if padding_mask is None else np.asarray(padding_mask, "float64")
+    if padding_mask is not None:
+        mask = mask[:, 1:] * mask[:, :-1]
+    top = logits.max(-1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    count = mask.sum()
+    return float(np.exp((nll * mask).sum() / count)) if count else float("nan")
+
+
+def _report(plan, encoded, parity, float_parity, perplexities=None):
     content = encoded.content
     latency = float_latency = None
     if plan.measure_latency:
@@ -382,6 +438,8 @@ def _report(plan, encoded, parity, float_parity):
         float_top1_agreement=None if float_parity is None else float_parity.top1_agreement,
         float_max_abs_diff=None if float_parity is None else float_parity.max_abs_diff,
         float_size_bytes=encoded.float_size,
+        perplexity=None if perplexities is None else perplexities[0],
+        keras_perplexity=None if perplexities is None else perplexities[1],
     )
 
 
@@ -412,6 +470,14 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     mixed-precision model (`mixed_float16`, `mixed_bfloat16`) is converted from
     a float32 copy with the same weights (the global dtype policy is restored
     afterwards) and checked against the original model's outputs.
+
+    For a causal language model checked on token data (`inputs` a dict
+    with an integer "token_ids" (samples, length) array, and logits (samples,
+    length, vocabulary) as first output, e.g. a keras-hub `CausalLM` given
+    `{"token_ids": ids, "padding_mask": mask}`), the report also gives
+    `perplexity` (from the file's logits: exp of the mean next-token
+    crossentropy over the real tokens) and `keras_perplexity` (the same from
+    the Keras model).
 
     Args:
         model: a Keras 3 model (tfopt layers and Pruning-callback masks are
@@ -498,13 +564,29 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     >>> report.max_abs_diff < 1e-5
     True
     """
-    plan = _plan(model, path, inputs, check, num_check_samples, seed, optimizations, precision,
-                 representative_data, measure_latency, sparse)
-    encoded = _encode(plan)
-    parity, float_parity = _verify(plan, encoded)
-    report = _report(plan, encoded, parity, float_parity)
+    _warn_other_grid(model, precision)
+    # A model in tfopt.quantize_weights's form is exported with its quantized weights baked in (the
+    # float file then holds them on the grid LiteRT's quantizer re-quantizes exactly); it is restored after.
+    with weight_quantization.baked_for_export(model):
+        plan = _plan(model, path, inputs, check, num_check_samples, seed, optimizations, precision,
+                     representative_data, measure_latency, sparse)
+        encoded = _encode(plan)
+        parity, float_parity, perplexities = _verify(plan, encoded)
+        report = _report(plan, encoded, parity, float_parity, perplexities)
     atomic_write_bytes(plan.path, encoded.content)
     return report
+
+
+def _warn_other_grid(model, precision):
+    layers = weight_quantization.weight_quantized_layers(model) if isinstance(model, keras.layers.Layer) else []
+    trained = sorted({layer.weight_precision for layer in layers})
+    grids = weight_quantization.PRECISIONS
+    if trained and precision not in ("float32", "float16") and grids.get(precision) != grids[trained[0]]:
+        warnings.warn(
+            f"tfopt.export: model '{model.name}' was trained with tfopt.quantize_weights for precision "
+            f"{trained[0]!r}, and precision={precision!r} quantizes its weights on another grid, so the file "
+            f"will not compute what the trained model computes. Fix: export with precision={trained[0]!r}.",
+            UserWarning, stacklevel=3)
 
 
 def _stripped(model):

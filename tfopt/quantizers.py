@@ -45,6 +45,7 @@ __all__ = [
     "register_mode",
     "get_mode",
     "register_precision",
+    "int_weight_values",
 ]
 
 
@@ -403,6 +404,47 @@ def quantize_activation(x, min_value, max_value, spec):
     dtype = x.dtype
     out = fake_quant(ops.cast(x, "float32"), min_value, max_value, spec)
     return ops.cast(out, dtype)
+
+
+def int_weight_values(w, bits, block_size=0):
+    """Quantize-dequantize of a 2-D `(inputs, outputs)` weight exactly as LiteRT's
+    quantizer (`litert-quantizer` 0.11, min-max, symmetric) stores it.
+
+    One scale per output column (`block_size=0`), or per block of `block_size`
+    consecutive inputs of each column. The scale is `max |w| / qmax` (qmax = 7
+    for int4, 127 for int8); integers are `round(w / scale)` (half to even),
+    clipped to [-8, 7] for int4 and to the narrow [-127, 127] for 8 bits; a
+    blockwise scale is rounded to bfloat16 then float16, as the file stores it.
+    Re-quantizing the result gives back the same integers and scales, so a
+    weight trained on this grid is written to the file unchanged.
+    Straight-through gradient (identity). `keras.ops` only.
+
+    Example:
+    >>> import numpy as np
+    >>> w = np.array([[0.7, -0.1], [0.25, 0.2]], "float32")
+    >>> np.round(np.asarray(int_weight_values(w, 4), "float64"), 3).tolist()  # (2.5 and -3.5 round to even)
+    [[0.7, -0.114], [0.2, 0.2]]
+    """
+    w = _read(w)
+    dtype, shape = w.dtype, w.shape
+    if len(shape) != 2:
+        raise ValueError(f"int_weight_values: `w` must be a 2-D (inputs, outputs) weight. Received: shape {tuple(shape)}")
+    if block_size and shape[0] % block_size:
+        raise ValueError(
+            f"int_weight_values: block_size={block_size} must divide the input dimension {shape[0]}. Fix: pick a "
+            "block size that divides it, or block_size=0 (one scale per output).")
+    qmax = 2.0 ** (bits - 1) - 1
+    qmin = -qmax if bits >= 8 else -qmax - 1  # (8 bits and more: narrow range, as the quantizer)
+    x = ops.cast(w, "float32")
+    if block_size:
+        x = ops.reshape(x, (shape[0] // block_size, block_size, shape[1]))
+    bound = ops.max(ops.abs(x), axis=-2, keepdims=True)
+    scale = ops.maximum(bound, 1e-9) / qmax
+    if block_size:  # the file keeps blockwise scales in float16 with a 7-bit mantissa
+        scale = ops.cast(ops.cast(ops.cast(scale, "bfloat16"), "float16"), "float32")
+    values = ops.clip(ops.round(x / scale), qmin, qmax) * scale
+    values = ops.cast(ops.reshape(values, shape), dtype)
+    return _ste(w, ops.stop_gradient(values))
 
 
 # --- the registered modes and precisions ----------------------------------------------------

@@ -7,6 +7,7 @@ from tfopt.adapters import keras_hub as _keras_hub
 from tfopt.layers.base import Prunable
 from tfopt.layers.quantize_activation import QuantizeActivation
 from tfopt.transforms import _graph
+from tfopt.transforms import weight_quantization as _qw
 from tfopt.transforms.quantize import QuantizedModel
 
 __all__ = ["strip", "load_model"]
@@ -42,6 +43,8 @@ def strip(model):
         for layer in _keras_internal.all_layers(model):
             for pw in pruning.prunable_weights(layer):
                 pruning.bake(pw.variable)
+        for layer in _qw.weight_quantized_layers(model):  # (after the masks: their zeros stay zeros)
+            _qw.bake(layer)
         return model
 
     def make_layer(layer):
@@ -52,6 +55,8 @@ def strip(model):
             if getattr(layer, "folded_batch_norm", None) is not None:
                 config["use_bias"] = True  # the folded BatchNormalization's bias
             return layer.keras_class.from_config(config)
+        if _qw.is_weight_quantized(layer):
+            return _qw.original_class(layer).from_config(_qw.plain_config(layer))
         return _graph.plain_copy(layer)
 
     def call_function(layer, *args, **kwargs):
@@ -71,6 +76,9 @@ def strip(model):
             continue
         if isinstance(old, Prunable):
             new.set_weights(old.keras_weights())
+        elif _qw.is_weight_quantized(old):
+            baked = {id(v): value for v, value in _qw.baked_values(old)}
+            new.set_weights([baked.get(id(v), pruning.masked_value(v)) for v in old.weights[: len(new.weights)]])
         else:
             new.set_weights([pruning.masked_value(v) for v in old.weights[: len(new.weights)]])
     return clone
