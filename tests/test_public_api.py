@@ -7,7 +7,7 @@ from tfopt import testing
 
 _PUBLIC = {
     "tfopt": ["callbacks", "distillation", "geometry", "layers", "quantizers", "schedules", "sparsity", "strategies", "compat", "prune", "strip", "shrink", "plan_shrink", "ShrinkPlan", "load_model", "quantize_model", "quantize_weights", "reestimate_batch_norm",
-              "summary", "export", "ExportReport", "plot_sparsity", "plot_accuracy_vs_size"],
+              "summary", "export", "ExportReport", "export_generator", "GeneratorReport", "plot_sparsity", "plot_accuracy_vs_size"],
     "tfopt.layers": ["Prunable", "QuantizeActivation", "Dense", "EinsumDense", "Embedding", "Conv1D", "Conv2D", "Conv3D",
                      "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D",
                      "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D", "QuantizedRescaling", "LSTM", "GRU",
@@ -27,7 +27,7 @@ _PUBLIC = {
                            "LabelAccuracy", "DistillationSchedule", "kd_loss", "logit_mse", "DEFAULT_TEMPERATURE",
                            "DEFAULT_ALPHA"],
     "tfopt.litert": ["convert", "run_litert", "litert_latency_ms", "litert_load_error", "float_ops", "tensor_count",
-                     "sample_inputs"],
+                     "sample_inputs", "Generator", "GenerationStats"],
     "tfopt.sparsity": ["Structure", "Unstructured", "NM", "Block", "Channel", "get", "prune_lowest"],
 }
 

@@ -11,6 +11,8 @@ Public API:
   (`tfopt.plan_shrink` says which first).
 - `tfopt.summary(model)`: per-layer sparsity table, printed and returned.
 - `tfopt.export(model, path)`: LiteRT file, checked in the interpreter, with sizes.
+- `tfopt.export_generator(causal_lm, path)`: a keras-hub causal LM as one LiteRT file with
+  prefill/decode signatures and a key-value cache (`tfopt.litert.Generator` runs it).
 - `tfopt.quantize_model(model)`, `tfopt.quantizers`, `tfopt.callbacks.QuantizationSchedule`:
   quantization-aware training to a full-integer LiteRT model.
 - `tfopt.quantize_weights(model, "int4_block32")`: int4/int8 weight-only QAT in place
@@ -35,6 +37,7 @@ from tfopt import (  # noqa: E402
     callbacks, compat, distillation, geometry, layers, quantizers, schedules, sparsity, strategies,
 )
 from tfopt.exporting import ExportReport, export  # noqa: E402
+from tfopt._export.generation import GeneratorReport, export_generator  # noqa: E402
 from tfopt.plots import plot_accuracy_vs_size, plot_sparsity  # noqa: E402
 from tfopt.reporting import summary  # noqa: E402
 from tfopt.transforms import (  # noqa: E402
@@ -63,6 +66,8 @@ __all__ = [
     "summary",
     "export",
     "ExportReport",
+    "export_generator",
+    "GeneratorReport",
     "plot_sparsity",
     "plot_accuracy_vs_size",
 ]

@@ -32,7 +32,7 @@ from tfopt._export.inputs import structured
 log = logging.getLogger("tfopt")
 
 __all__ = ["convert", "run_litert", "litert_latency_ms", "litert_load_error", "float_ops", "tensor_count",
-           "sample_inputs"]
+           "sample_inputs", "Generator", "GenerationStats"]
 
 
 def convert(model, optimizations=None, precision="float32", representative_data=None, sparse=False,
@@ -334,3 +334,159 @@ def tensor_count(model_content, dtype):
     """
     interpreter = _interpreter(model_content=model_content)
     return sum(1 for t in interpreter.get_tensor_details() if t["dtype"] == dtype)
+
+
+class GenerationStats:
+    """How long the last `Generator.generate` took, in the interpreter.
+
+    Attributes:
+        prompt_tokens: the prompt's length.
+        new_tokens: tokens generated (the first comes from prefill).
+        prefill_ms: milliseconds of the prefill call (the padded prompt).
+        decode_ms: milliseconds of all decode calls together.
+        decode_tokens_per_second: decode calls per second (each gives one
+            token), None when there was none.
+        tokens_per_second: generated tokens per second, prefill included.
+    """
+
+    def __init__(self, prompt_tokens, new_tokens, prefill_s, decode_s, decode_calls):
+        self.prompt_tokens = prompt_tokens
+        self.new_tokens = new_tokens
+        self.prefill_ms = prefill_s * 1000.0
+        self.decode_ms = decode_s * 1000.0
+        self.decode_tokens_per_second = decode_calls / decode_s if decode_calls and decode_s > 0 else None
+        total = prefill_s + decode_s
+        self.tokens_per_second = new_tokens / total if new_tokens and total > 0 else None
+
+    def __repr__(self):
+        decode = "n/a" if self.decode_tokens_per_second is None else f"{self.decode_tokens_per_second:.1f}"
+        return (f"GenerationStats(prompt_tokens={self.prompt_tokens}, new_tokens={self.new_tokens}, "
+                f"prefill_ms={self.prefill_ms:.2f}, decode_tokens_per_second={decode})")
+
+
+class Generator:
+    """Greedy generation from a LiteRT file written by `tfopt.export_generator`.
+
+    The file has a "prefill" and a "decode" signature and an explicit
+    key-value cache (see `tfopt.export_generator`); this runner feeds the
+    prompt to prefill, then one token at a time to decode, carrying the cache
+    between calls, in the default `ai_edge_litert` interpreter (XNNPACK).
+
+    Args:
+        model: the file's path, or its bytes.
+        num_threads: interpreter threads (1: the on-device single-core figure).
+
+    Attributes:
+        max_length: the longest sequence (prompt plus new tokens) the file holds.
+        prompt_length: the longest prompt prefill takes.
+        vocabulary_size: the logits' size.
+        signatures: the file's signatures, as the interpreter lists them.
+        stats: a `GenerationStats` for the last `generate` call (None before).
+
+    Example:
+    >>> import os, tempfile, keras_hub, tfopt
+    >>> backbone = keras_hub.models.GPT2Backbone(vocabulary_size=32, num_layers=1, num_heads=2, hidden_dim=16,
+    ...                                          intermediate_dim=32, max_sequence_length=16)
+    >>> lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    >>> path = tfopt.export_generator(lm, os.path.join(tempfile.mkdtemp(), "lm.tflite"), max_length=16).path
+    >>> generator = tfopt.litert.Generator(path)
+    >>> tokens = generator.generate([1, 2, 3], max_new_tokens=4)
+    >>> tokens[:3].tolist(), len(tokens), generator.stats.new_tokens
+    ([1, 2, 3], 7, 4)
+    """
+
+    def __init__(self, model, num_threads=1):
+        if isinstance(model, (bytes, bytearray)):
+            interpreter = _interpreter(model_content=bytes(model), num_threads=num_threads)
+        else:
+            interpreter = _interpreter(model_path=str(model), num_threads=num_threads)
+        self.signatures = interpreter.get_signature_list()
+        missing = [name for name in ("prefill", "decode") if name not in self.signatures]
+        if missing:
+            raise ValueError(
+                f"tfopt.litert.Generator: the file has no {missing} signature(s) (it has "
+                f"{sorted(self.signatures)}); Generator runs files written by tfopt.export_generator. Fix: "
+                "write the file with tfopt.export_generator(causal_lm, path), or run it with run_litert.")
+        self._prefill = interpreter.get_signature_runner("prefill")
+        self._decode = interpreter.get_signature_runner("decode")
+        inputs = self._prefill.get_input_details()
+        self.prompt_length = int(inputs["token_ids"]["shape"][1])
+        cache = self._decode.get_input_details()["cache"]
+        self._cache_shape, self._cache_dtype = tuple(cache["shape"]), cache["dtype"]
+        self.max_length = int(self._cache_shape[3])
+        self.vocabulary_size = int(self._prefill.get_output_details()["logits"]["shape"][-1])
+        self.stats = None
+
+    def _check(self, prompt_ids, max_new_tokens):
+        prompt = np.asarray(prompt_ids)
+        if prompt.ndim == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(
+                f"tfopt.litert.Generator.generate: `prompt_ids` must be a non-empty 1-D sequence of integer token "
+                f"ids (one prompt; batch 1). Received: an array of shape {prompt.shape} and dtype {prompt.dtype}. "
+                "Fix: pass e.g. [15496, 11, 995] (token ids from the model's tokenizer).")
+        if prompt.min() < 0 or prompt.max() >= self.vocabulary_size:
+            raise ValueError(
+                f"tfopt.litert.Generator.generate: `prompt_ids` holds token id(s) outside the vocabulary "
+                f"[0, {self.vocabulary_size}): min {prompt.min()}, max {prompt.max()}. Fix: tokenize with the "
+                "model's own tokenizer.")
+        if prompt.size > self.prompt_length:
+            raise ValueError(
+                f"tfopt.litert.Generator.generate: the prompt has {prompt.size} tokens, and the file's prefill "
+                f"takes at most prompt_length={self.prompt_length}. Fix: shorten the prompt, or export with "
+                f"tfopt.export_generator(..., prompt_length={prompt.size}) or more.")
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(
+                f"tfopt.litert.Generator.generate: `max_new_tokens` must be a positive int. Received: "
+                f"max_new_tokens={max_new_tokens!r}. Fix: max_new_tokens=32.")
+        if prompt.size + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"tfopt.litert.Generator.generate: the prompt ({prompt.size} tokens) plus max_new_tokens="
+                f"{max_new_tokens} is {prompt.size + max_new_tokens} tokens, more than the file's max_length="
+                f"{self.max_length} (its key-value cache). Fix: max_new_tokens={self.max_length - prompt.size} or "
+                f"fewer, or export with tfopt.export_generator(..., max_length={prompt.size + max_new_tokens}).")
+        return prompt.astype("int32")
+
+    def generate(self, prompt_ids, max_new_tokens, stop_token_ids=None, return_logits=False):
+        """Greedy generation: the prompt followed by up to `max_new_tokens` new token ids.
+
+        Args:
+            prompt_ids: one prompt, a 1-D sequence of token ids (at most
+                `prompt_length`).
+            max_new_tokens: how many tokens to generate; prompt plus these must
+                fit in `max_length`.
+            stop_token_ids: token ids that end generation once generated (kept
+                in the output), or None.
+            return_logits: also return the logits each new token was chosen from
+                (new tokens, vocabulary).
+
+        Returns:
+            A 1-D int32 array, prompt then new tokens (and the logits with
+            `return_logits`). `self.stats` holds the timing.
+        """
+        prompt = self._check(prompt_ids, max_new_tokens)
+        stops = set() if stop_token_ids is None else {int(t) for t in np.atleast_1d(stop_token_ids)}
+        padded = np.zeros((1, self.prompt_length), "int32")
+        padded[0, :prompt.size] = prompt
+        start = time.perf_counter()
+        out = self._prefill(token_ids=padded, length=np.asarray(prompt.size, "int32"))
+        prefill_s = time.perf_counter() - start
+        logits, cache = out["logits"][0], out["cache"]
+        tokens, all_logits = list(prompt), [logits]
+        token = int(np.argmax(logits))
+        tokens.append(token)
+        decode_s, calls = 0.0, 0
+        while len(tokens) - prompt.size < max_new_tokens and token not in stops:
+            start = time.perf_counter()
+            out = self._decode(token_id=np.asarray([[token]], "int32"), cache=cache,
+                               position=np.asarray(len(tokens) - 1, "int32"))
+            decode_s += time.perf_counter() - start
+            calls += 1
+            logits, cache = out["logits"][0], out["cache"]
+            all_logits.append(logits)
+            token = int(np.argmax(logits))
+            tokens.append(token)
+        self.stats = GenerationStats(prompt.size, len(tokens) - prompt.size, prefill_s, decode_s, calls)
+        tokens = np.asarray(tokens, "int32")
+        return (tokens, np.stack(all_logits)) if return_logits else tokens
