@@ -30,8 +30,21 @@ tf_keras models only and cannot load keras-hub. `--arch gpt2`: a GPT2CausalLM
 of the same size, for the axes its config can express (feed-forward units,
 hidden width, depth), written to its own section.
 
+`--part quantization`: int4 weights for the same kind of model, a
+GPT2CausalLM (byte vocabulary 256, hidden 128, 4 blocks, 4 heads,
+feed-forward 512, sequences of 128) trained on the same bytes (a shorter
+pass), exported as float32, int8_weight_only, int4_weight_only (per-channel,
+post-training), int4_block32 (post-training), and int4_block32 after a short
+quantization-aware fine-tune (`tfopt.quantize_weights(lm, "int4_block32")`,
+a fraction of an epoch), with a float fine-tune of the same length as a
+control. Columns: file size, validation perplexity computed from the LiteRT
+file's logits (every validation window, next-byte crossentropy) and from
+the Keras model, each as a ratio to the float32 file, and prefill latency
+(batch 1, one thread, medians of interleaved rounds).
+
 Usage:
     python benchmarks/llm.py --write    # about 15 minutes on 2 CPU cores; writes RESULTS.md
+    python benchmarks/llm.py --part quantization --write  # int4 rows (PTQ and QAT), < 10 minutes
     python benchmarks/llm.py --quick    # tiny sizes, a few steps, a smoke run (nothing written)
     python benchmarks/llm.py --arch gpt2 --write  # GPT-2 rows: feed-forward, hidden, depth (no heads)
 """
@@ -181,6 +194,146 @@ def _interleaved_latency(files, ids, rounds):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _export_precision(lm, ids, path, precision):
+    """(report, file bytes, file input order) of `lm` exported in `precision` at `ids`'s shape."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    import tfopt
+
+    with warnings.catch_warnings():  # (fixed sequence length; int4's agreement warning on a few windows)
+        warnings.simplefilter("ignore")
+        report = tfopt.export(lm, path, precision=precision,
+                              inputs={"token_ids": ids, "padding_mask": np.ones_like(ids)})
+    with open(report.path, "rb") as f:
+        content = f.read()
+    names = [d["name"] for d in Interpreter(model_content=content).get_input_details()]
+    return report, content, ["token_ids" if "token_ids" in n else "padding_mask" for n in names]
+
+
+def _file_perplexity(content, order, x, y, chunk=50):
+    """exp of the mean next-byte crossentropy of the LiteRT file's logits over every validation target
+    (`order`: the file's input names, in its order: the file has no signature to feed by name)."""
+    import numpy as np
+
+    from tfopt import litert
+
+    total, count = 0.0, 0
+    for i in range(0, len(y), chunk):
+        logits = np.asarray(litert.run_litert(content, [x[name][i:i + chunk] for name in order])[0], "float64")
+        top = logits.max(-1, keepdims=True)
+        log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+        total += float((log_z - np.take_along_axis(logits, y[i:i + chunk, :, None], -1)[..., 0]).sum())
+        count += y[i:i + chunk].size
+    return math.exp(total / count)
+
+
+def quantization(args):
+    """`--part quantization` (module docstring)."""
+    import keras
+    import numpy as np
+
+    import tfopt
+    from _common import table, write_section
+
+    started = time.perf_counter()
+
+    def say(*parts):
+        print(f"[{time.perf_counter() - started:6.0f} s]", *parts, flush=True)
+
+    args.arch = "gpt2"
+    root, paths = _files()
+    cut = len(paths) // 10
+    validation = _sequences(root, paths[:cut], args.seq, args.validation)
+    train = _sequences(root, paths[cut:], args.seq, args.train)
+    train = train[np.random.default_rng(0).permutation(len(train))]
+    x_val, y_val = _split(validation)
+    x_train, y_train = _split(train)
+    tune = max(int(len(train) * args.qat_fraction), args.batch)
+    x_tune, y_tune = _split(train[np.random.default_rng(1).permutation(len(train))[:tune]])
+    say(f"train {train.size:,} bytes, validation {validation.size:,}; fine-tune {tune} windows")
+
+    keras.utils.set_random_seed(0)
+    lm = _train(_lm(args), x_train, y_train, args, args.lr)
+    weights = lm.get_weights()
+    say("float model trained")
+
+    keras.utils.set_random_seed(5)
+    qat = _lm(args)
+    qat.set_weights(weights)
+    tfopt.quantize_weights(qat, "int4_block32")
+    _train(qat, x_tune, y_tune, args, args.qat_lr)
+    say("int4_block32 QAT fine-tuned")
+    keras.utils.set_random_seed(5)
+    control = _lm(args)
+    control.set_weights(weights)
+    _train(control, x_tune, y_tune, args, args.qat_lr)
+    say("float control fine-tuned")
+
+    rows_spec = [("float32", lm, "float32"), ("int8_weight_only (PTQ)", lm, "int8_weight_only"),
+                 ("int4_weight_only (PTQ, per channel)", lm, "int4_weight_only"),
+                 ("int4_block32 (PTQ)", lm, "int4_block32"), ("int4_block32 QAT", qat, "int4_block32"),
+                 ("float32, fine-tuned as long (control)", control, "float32"),
+                 ("int4_block32 (PTQ of the control)", control, "int4_block32")]
+    ids = validation[:4, :-1]
+    out = tempfile.mkdtemp()
+    files, results = {}, {}
+    keras_perplexity = {}
+    for i, (key, model, precision) in enumerate(rows_spec):
+        report, content, order = _export_precision(model, ids, os.path.join(out, f"{i}.tflite"), precision)
+        files[key] = (content, order)
+        if id(model) not in keras_perplexity:
+            keras_perplexity[id(model)] = _perplexity(model, x_val, y_val)
+        results[key] = {"bytes": len(content), "file": _file_perplexity(content, order, x_val, y_val),
+                        "keras": keras_perplexity[id(model)], "diff": report.max_abs_diff}
+        say(key, results[key], f"(report on {len(ids)} windows: {report.perplexity:.4f} file, "
+            f"{report.keras_perplexity:.4f} Keras)")
+    latency = _interleaved_latency(files, ids, args.rounds)
+
+    base = results["float32"]
+    rows = []
+    for key, _, precision in rows_spec:
+        r = results[key]
+        size, ppl = r["bytes"] / base["bytes"], r["file"] / base["file"]
+        target = ""
+        if precision.startswith("int4"):
+            most = 1.02 if key.endswith("QAT") else 1.05
+            met = size <= 0.2 and ppl <= most
+            target = f"{'MET' if met else 'MISSED'}: size {size:.3f}x (<= 0.20), perplexity {ppl:.3f}x (<= {most:.2f})"
+        rows.append({"model": key, "LiteRT bytes": f"{r['bytes']:,}", "size ratio": f"{size:.3f}",
+                     "file perplexity": f"{r['file']:.4f}", "perplexity ratio": f"{ppl:.4f}",
+                     "Keras perplexity": f"{r['keras']:.4f}", "max |file - Keras| (4 windows)": f"{r['diff']:.3g}",
+                     "latency ms": f"{latency[key]:.2f}",
+                     "latency ratio": f"{latency[key] / latency['float32']:.2f}", "targets": target})
+        print(rows[-1], flush=True)
+    body = (
+        f"A keras-hub `GPT2CausalLM` (byte vocabulary {VOCABULARY}, hidden {args.hidden}, {args.layers} blocks, "
+        f"{args.heads} heads, feed-forward {args.intermediate}, sequences of {args.seq}; {lm.count_params():,} "
+        f"parameters) trained on {y_train.size:,} next-byte targets of the installed Keras's Python files "
+        f"(`keras/src`, split by file; {y_val.size:,} validation targets), Adam, peak learning rate {args.lr}, "
+        f"warm-up then cosine decay, batch {args.batch}, one pass. QAT: `tfopt.quantize_weights(lm, "
+        f"'int4_block32')` on the trained weights (every attention and feed-forward kernel and the tied output "
+        f"head fake-quantized on LiteRT's int4 grid, blocks of 32 inputs), then {y_tune.size:,} targets "
+        f"({args.qat_fraction:.0%} of an epoch, windows drawn from the training set), peak learning rate "
+        f"{args.qat_lr}, and `tfopt.export(qat, path, precision='int4_block32')`; the control is the float "
+        "model fine-tuned on the same windows with the same schedule (the QAT row's extra training, without "
+        "the quantizer). PTQ rows: `tfopt.export(lm, path, precision=...)` of the float model (LiteRT's "
+        "quantizer on the float file; int4_block32 also quantizes activations to int8 at run time, "
+        "int4/int8_weight_only dequantize the weights and compute in float). Perplexity: exp of the mean "
+        "next-byte crossentropy of the LiteRT file's logits over every validation target (the Keras column: "
+        "the same from the Keras model that was exported); size and perplexity ratios to the float32 file; "
+        f"prefill latency at batch 1, {args.seq} tokens, one thread, medians of {args.rounds} interleaved "
+        "rounds of 50 runs. The token and position embedding lookups stay float32 in every file (LiteRT's "
+        "quantizer leaves GATHER tables float; the tied output head is quantized as a FULLY_CONNECTED "
+        "weight). Targets: an int4 file at most 0.2x the float file with perplexity at most 5% above float "
+        "(PTQ) and at most 2% (QAT).\n\n" + table(rows, list(rows[0]))
+        + f"\n\nTotal run time {time.perf_counter() - started:.0f} s.")
+    print(body)
+    if args.write:
+        write_section("llm-int4", "Large language models: int4 weights, post-training and quantization-aware",
+                      "python benchmarks/llm.py --part quantization --write", body)
+
+
 def main(args):
     import keras
     import numpy as np
@@ -320,6 +473,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps; writes nothing")
     parser.add_argument("--write", action="store_true", help="write the section of RESULTS.md")
     parser.add_argument("--arch", choices=["mistral", "gpt2"], default="mistral")
+    parser.add_argument("--part", choices=["shrink", "quantization"], default="shrink",
+                        help="shrink + distill rows (default), or int4 weight rows (GPT-2, PTQ and QAT)")
+    parser.add_argument("--qat-fraction", type=float, default=0.25, help="share of an epoch the QAT fine-tune sees")
+    parser.add_argument("--qat-lr", type=float, default=5e-4)
     parser.add_argument("--train", type=int, default=24000, help="training sequences for the teacher")
     parser.add_argument("--validation", type=int, default=1000, help="validation sequences")
     parser.add_argument("--calibration", type=int, default=64, help="training sequences shrink scores on")
@@ -339,4 +496,6 @@ if __name__ == "__main__":
         args.write = False
         args.train, args.validation, args.calibration, args.seq, args.rounds = 96, 32, 8, 32, 2
         args.hidden, args.intermediate = 32, 64
-    main(args)
+    elif args.part == "quantization" and args.train == 24000:
+        args.train = 8000  # (the whole part within 10 minutes on 2 cores)
+    quantization(args) if args.part == "quantization" else main(args)
