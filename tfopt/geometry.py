@@ -686,14 +686,17 @@ for _rnn, _gates in ((L.LSTM, 4), (L.GRU, 3), (L.SimpleRNN, 1)):
         WeightSpec("cell.recurrent_kernel", in_axis=0, out_axis=1, gates=_gates, quantize=False),
     ])
 
-# Described for structural pruning and int8 of transformers (issues 12, 13); their
-# EinsumDense sublayers are pruned as EinsumDense layers today.
+# Transformers (issues 12, 13, 22): MultiHeadAttention's EinsumDense sublayers are pruned
+# as EinsumDense layers; its twin fake-quantizes their kernels per tensor, in the 2-D
+# layout of the FULLY_CONNECTED ops LiteRT runs (`tfopt/layers/attention.py`).
 register(L.MultiHeadAttention, [
     WeightSpec(f"{_part}_dense.kernel", in_axis=0, out_axis=1 if _part != "output" else -1, prune=False,
-               quantize=False, holder=functools.partial(_keras_internal.attention_projection, part=_part))
+               holder=functools.partial(_keras_internal.attention_projection, part=_part))
     for _part in ("query", "key", "value", "output")
 ])
-register(L.LayerNormalization, [WeightSpec("gamma", in_axis=None, out_axis=-1, prune=False, quantize=False)])
+# Its twin computes it in LiteRT's integer ops, gamma (and beta) 8-bit per tensor
+# (`tfopt/layers/normalization.py`).
+register(L.LayerNormalization, [WeightSpec("gamma", in_axis=None, out_axis=-1, prune=False)])
 # ConvNeXt's per-channel LayerScale (`x * gamma`): float under QAT, integer once calibrated.
 _layer_scale = _keras_internal.convnext_layer_scale()
 if _layer_scale is not None:

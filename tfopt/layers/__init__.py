@@ -7,6 +7,7 @@ computes exactly what the Keras layer computes. Each twin is registered in
 `tfopt.geometry` when its class is made (`tfopt.layers.base.twin`).
 """
 
+from tfopt.layers.attention import MultiHeadAttention
 from tfopt.layers.base import Prunable
 from tfopt.layers.convolutional import (
     Conv1D,
@@ -22,6 +23,7 @@ from tfopt.layers.convolutional import (
 )
 from tfopt.layers.core import Dense, EinsumDense, Embedding
 from tfopt.layers.litert_forms import IntegerLayerNormalization
+from tfopt.layers.normalization import LayerNormalization
 from tfopt.layers.quantize_activation import QuantizeActivation, QuantizedRescaling
 from tfopt.layers.recurrent import GRU, LSTM, SimpleRNN
 
@@ -45,5 +47,7 @@ __all__ = [
     "LSTM",
     "GRU",
     "SimpleRNN",
+    "LayerNormalization",
+    "MultiHeadAttention",
     "IntegerLayerNormalization",
 ]

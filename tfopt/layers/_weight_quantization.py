@@ -15,7 +15,7 @@ from keras import ops
 from tfopt import _backend, _state, geometry, quantizers
 from tfopt.layers.quantize_activation import when_started
 
-__all__ = ["check_quantizable", "quantized_weights"]
+__all__ = ["check_quantizable", "quantized_weights", "quantized_tensor"]
 
 
 def check_quantizable(layer):
@@ -29,7 +29,9 @@ def check_quantizable(layer):
             "`quantize=True`). Leave `quantization_aware` off for it (with `tfopt.quantize_model`, "
             "pass `unsupported='float'` or `overrides={name: None}`)."
         )
-    nested = [s.path for s in specs if "." in s.path]
+    # (A weight a sublayer holds is read by a twin of its own computing, through the
+    # spec's `holder`: MultiHeadAttention's projections.)
+    nested = [s.path for s in specs if "." in s.path and s.holder is None]
     if nested:
         raise ValueError(
             f"Layer '{layer.name}' ({type(layer).__name__}): quantization-aware training reads "
@@ -81,3 +83,18 @@ def quantized_weights(layer, weight_spec, step, times, folding=None):
         out[spec.name] = ops.cast(value, layer.compute_dtype)
     return out
 
+
+def quantized_tensor(layer, read, spec, step, times, axis=-1):
+    """`read()` (a float32 weight tensor) fake-quantized per `spec` once `step`
+    reaches the schedule's start, in `layer`'s compute dtype: for twins that
+    quantize weights of their own computing (a sublayer's kernel in the
+    layout of the op LiteRT runs, a LayerNormalization's gamma)."""
+    weight = read()
+
+    def quantize():
+        if not quantizers.get_mode(spec.mode).converter_folds and _state.exporting():
+            values = _backend.in_init_scope(lambda: ops.convert_to_numpy(quantizers.quantize_weight(read(), spec, axis)))
+            return quantizers.carry_int8(ops.convert_to_tensor(values), spec, axis)
+        return quantizers.quantize_weight(weight, spec, axis)
+
+    return ops.cast(when_started(step, times, quantize, weight), layer.compute_dtype)

@@ -8,6 +8,7 @@ decision about a layer *type* comes from `tfopt.geometry`.
 """
 
 import dataclasses
+import warnings
 
 import keras
 import numpy as np
@@ -47,16 +48,26 @@ class QuantizationPlan:
 
 
 def _quantizable(layer):
-    """A layer whose twin fake-quantizes its weights."""
+    """A layer whose twin fake-quantizes its weights (in this configuration)."""
     entry = geometry.of(layer)
-    return geometry.twin_of(layer) is not None and entry is not None and any(s.quantize for s in entry.weights)
+    return (geometry.twin_of(layer) is not None and entry is not None and any(s.quantize for s in entry.weights)
+            and _unsupported_configuration(layer) is None)
+
+
+def _unsupported_configuration(layer):
+    """Why the layer's twin cannot quantize this configuration of it, or None
+    (a twin says so with `quantization_unsupported(layer)`: MultiHeadAttention
+    with use_gate=True, ...)."""
+    check = getattr(geometry.twin_of(layer), "quantization_unsupported", None)
+    return None if check is None or geometry.is_twin(layer) else check(layer)
 
 
 def _float_with_range(layer):
     """A layer tfopt knows (a `tfopt.geometry` entry with weights) but does not
-    fake-quantize: LayerNormalization, MultiHeadAttention, LSTM, GRU,
-    SimpleRNN. It stays float under QAT with a range after it; a
-    `representative_data` export calibrates it to integer."""
+    fake-quantize: SimpleRNN, subclasses of known types (keras-hub's
+    CachedMultiHeadAttention), a configuration its twin does not compute
+    (MultiHeadAttention with use_gate=True). It stays float under QAT with a
+    range after it; a `representative_data` export calibrates it to integer."""
     entry = geometry.of(layer)
     return (entry is not None and entry.role == geometry.WEIGHTS and not _quantizable(layer)
             and not isinstance(layer, QuantizingLayer))
@@ -97,6 +108,15 @@ def plan(model, numerical_precision="int8", layers=None, unsupported="error", ov
             "them with supported layers."
         )
     functional = _graph.to_functional(model)
+    kept = [f"{layer.name} ({type(layer).__name__}: {_unsupported_configuration(layer)})" for layer in chosen
+            if _unsupported_configuration(layer) is not None and precisions.get(id(layer), numerical_precision)]
+    if kept:
+        warnings.warn(
+            f"tfopt.quantize_model: layers {kept} stay float (a range after each): their quantization-aware "
+            "form does not compute that configuration. An int8 export without representative_data runs "
+            "them as float ops (listed in `float_ops`); with representative_data= they are calibrated to "
+            "integer. Fix: build them in a supported configuration, or export with representative_data=.",
+            UserWarning, stacklevel=3)
     selected = {}
     for layer in chosen:
         precision = precisions.get(id(layer), numerical_precision)
@@ -115,17 +135,22 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
     """Returns a quantization-aware copy of a Sequential or Functional model.
 
     Every selected layer with a tfopt twin (Dense, Conv*, DepthwiseConv*,
-    SeparableConv*, EinsumDense, Embedding) becomes that twin with
-    `quantization_aware=numerical_precision`, weights kept. A
+    SeparableConv*, EinsumDense, Embedding, LayerNormalization,
+    MultiHeadAttention) becomes that twin with
+    `quantization_aware=numerical_precision`, weights kept.
+    LayerNormalization and MultiHeadAttention twins compute in the ops LiteRT
+    runs in int8, each intermediate tensor with a range of its own, so a
+    transformer exports full integer without representative_data. A
     `tfopt.layers.QuantizeActivation` is put after each model input and after
     each layer that makes new values the int8 converter needs a range for
     (Add, Concatenate, Multiply, average pooling, activations, Rescaling,
     Normalization, BatchNormalization); layers that only move values (Flatten,
     Reshape, max pooling, padding, dropout, ...) keep their input's range.
     Which is which is the layer type's `tfopt.geometry` role.
-    Layers tfopt knows but does not fake-quantize (LayerNormalization,
-    MultiHeadAttention, LSTM, GRU, SimpleRNN) stay float with a range after
-    them: an int8 export without data runs them as float ops between
+    Layers tfopt knows but does not fake-quantize (SimpleRNN, subclasses of
+    known types such as keras-hub's CachedMultiHeadAttention, and
+    configurations a twin does not compute, with a warning) stay float with
+    a range after them: an int8 export without data runs them as float ops between
     QUANTIZE/DEQUANTIZE (listed in `float_ops`); with `representative_data`
     every range is calibrated and the file is full-integer.
     Sequential models come back as Functional ones (a Sequential model cannot
