@@ -321,3 +321,120 @@ class NestedLayerNormalizationTest(testing.TestCase):
         report = tfopt.export(qat, os.path.join(tempfile.mkdtemp(), "t.tflite"), inputs=data[:8],
                               precision="int8", representative_data=data)
         self.assertNotIn("NEG", report.float_ops)
+
+
+def _keras_twin_pair(keras_cls, twin_cls, kwargs, *inputs, **twin_kwargs):
+    """A Keras layer and its twin (with `twin_kwargs`), both built on `inputs`, with the same weights."""
+    base, twin = keras_cls(**kwargs), twin_cls(**kwargs, **twin_kwargs)
+    base(*inputs)
+    twin(*inputs)
+    base.set_weights(twin.keras_weights())
+    return base, twin
+
+
+_LN_CONFIGS = [{}, {"rms_scaling": True}, {"center": False}, {"scale": False}, {"axis": [1, 2], "epsilon": 1e-6}]
+_ATTENTION_CALLS = [  # (call kwargs, whether value differs from query)
+    ({}, False), ({}, True), ({"use_causal_mask": True}, False), ({"return_attention_scores": True}, False),
+    ({"attention_mask": np.tril(np.ones((3, 5, 5), bool))}, False),
+]
+
+
+class TransformerTwinsTest(testing.TestCase, parameterized.TestCase):
+    """LayerNormalization and MultiHeadAttention twins (tfopt/layers/normalization.py, attention.py)."""
+
+    def setUp(self):
+        super().setUp()
+        warnings.filterwarnings("ignore", message=".*rms_scaling=True.*deprecated")
+        rng = np.random.default_rng(0)
+        self.x = rng.normal(size=(3, 5, 8)).astype("float32")
+        self.y = rng.normal(size=(3, 7, 8)).astype("float32")
+
+    def test_layer_normalization_harness(self):
+        names = [f"{n}_range_{p}" for n in tfopt.layers.LayerNormalization.INTERMEDIATE_RANGES
+                 for p in ("min", "max", "updates")]
+        for kwargs, keras_names in (({}, ["gamma", "beta"]), ({"rms_scaling": True}, ["gamma"])):
+            self.run_layer_test(tfopt.layers.LayerNormalization, {**kwargs, "quantization_aware": "int8"}, (2, 5, 8),
+                                expected_weight_names=keras_names + _RANGE_NAMES + names)
+
+    @parameterized.parameters(*[(c,) for c in _LN_CONFIGS])
+    def test_layer_normalization_off_is_keras(self, config):
+        base, twin = _keras_twin_pair(keras.layers.LayerNormalization, tfopt.layers.LayerNormalization, config, self.x)
+        for w in twin.weights:
+            w.assign(np.random.default_rng(1).normal(size=w.shape))
+        base.set_weights(twin.get_weights())
+        self.assertAllEqual(base(self.x), twin(self.x))
+
+    @parameterized.parameters(*[(c,) for c in _LN_CONFIGS])
+    def test_layer_normalization_on_is_close_to_keras(self, config):
+        base, twin = _keras_twin_pair(keras.layers.LayerNormalization, tfopt.layers.LayerNormalization, config, self.x,
+                                      quantization_aware="int8")
+        twin(self.x, training=True)  # the first batch sets the ranges
+        expected = np.asarray(base(self.x))
+        self.assertAllClose(twin(self.x), expected, atol=0.08 * np.abs(expected).max())
+
+    @parameterized.parameters(*_ATTENTION_CALLS)
+    def test_attention_off_is_keras(self, call, cross):
+        value = self.y if cross else self.x
+        base, twin = _keras_twin_pair(keras.layers.MultiHeadAttention, tfopt.layers.MultiHeadAttention,
+                                      {"num_heads": 2, "key_dim": 4}, self.x, value)
+        keras.tree.map_structure(self.assertAllEqual, base(self.x, value, **call), twin(self.x, value, **call))
+
+    @parameterized.parameters(*_ATTENTION_CALLS)
+    def test_attention_on_is_close_to_keras(self, call, cross):
+        value = self.y if cross else self.x
+        base, twin = _keras_twin_pair(keras.layers.MultiHeadAttention, tfopt.layers.MultiHeadAttention,
+                                      {"num_heads": 2, "key_dim": 4}, self.x, value, quantization_aware="int8")
+        twin(self.x, value, training=True, **call)  # the first batch sets the ranges
+        expected = keras.tree.flatten(base(self.x, value, **call))[0]
+        got = keras.tree.flatten(twin(self.x, value, **call))[0]
+        self.assertAllClose(got, expected, atol=0.1 * np.abs(np.asarray(expected)).max())
+
+    def test_attention_keeps_keras_weights_then_ranges(self):
+        base, twin = _keras_twin_pair(keras.layers.MultiHeadAttention, tfopt.layers.MultiHeadAttention,
+                                      {"num_heads": 2, "key_dim": 4}, self.x, self.x, quantization_aware="int8")
+        names = [w.name for w in twin.weights]
+        self.assertEqual(names[:8], [w.name for w in base.weights])
+        inner = [f"{n}_range_{p}" for n in twin.INTERMEDIATE_RANGES for p in ("min", "max", "updates")]
+        self.assertEqual(names[8:], _RANGE_NAMES + inner)
+
+    def test_attention_config_round_trip(self):
+        for q in (None, "int8", "int4"):
+            layer = tfopt.layers.MultiHeadAttention(2, 4, value_dim=3, dropout=0.1, output_shape=6,
+                                                    quantization_aware=q, name="attention")
+            revived = tfopt.layers.MultiHeadAttention.from_config(layer.get_config())
+            self.assertEqual(revived.get_config(), layer.get_config())
+            self.assertEqual(revived.weight_quant_spec, layer.weight_quant_spec)
+
+    def test_saved_model_round_trip(self):
+        inputs = keras.Input((5, 8))
+        h = tfopt.layers.LayerNormalization(quantization_aware="int8")(inputs)
+        h = tfopt.layers.MultiHeadAttention(2, 4, quantization_aware="int8")(h, h)
+        h = tfopt.layers.LayerNormalization(rms_scaling=True, quantization_aware="int8")(h)
+        model = keras.Model(inputs, h)
+        model.compile("adam", "mse")
+        model.fit(self.x, self.x, epochs=2, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "transformer.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        self.assertAllClose(model.predict(self.x, verbose=0), loaded.predict(self.x, verbose=0))
+        for a, b in zip(model.weights, loaded.weights):
+            self.assertEqual(a.path, b.path)
+            self.assertAllEqual(a, b)
+        stripped = tfopt.strip(loaded)
+        self.assertEqual([type(layer).__module__.split(".")[0] for layer in stripped.layers[1:]], ["keras"] * 3)
+
+    def test_attention_with_a_gate_is_refused_with_the_fix(self):
+        layer = tfopt.layers.MultiHeadAttention(2, 4, use_gate=True, quantization_aware="int8", name="gated")
+        with self.assertRaisesRegex(ValueError, r"'gated'.*use_gate=True.*Fix: leave quantization_aware off"):
+            layer(self.x, self.x)
+
+    def test_quantize_model_keeps_a_gated_attention_float_with_a_warning(self):
+        inputs = keras.Input((5, 8))
+        h = keras.layers.LayerNormalization()(inputs)
+        out = keras.layers.MultiHeadAttention(2, 4, use_gate=True, name="gated")(h, h)
+        with self.assertWarnsRegex(UserWarning, r"gated.*use_gate=True.*stay float"):
+            qat = tfopt.quantize_model(keras.Model(inputs, out))
+        kinds = {layer.name: type(layer).__module__.split(".")[0] for layer in qat.layers}
+        self.assertEqual(kinds["gated"], "keras")
+        self.assertIn("gated_quantize", kinds)  # a range after it
+        self.assertEqual(type(qat.layers[2]).__module__, "tfopt.layers.normalization")
