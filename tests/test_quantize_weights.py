@@ -185,6 +185,18 @@ class QuantizeWeightsTest(testing.TestCase):
         self.assertAllClose(np.asarray(stripped(x)), expected, atol=1e-6)
         self.assertEqual(len(weight_quantization.weight_quantized_layers(back)), 2)  # (strip copied it)
 
+    def test_pruning_callback_combines(self):
+        model = tfopt.quantize_weights(self._mlp(), "int4_block32")
+        x = np.random.default_rng(0).standard_normal((64, 64)).astype("float32")
+        model.compile("adam", "mse")
+        model.fit(x, np.zeros((64, 4), "float32"), batch_size=16, epochs=2, verbose=0, callbacks=[
+            tfopt.callbacks.Pruning(tfopt.schedules.ConstantSparsity(0.5, frequency=1))])
+        kernel = np.asarray(tfopt.strip(model).layers[0].kernel)
+        self.assertGreaterEqual(float(np.mean(kernel == 0)), 0.5)
+        blocks = kernel.reshape(2, 32, -1)
+        codes = blocks / (np.abs(blocks).max(axis=1, keepdims=True) / 7)
+        self.assertAllClose(codes, np.round(codes), atol=0.05)
+
     def test_report_of_a_classifier_has_no_perplexity(self):
         report = tfopt.export(self._mlp(), os.path.join(tempfile.mkdtemp(), "m.tflite"))
         self.assertIsNone(report.perplexity)

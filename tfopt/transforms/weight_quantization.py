@@ -44,11 +44,12 @@ Design (decided for issue 22):
   QAT (`tfopt.export` of it still writes the same integers while the weights
   stay on the grid). A stripped model loads without tfopt.
 
-Verified on keras-hub GPT2CausalLM (the converter writes its attention and
-feed-forward kernels and the tied LM head as FULLY_CONNECTED weights); other
-layouts of EinsumDense (a contracted axis not first, as Gemma's query) are
-quantized with the contracted axes moved first, which is not checked against
-their file layout.
+Verified (tiny configs, random weights): with "int4_weight_only" the file's
+logits equal the QAT model's to 1e-7 (float rounding) for keras-hub
+GPT2CausalLM, MistralCausalLM, LlamaCausalLM and GemmaCausalLM (whose query
+kernel contracts its middle axis), against 0.06-0.6 for post-training
+quantization of the same weights; with "int4_block32" what is left is the
+int8 activation rounding of the dynamic file (0.003 vs 0.05 for Mistral).
 """
 
 import weakref
