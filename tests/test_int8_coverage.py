@@ -121,7 +121,8 @@ _INT8_CASES = [
 # (measured: transformer 97.8-98.9% by training run, LSTM/GRU about 98%, see benchmarks/RESULTS.md;
 # one sample of this test set is 0.28%). Agreement is with the QAT model the file came from
 # (its fake quantization on), which the GRU row matched on 96.7% (97.5% with the float model).
-_MIN_AGREEMENT = {"gated_attention_calibrated": 0.97, "lstm_calibrated": 0.97, "gru_calibrated": 0.96}
+# The gated attention (a small model, 84% accurate) agreed 95.8-99% by seed.
+_MIN_AGREEMENT = {"gated_attention_calibrated": 0.95, "lstm_calibrated": 0.97, "gru_calibrated": 0.96}
 # Transformers on 8x8 digits need longer training for margins that a 1% test can see.
 _TRANSFORMER = dict(epochs=20, learning_rate=3e-3)
 _TRAINED = {}  # see Int8CoverageTest._transformer
