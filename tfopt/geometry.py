@@ -679,11 +679,12 @@ for _conv, _layout in ((L.SeparableConv1D, expand_height), (L.SeparableConv2D, N
         WeightSpec("pointwise_kernel", in_axis=-2, out_axis=-1, quant_axis=-1, fold=True, litert_layout=_layout),
     ])
 
-# Recurrent layers: (in, gates * units) kernels, pruned; int8 comes later (issue 12).
+# Recurrent layers: (in, gates * units) kernels, pruned; LSTM and GRU quantized per
+# tensor by their twins' own recurrence (tfopt/layers/recurrent.py); SimpleRNN float.
 for _rnn, _gates in ((L.LSTM, 4), (L.GRU, 3), (L.SimpleRNN, 1)):
     register(_rnn, [
-        WeightSpec("cell.kernel", in_axis=0, out_axis=1, gates=_gates, quantize=False),
-        WeightSpec("cell.recurrent_kernel", in_axis=0, out_axis=1, gates=_gates, quantize=False),
+        WeightSpec("cell.kernel", in_axis=0, out_axis=1, gates=_gates, quantize=_rnn is not L.SimpleRNN),
+        WeightSpec("cell.recurrent_kernel", in_axis=0, out_axis=1, gates=_gates, quantize=_rnn is not L.SimpleRNN),
     ])
 
 # Transformers (issues 12, 13, 22): MultiHeadAttention's EinsumDense sublayers are pruned

@@ -218,7 +218,9 @@ def rewrite(the_plan):
                     "momentum": float(bn.momentum) if bn.trainable else 1.0,
                 }
             activation = config.get("activation")
-            if activation not in (None, "linear", "relu", "relu6"):
+            # (Recurrent twins compute their activations themselves, on LiteRT's fixed ranges.)
+            if activation not in (None, "linear", "relu", "relu6") and not getattr(
+                    twin, "computes_own_activations", False):
                 # TFLite fuses only ReLU/ReLU6 into a layer; any other
                 # activation runs as its own op and needs its input's range.
                 config["activation"] = "linear"
