@@ -188,6 +188,19 @@ def main():
             f"prefill ms ({PROMPT_LENGTH} tokens)": f"{statistics.median(prefill):.2f}",
         })
     columns = list(rows[0])
+    # Decode cost grows with the cache length (keras-hub's layout: every decode step slices, updates,
+    # transposes and re-stacks the whole cache): the same float32 model at shorter max_length.
+    scaling = []
+    for max_length in (64, 128, MAX_LENGTH):
+        path = os.path.join(directory, f"float32-{max_length}.tflite")
+        tfopt.export_generator(lm, path, max_length=max_length, prompt_length=32, check=False)
+        generator = tfopt.litert.Generator(path, num_threads=1)
+        generator.generate(prompts[0], 8)  # (warm-up)
+        speeds = []
+        for _ in range(args.rounds):
+            generator.generate(prompts[0], 32)
+            speeds.append(generator.stats.decode_tokens_per_second)
+        scaling.append(f"max_length {max_length}: {statistics.median(speeds):.0f}")
     body = (
         f"GPT2CausalLM from config: byte vocabulary {VOCABULARY}, hidden 128, 4 blocks x 4 heads, feed-forward 512, "
         f"{lm.count_params():,} parameters, trained {args.epochs} epochs on {args.windows} 128-byte windows of "
@@ -197,7 +210,11 @@ def main():
         f"32 bytes from files not trained on, {args.new_tokens} new tokens each; speeds are medians over "
         f"{args.rounds} rounds. Token identity is against Keras's own greedy `lm.generate` "
         f"(`keras_hub.samplers.GreedySampler`), which runs at {keras_tps:.0f} tokens/s here (TensorFlow, compiled, "
-        "all CPU threads).\n\n" + table(rows, columns))
+        "all CPU threads).\n\n" + table(rows, columns)
+        + "\n\nfloat32 decode tokens/s by the file's max_length (cache length; 32 new tokens after a 32-byte prompt): "
+        + ", ".join(scaling) + ". Each decode step copies the whole cache several times (keras-hub's "
+        "`call_with_cache` slices each layer's cache, updates one position, transposes keys and values for the "
+        "attention and stacks them back; the file returns the cache), so export with the max_length you need.")
     print(body)
     if args.write:
         write_section("generation", "On-device generation: LiteRT prefill/decode with a key-value cache",

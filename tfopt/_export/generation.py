@@ -37,6 +37,12 @@ Design (keras-hub tried and closed this: keras-team/keras-hub#2705):
   with LiteRT's quantizer (it takes a multi-signature file: both signatures'
   weights are quantized, measured). Full-integer "int8"/"int16x8" need
   calibrated activation ranges and are not offered.
+- **Cost.** Each decode step copies the whole cache several times (keras-hub's
+  `call_with_cache` slices each layer's cache out of the stacked tensor, updates
+  one position, transposes keys and values for the attention, stacks them back,
+  and the file returns the cache): decode time grows with `max_length`
+  (benchmarks/generation.py, 0.86M-parameter GPT-2 shape, one thread: 518
+  tokens/s at max_length 64, 145 at 256), so export with the length you need.
 - **Check.** With `check=True` a short greedy generation runs in the file and
   each of its tokens is compared with the arg-max of the Keras model's logits on
   the same sequence (the model called on the whole sequence, no cache): the
@@ -293,6 +299,10 @@ def export_generator(causal_lm, path, max_length=256, prompt_length=None, precis
             "int8_dynamic" need `pip install 'tfopt[litert-quantizer]'`).
         check: run a short greedy generation (8 tokens after a 4-token seeded
             prompt) in the file and compare it with the Keras model's logits.
+            The prompt is random token ids: a trained model may answer it with
+            near-ties (logits within 0.1), so a weight-quantized file can show
+            low `token_agreement` there while agreeing on real prompts (see
+            benchmarks/generation.py); float32 agrees exactly.
 
     Returns:
         A `GeneratorReport` (file size, signatures, token agreement).
