@@ -66,8 +66,11 @@ class QuantizationAwareLayersTest(testing.TestCase, parameterized.TestCase):
         base.build(shape)
         # Tensors LiteRT computes inside the layer (a separable conv's depthwise output) get ranges too.
         inner = [f"{name}_range_{part}" for name in cls.INTERMEDIATE_RANGES for part in ("min", "max", "updates")]
+        keras_names, tfopt_names = [w.name for w in base.weights], _RANGE_NAMES + inner
+        # A layer lists its own variables before its sublayers' (an RNN's cell holds Keras's).
+        names = tfopt_names + keras_names if all("." in p for p in weight) else keras_names + tfopt_names
         self.run_layer_test(cls, {**kwargs, "quantization_aware": "int8"}, shape, input_dtype=dtype,
-                            expected_weight_names=[w.name for w in base.weights] + _RANGE_NAMES + inner)
+                            expected_weight_names=names)
 
     @parameterized.parameters(_LAYERS_UNDER_TEST)
     def test_outputs_lie_on_the_range_grid(self, cls, base_cls, kwargs, shape, weight, dtype):
