@@ -339,6 +339,7 @@ _LN_CONFIGS = [{}, {"rms_scaling": True}, {"center": False}, {"scale": False}, {
 _ATTENTION_CALLS = [  # (call kwargs, whether value differs from query)
     ({}, False), ({}, True), ({"use_causal_mask": True}, False), ({"return_attention_scores": True}, False),
     ({"attention_mask": np.tril(np.ones((3, 5, 5), bool))}, False),
+    ({"value_mask": np.arange(7)[None].repeat(3, 0) < [[7], [4], [2]]}, True),
 ]
 
 

@@ -148,7 +148,7 @@ class IntegerAttentionCall:
                               training, step, times)
         k, v = projected["key"], projected["value"]
         scores = self.intermediate("scores", ops.einsum("aecd,abcd->acbe", k, q), training, step, times)
-        mask = self._mask(query, value, attention_mask, use_causal_mask)
+        mask = self._mask(query, value, attention_mask, use_causal_mask, (value_mask, key_mask))
         if mask is not None:
             scores = ops.where(mask, scores, ops.cast(-1e9, scores.dtype))
         probabilities = ops.softmax(scores, axis=-1)
@@ -229,11 +229,15 @@ class IntegerAttentionCall:
         y = ops.einsum("...i,io->...o", flat, self._kernel(["output"], step, times))
         return y + self._bias("output") if self.use_bias else y
 
-    def _mask(self, query, value, attention_mask, use_causal_mask):
-        """A boolean `(batch, heads, steps_q, steps_v)`-broadcastable mask, or None."""
-        mask = None
-        if attention_mask is not None:
-            mask = ops.cast(attention_mask, "bool")
+    def _mask(self, query, value, attention_mask, use_causal_mask, step_masks):
+        """A boolean `(batch, heads, steps_q, steps_v)`-broadcastable mask, or None.
+        (As Keras's: `value_mask`/`key_mask` `(batch, steps_v)`; the `query_mask`
+        argument is replaced by the query's Keras mask, which this form does not read.)"""
+        mask = None if attention_mask is None else ops.cast(attention_mask, "bool")
+        for step_mask in step_masks:
+            if step_mask is not None:
+                step_mask = ops.expand_dims(ops.cast(step_mask, "bool"), 1)  # (batch, 1, steps_v)
+                mask = step_mask if mask is None else ops.logical_and(mask, step_mask)
         if use_causal_mask:
             steps_q, steps_v = ops.shape(query)[1], ops.shape(value)[1]
             row = ops.expand_dims(ops.arange(steps_q), -1)
