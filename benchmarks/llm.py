@@ -323,9 +323,12 @@ def quantization(args):
         "next-byte crossentropy of the LiteRT file's logits over every validation target (the Keras column: "
         "the same from the Keras model that was exported); size and perplexity ratios to the float32 file; "
         f"prefill latency at batch 1, {args.seq} tokens, one thread, medians of {args.rounds} interleaved "
-        "rounds of 50 runs. The token and position embedding lookups stay float32 in every file (LiteRT's "
-        "quantizer leaves GATHER tables float; the tied output head is quantized as a FULLY_CONNECTED "
-        "weight). Targets: an int4 file at most 0.2x the float file with perplexity at most 5% above float "
+        "rounds of 50 runs. Embeddings: the tied token table is stored once, in the file's precision, shared by "
+        "the lookup and the output head (tfopt rewrites the converter's GATHER as an EMBEDDING_LOOKUP, whose "
+        "table LiteRT's quantizer takes and the interpreter runs from integers; `quantize_weights` puts it on "
+        f"the same grid); the position table ({args.seq} positions = max_sequence_length = --seq, "
+        f"{args.seq * args.hidden:,} parameters) stays float32 in every file, since keras-hub's "
+        "PositionEmbedding slices it rather than looking it up. Targets: an int4 file at most 0.2x the float file with perplexity at most 5% above float "
         "(PTQ) and at most 2% (QAT).\n\n" + table(rows, list(rows[0]))
         + f"\n\nTotal run time {time.perf_counter() - started:.0f} s.")
     print(body)

@@ -209,7 +209,8 @@ class QuantizeWeightsTest(testing.TestCase):
 
     def test_model_with_nothing_to_quantize_is_refused(self):
         model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3)])
-        with self.assertRaisesRegex(ValueError, r"no Dense, EinsumDense or ReversibleEmbedding.*tfopt.quantize_model"):
+        with self.assertRaisesRegex(ValueError, r"no Dense, EinsumDense, ReversibleEmbedding or Embedding.*"
+                                                r"tfopt.quantize_model"):
             tfopt.quantize_weights(model)
 
     def test_block_that_does_not_divide_the_inputs_names_the_layer_and_the_fix(self):
@@ -217,6 +218,35 @@ class QuantizeWeightsTest(testing.TestCase):
         with self.assertRaisesRegex(ValueError, r"layer 'dense' \(Dense\) has 48 inputs.*'int4_weight_only'"):
             tfopt.quantize_weights(model, "int4_block32")
         self.assertEqual(weight_quantization.weight_quantized_layers(model), [])  # (nothing changed)
+
+    def test_embedding_lookups_are_on_the_grid_the_file_stores(self):
+        # The file stores lookup tables as integer EMBEDDING_LOOKUP tables (per row, blocks along the row), so a
+        # plain Embedding and an untied ReversibleEmbedding's lookup are quantized too, and the file computes
+        # exactly what the QAT model computes (measured 0 to 6e-8).
+        keras.utils.set_random_seed(0)
+        ids = keras.Input((8,), dtype="int32")
+        h = keras.layers.Embedding(64, 32)(ids)
+        head = keras.layers.ReversibleEmbedding(64, 32, tie_weights=False)
+        h = head(keras.layers.Dense(32)(h))
+        model = keras.Model(ids, head(h, reverse=True))
+        x = np.random.default_rng(0).integers(0, 64, (4, 8)).astype("int32")
+        for precision in ("int4_weight_only", "int8_weight_only"):
+            qat = keras.models.clone_model(model)
+            qat.set_weights(model.get_weights())
+            tfopt.quantize_weights(qat, precision)
+            forms = {type(layer).__qualname__ for layer in weight_quantization.weight_quantized_layers(qat)}
+            self.assertEqual(forms, {"WeightQuantizedEmbedding", "WeightQuantizedReversibleEmbedding",
+                                     "WeightQuantizedDense"})
+            table = np.asarray(tfopt.strip(qat).layers[1].embeddings)
+            codes = table / (np.abs(table).max(axis=1, keepdims=True) / (7 if "int4" in precision else 127))
+            self.assertAllClose(codes, np.round(codes), atol=0.05)  # (per row)
+            expected = np.asarray(qat(x))
+            report = _export(qat, precision, x)
+            with open(report.path, "rb") as f:
+                got = litert.run_litert(f.read(), [x])[0]
+            self.assertLess(np.abs(np.asarray(got) - expected).max(), 1e-5, precision)
+        self.assertEqual(len(weight_quantization.weight_quantized_layers(
+            tfopt.quantize_weights(keras.models.clone_model(model), embeddings=False))), 1)  # (the Dense only)
 
     def test_twice_is_refused(self):
         model = tfopt.quantize_weights(self._mlp(), "int4_block32")

@@ -14,6 +14,27 @@ input dimension, activations quantized to int8 at run time by the kernel): its
 weight-only recipe in blocks is silently skipped (the file stays float), so
 tfopt offers blockwise as "int4_block32/64/128", dynamic, and refuses a file
 whose weights were not quantized.
+
+Embedding lookups (issue 22). The converter writes a Keras `Embedding` lookup
+(`ops.take(table, ids, axis=0)`) as GATHER, which the quantizer takes only in
+its static recipes (int8 activations, calibrated), so in a weight-only or
+dynamic recipe the table stayed float32, and a tied table was stored twice
+(float for the lookup, integer for the LM head). Before quantizing, tfopt
+rewrites each GATHER of a constant float32 2-D table along axis 0 (int32 or
+int64 ids, no batch dims) as RESHAPE(ids, [-1]) -> EMBEDDING_LOOKUP ->
+RESHAPE(ids' shape + [width]) (with SHAPE and CONCATENATION when the ids'
+shape is dynamic): same values bit for bit in float, and LiteRT's
+EMBEDDING_LOOKUP has hybrid kernels for integer tables (per row, and in blocks
+along the row). The quantizer then stores the table in the precision asked for
+(int8 or int4 per row; int4 in blocks of 32/64/128 along the row for
+"int4_blockN": the LM head's grid, so a tied table is stored once, shared by
+the lookup and the head), and the file runs in the default interpreter (int8,
+int4 per row and int4 blockwise all measured). "int8_dynamic" (the converter's
+own file) keeps its GATHERs float. Not rewritten (stay float): lookups of
+tables that are not constants (or live outside the flatbuffer, files over
+2 GB), and position tables a model slices rather than gathers (keras-hub's
+PositionEmbedding becomes SLICE). `tfopt.quantize_weights` puts embedding
+lookups on the same grid.
 """
 
 import contextlib
@@ -27,7 +48,7 @@ INSTALL = "pip install 'tfopt[litert-quantizer]'"
 BLOCK_SIZES = (32, 64, 128)
 # TensorType codes of the LiteRT schema (the interpreter reports an INT4 tensor as np.int8).
 INT8, INT4 = 9, 17
-FULLY_CONNECTED = 9  # (BuiltinOperator code)
+FULLY_CONNECTED, EMBEDDING_LOOKUP = 9, 7  # (BuiltinOperator codes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +112,9 @@ def tensor_types(content):
     return counts
 
 
-def _weight_shapes(content):
-    """(tensor name, shape) of the constant 2-D weights of the file's FULLY_CONNECTED ops."""
+def _weight_shapes(content, ops=(FULLY_CONNECTED, EMBEDDING_LOOKUP)):
+    """(tensor name, shape) of the constant 2-D weights of the file's FULLY_CONNECTED ops (outputs, inputs)
+    and tables of its EMBEDDING_LOOKUP ops (rows, width): both are quantized per row, blocks along dim 1."""
     from litert_quantizer.utils import tfl_flatbuffer_utils
 
     model = tfl_flatbuffer_utils.read_model(content)
@@ -100,7 +122,7 @@ def _weight_shapes(content):
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
             code = model.operatorCodes[op.opcodeIndex]
-            if max(code.builtinCode, code.deprecatedBuiltinCode) != FULLY_CONNECTED or len(op.inputs) < 2:
+            if max(code.builtinCode, code.deprecatedBuiltinCode) not in ops or len(op.inputs) < 2:
                 continue
             tensor = subgraph.tensors[op.inputs[1]]
             buffer = model.buffers[tensor.buffer]
@@ -122,7 +144,8 @@ def _check_blocks(content, precision, path):
         f"tfopt.export: precision={precision!r} quantizes weights in blocks of {block} along their input "
         f"dimension, and {len(bad)} weight(s) have an input dimension that {block} does not divide (first: "
         f"'{name}', shape {shape} (outputs, inputs)), so nothing was written to {str(path)!r}. The input "
-        f"dimensions of the file's FULLY_CONNECTED weights are {dims}. Fix: "
+        f"dimensions of the file's FULLY_CONNECTED weights and embedding lookup tables (their width) are "
+        f"{dims}. Fix: "
         + (f"precision={fits[-1]!r} (divides every one), or " if fits else "")
         + "precision='int4_dynamic' or 'int4_weight_only' (one scale per output channel).")
 
@@ -146,6 +169,8 @@ def quantize(content, precision, path):
         return content, None
     from litert_quantizer import qtyping, quantizer
 
+    float_size = len(content)
+    content, lookups = gathers_to_embedding_lookups(content)
     if recipe.block_size:
         _check_blocks(content, precision, path)
     granularity = (getattr(qtyping.QuantGranularity, f"BLOCKWISE_{recipe.block_size}") if recipe.block_size
@@ -175,7 +200,138 @@ def quantize(content, precision, path):
             f"tfopt.export: the {precision} file from LiteRT's quantizer does not load in the default LiteRT "
             f"interpreter ({' '.join(str(error).split())[:200]}), so nothing was written to {str(path)!r}. "
             "Fix: try precision='int8_weight_only' or 'int8_dynamic'.")
-    return quantized, len(content)
+    left = float_lookup_tables(quantized) if lookups else []
+    if left:
+        import warnings
+
+        warnings.warn(
+            f"tfopt.export: LiteRT's quantizer left {len(left)} embedding lookup table(s) in float32 for "
+            f"precision={precision!r} (first: '{left[0]}'); the file computes them in float, and "
+            "tfopt.quantize_weights assumes they are integer. Fix: report the model to tfopt.",
+            UserWarning, stacklevel=3)
+    return quantized, float_size
+
+
+def float_lookup_tables(content):
+    """Names of the constant float32 tables of the file's EMBEDDING_LOOKUP ops (a weight-only recipe's
+    table is an integer constant dequantized by a DEQUANTIZE op: not one of them)."""
+    from litert_quantizer.utils import tfl_flatbuffer_utils
+
+    model = tfl_flatbuffer_utils.read_model(content)
+    names = []
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == EMBEDDING_LOOKUP:
+                table = subgraph.tensors[op.inputs[1]]
+                data = model.buffers[table.buffer].data
+                if table.type == 0 and data is not None and len(data):  # (FLOAT32 constant)
+                    names.append(tfl_flatbuffer_utils.get_tensor_name(table))
+    return names
+
+
+def gathers_to_embedding_lookups(content):
+    """(file, count): `content` with each GATHER of a constant float32 2-D table along axis 0 (the
+    converter's form of an embedding lookup) rewritten as the EMBEDDING_LOOKUP the quantizer takes (see the
+    module docstring); `content` itself and 0 when there is none (or the file keeps buffers outside its
+    flatbuffer)."""
+    import numpy as np
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    fb = flatbuffer_utils.schema_fb
+    ops, types = fb.BuiltinOperator, fb.TensorType
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    if any(getattr(b, "offset", 0) for b in model.buffers):
+        return content, 0  # (over 2 GB: the object API cannot write it back)
+
+    def opcode(builtin):
+        for i, code in enumerate(model.operatorCodes):
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+                return i
+        code = fb.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+        model.operatorCodes.append(code)
+        return len(model.operatorCodes) - 1
+
+    def tensor(subgraph, name, shape, signature, dtype, values=None):
+        buffer = fb.BufferT()
+        if values is not None:
+            buffer.data = np.asarray(values, "int32").tobytes()
+        model.buffers.append(buffer)
+        t = fb.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, list(shape), dtype, len(model.buffers) - 1
+        t.shapeSignature = None if signature is None else list(signature)
+        subgraph.tensors.append(t)
+        return len(subgraph.tensors) - 1
+
+    def operator(builtin, inputs, outputs, options_type=0, options=None):
+        op = fb.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = opcode(builtin), list(inputs), list(outputs)
+        op.builtinOptionsType, op.builtinOptions = options_type, options
+        return op
+
+    count = 0
+    for subgraph in model.subgraphs:
+        rewritten = []
+        for op in subgraph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            options = op.builtinOptions
+            if max(code.builtinCode, code.deprecatedBuiltinCode) != ops.GATHER or len(op.inputs) != 2:
+                rewritten.append(op)
+                continue
+            table, ids = subgraph.tensors[op.inputs[0]], subgraph.tensors[op.inputs[1]]
+            data = model.buffers[table.buffer].data
+            if (data is None or len(data) == 0 or table.type != types.FLOAT32 or table.shape is None
+                    or len(table.shape) != 2 or ids.type not in (types.INT32, types.INT64) or ids.shape is None
+                    or options is None or options.axis not in (0, -2) or options.batchDims != 0):
+                rewritten.append(op)
+                continue
+            name = table.name.decode() if isinstance(table.name, bytes) else str(table.name)
+            width, rank = int(table.shape[1]), len(ids.shape)
+            signature = list(ids.shapeSignature) if ids.shapeSignature is not None and len(ids.shapeSignature) \
+                else list(ids.shape)
+            dynamic = any(d < 0 for d in signature)
+            n = int(np.prod(ids.shape)) if rank else 1
+            source = op.inputs[1]
+            if ids.type == types.INT64:  # (EMBEDDING_LOOKUP takes int32 ids)
+                cast = tensor(subgraph, name + "/lookup_ids_int32", ids.shape, ids.shapeSignature, types.INT32)
+                rewritten.append(operator(ops.CAST, [source], [cast]))
+                source = cast
+            flat = tensor(subgraph, name + "/lookup_ids", [n], [-1] if dynamic else None, types.INT32)
+            reshape = fb.ReshapeOptionsT()
+            reshape.newShape = [-1]
+            rewritten.append(operator(ops.RESHAPE, [source, tensor(subgraph, name + "/lookup_flat", [1], None,
+                                                                  types.INT32, [-1])],
+                                      [flat], fb.BuiltinOptions.ReshapeOptions, reshape))
+            rows = tensor(subgraph, name + "/lookup_rows", [n, width], [-1, width] if dynamic else None,
+                          types.FLOAT32)
+            rewritten.append(operator(ops.EMBEDDING_LOOKUP, [flat, op.inputs[0]], [rows]))
+            if dynamic:
+                shape = tensor(subgraph, name + "/lookup_ids_shape", [rank], None, types.INT32)
+                shape_options = fb.ShapeOptionsT()
+                shape_options.outType = types.INT32
+                rewritten.append(operator(ops.SHAPE, [source], [shape], fb.BuiltinOptions.ShapeOptions,
+                                          shape_options))
+                out_shape = tensor(subgraph, name + "/lookup_out_shape", [rank + 1], None, types.INT32)
+                concat = fb.ConcatenationOptionsT()
+                concat.axis = 0
+                rewritten.append(operator(
+                    ops.CONCATENATION, [shape, tensor(subgraph, name + "/lookup_width", [1], None, types.INT32,
+                                                      [width])],
+                    [out_shape], fb.BuiltinOptions.ConcatenationOptions, concat))
+                rewritten.append(operator(ops.RESHAPE, [rows, out_shape], op.outputs))
+            else:
+                reshape = fb.ReshapeOptionsT()
+                reshape.newShape = [int(d) for d in ids.shape] + [width]
+                out_shape = tensor(subgraph, name + "/lookup_out_shape", [rank + 1], None, types.INT32,
+                                   reshape.newShape)
+                rewritten.append(operator(ops.RESHAPE, [rows, out_shape], op.outputs,
+                                          fb.BuiltinOptions.ReshapeOptions, reshape))
+            count += 1
+        subgraph.operators = rewritten
+    if not count:
+        return content, 0
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), count
 
 
 def keras_quantized_layers(model):
@@ -274,4 +430,5 @@ def check_plan(precision, sparse):
     return False if sparse == "auto" else sparse
 
 
-__all__ = ["PRECISIONS", "is_weight_precision", "quantize", "tensor_types", "check_plan"]
+__all__ = ["PRECISIONS", "is_weight_precision", "quantize", "tensor_types", "check_plan",
+           "gathers_to_embedding_lookups", "float_lookup_tables"]

@@ -10,11 +10,11 @@ computes what the trained model computes.
 
 Design (decided for issue 22):
 
-- In place, no new state. Every Dense, EinsumDense and (tied or untied)
-  ReversibleEmbedding nested anywhere in the model (keras-hub blocks are
+- In place, no new state. Every Dense, EinsumDense, (tied or untied)
+  ReversibleEmbedding and Embedding nested anywhere in the model (keras-hub blocks are
   subclassed layers holding them) changes class to a registered subclass
   (`WeightQuantizedDense`, `WeightQuantizedEinsumDense`,
-  `WeightQuantizedReversibleEmbedding`) whose `call` is its Keras parent's
+  `WeightQuantizedReversibleEmbedding`, `WeightQuantizedEmbedding`) whose `call` is its Keras parent's
   `call` run on quantize-dequantize(weight), straight-through gradient, same
   variables (the precedent: `tfopt.layers.litert_forms.use_nested_forms`). So
   a keras-hub model stays a keras-hub model (its class, its config, its
@@ -28,8 +28,15 @@ Design (decided for issue 22):
   weights gives the same integers, so the export adds no rounding of its own.
   A weight is seen as the 2-D (inputs, outputs) matrix the converter writes as
   a FULLY_CONNECTED weight: EinsumDense kernels with the contracted axes first,
-  a tied embedding transposed (the LM head). Plain Embedding lookups are left
-  in float (the file keeps GATHER tables in float).
+  a tied embedding transposed (the LM head). Embedding lookup tables are on
+  the grid too (`embeddings=True`): the file stores every constant lookup
+  table as an integer EMBEDDING_LOOKUP table (tfopt/_export/weight_only.py),
+  per row, in blocks along the row for "int4_blockN", which is the tied LM
+  head's grid (a tied table is stored once and looked up on the grid). So a
+  plain `Embedding` changes class too (`WeightQuantizedEmbedding`), and an
+  untied ReversibleEmbedding quantizes its lookup table as well as its
+  `reverse_embeddings`. (keras-hub's PositionEmbedding is sliced, not looked
+  up: the file keeps it float, and so does this.)
 - `tfopt.strip(model)` bakes the quantize-dequantized values into the
   variables and gives the layers their Keras classes back: the float model
   then equals the quantized one, and `tfopt.export(..., precision=...)` of the
@@ -60,7 +67,7 @@ from tfopt import _keras_internal, quantizers
 from tfopt._export import weight_only
 
 __all__ = ["quantize_weights", "WeightQuantizedDense", "WeightQuantizedEinsumDense",
-           "WeightQuantizedReversibleEmbedding", "is_weight_quantized", "weight_quantized_layers", "bake",
+           "WeightQuantizedReversibleEmbedding", "WeightQuantizedEmbedding", "is_weight_quantized", "weight_quantized_layers", "bake",
            "baked_for_export"]
 
 # {precision: (bits, block size)}: what `tfopt.export` writes for each (see tfopt/_export/weight_only.py).
@@ -135,28 +142,58 @@ class WeightQuantizedEinsumDense(_WeightQuantized, keras.layers.EinsumDense):
 class WeightQuantizedReversibleEmbedding(_WeightQuantized, keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` whose output projection (the tied
     embeddings, or `reverse_embeddings`) is on the grid of `weight_precision`
-    (a tied table is then looked up on the grid too)."""
+    and whose lookup table `embeddings` is on it too (the file stores both as integers)."""
 
     def call(self, inputs, reverse=False):
         with self._quantized():
             return super().call(inputs, reverse=reverse)
 
 
+@keras.saving.register_keras_serializable(package="tfopt")
+class WeightQuantizedEmbedding(_WeightQuantized, keras.layers.Embedding):
+    """`keras.layers.Embedding` looking up rows of its table on the grid of `weight_precision` (per row,
+    in blocks along the row for "int4_blockN"), as the weight-quantized file's EMBEDDING_LOOKUP stores it.
+
+    Example:
+    >>> import numpy as np
+    >>> layer = WeightQuantizedEmbedding(10, 32, weight_precision="int4_block32")
+    >>> y = layer(np.arange(4)[None])
+    >>> tuple(y.shape), len(np.unique(np.abs(np.asarray(layer.quantized_values()["embeddings"])[0]))) <= 8
+    ((1, 4, 32), True)
+    """
+
+    def call(self, inputs):
+        with self._quantized():
+            return super().call(inputs)
+
+
 # Each form carries its Keras parent's class name: a `.keras` file keys the weights of a layer held in a
 # list (a Functional model's `layers`) by the snake-cased class name, so the weights of a model saved in QAT
 # form load into the plain Keras model its config rebuilds (a keras-hub model) and back. (Registered above
 # under "tfopt>WeightQuantized...", which is what the config names.)
-for _form in (WeightQuantizedDense, WeightQuantizedEinsumDense, WeightQuantizedReversibleEmbedding):
+for _form in (WeightQuantizedDense, WeightQuantizedEinsumDense, WeightQuantizedReversibleEmbedding,
+              WeightQuantizedEmbedding):
     _form.__name__ = _form.__mro__[2].__name__
 
 _FORMS = {"dense": WeightQuantizedDense, "einsum_dense": WeightQuantizedEinsumDense,
-          "reversible_embedding": WeightQuantizedReversibleEmbedding}
+          "reversible_embedding": WeightQuantizedReversibleEmbedding, "embedding": WeightQuantizedEmbedding}
 
 
 def _weight_names(layer):
     if isinstance(layer, WeightQuantizedReversibleEmbedding):
-        return ["embeddings"] if layer.tie_weights else ["reverse_embeddings"]
+        return ["embeddings"] if layer.tie_weights else ["embeddings", "reverse_embeddings"]
+    if isinstance(layer, WeightQuantizedEmbedding):
+        return ["embeddings"]
     return ["kernel"]
+
+
+def _kind(layer):
+    """`_keras_internal.weight_quantizable_kind`, and "embedding" for a plain Keras Embedding (one that
+    computes with `keras.layers.Embedding.call`, the lookup the file stores as EMBEDDING_LOOKUP)."""
+    kind = _keras_internal.weight_quantizable_kind(layer)
+    if kind is None and type(layer).call is keras.layers.Embedding.call and hasattr(layer, "output_dim"):
+        return "embedding"
+    return kind
 
 
 def _einsum_axes(layer):
@@ -204,7 +241,7 @@ def _from_matrix(matrix, layer, name):
 
 def _input_dim(layer, kind):
     """The input dimension of the layer's (inputs, outputs) weight matrix, or None (einsum with batched axes)."""
-    if kind == "reversible_embedding":
+    if kind in ("reversible_embedding", "embedding"):
         return layer.output_dim
     if kind == "einsum_dense":
         axes = _einsum_axes(layer)
@@ -230,9 +267,9 @@ def weight_quantized_layers(model):
 def quantize_weights(model, precision="int4_block32", embeddings=True):
     """Puts `model` in int4/int8 weight-only quantization-aware form, in place, and returns it.
 
-    Every Dense, EinsumDense and ReversibleEmbedding nested in `model` (a
-    keras-hub CausalLM's attention and feed-forward projections and its tied
-    output head included) then computes with its weights quantize-dequantized
+    Every Dense, EinsumDense, ReversibleEmbedding and Embedding nested in
+    `model` (a keras-hub CausalLM's attention and feed-forward projections,
+    its tied output head and token lookup included) then computes with its weights quantize-dequantized
     on the grid `tfopt.export(model, path, precision=precision)` stores them
     on, with a straight-through gradient, so that `fit` (or a
     `tfopt.distillation.Distiller` whose student is `model`) trains weights
@@ -250,9 +287,10 @@ def quantize_weights(model, precision="int4_block32", embeddings=True):
             "int4_dynamic" (int4, one scale per output channel), or
             "int8_weight_only" (int8 per output channel). Export with the same
             precision.
-        embeddings: also quantize ReversibleEmbedding output heads (the file
-            holds the LM head in the precision too, so leave it True unless
-            you export it some other way). Plain embedding lookups stay float.
+        embeddings: also quantize embedding tables: ReversibleEmbedding
+            output heads and the lookup tables of Embedding and
+            ReversibleEmbedding layers (the file holds both in the precision
+            too, so leave it True unless you export it some other way).
 
     Returns:
         `model`, in place.
@@ -285,8 +323,8 @@ def quantize_weights(model, precision="int4_block32", embeddings=True):
             "change the precision, tfopt.strip(model) first (that bakes the current grid in).")
     chosen, refused = [], []
     for layer in _keras_internal.all_layers(model):
-        kind = _keras_internal.weight_quantizable_kind(layer)
-        if kind is None or (kind == "reversible_embedding" and not embeddings):
+        kind = _kind(layer)
+        if kind is None or (kind in ("reversible_embedding", "embedding") and not embeddings):
             continue
         if getattr(layer.dtype_policy, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
             refused.append(f"'{layer.name}' ({type(layer).__name__}): quantized by Keras or LoRA-enabled")
@@ -305,8 +343,8 @@ def quantize_weights(model, precision="int4_block32", embeddings=True):
         chosen.append((layer, kind))
     if not chosen:
         raise ValueError(
-            f"tfopt.quantize_weights: model '{model.name}' has no Dense, EinsumDense or ReversibleEmbedding "
-            f"layer to quantize{' (' + '; '.join(refused[:3]) + ')' if refused else ''}, so nothing would change. "
+            f"tfopt.quantize_weights: model '{model.name}' has no Dense, EinsumDense, ReversibleEmbedding or "
+            f"Embedding layer to quantize{' (' + '; '.join(refused[:3]) + ')' if refused else ''}, so nothing would change. "
             "Fix: pass a model with such layers (convolutions: use tfopt.quantize_model), or the float model "
             "before Keras quantization or LoRA.")
     if refused:
