@@ -191,6 +191,14 @@ def graph_of(model):
     return model
 
 
+def keras_mask(tensor):
+    """The Keras mask a tensor carries (set by `Embedding(mask_zero=True)`,
+    `Masking`, ...), or None. (keras/src/backend/common/masking.py, 3.11-3.15.)"""
+    from keras.src.backend.common import masking  # lazy: a private module, read only here
+
+    return masking.get_keras_mask(tensor)
+
+
 def is_input_layer(layer):
     """True for the `InputLayer` behind a model input."""
     return isinstance(layer, keras.layers.InputLayer)

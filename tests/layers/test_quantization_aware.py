@@ -393,6 +393,20 @@ class TransformerTwinsTest(testing.TestCase, parameterized.TestCase):
         got = keras.tree.flatten(twin(self.x, value, **call))[0]
         self.assertAllClose(got, expected, atol=0.1 * np.abs(np.asarray(expected)).max())
 
+    def test_attention_applies_the_keras_mask_its_inputs_carry(self):
+        # Padding ids (0) masked by Embedding(mask_zero=True): the quantization-aware
+        # form masks them as Keras does, so the same layer given the mask explicitly agrees.
+        ids = np.array([[3, 1, 4, 0, 0], [2, 7, 1, 8, 0]], "int32")
+        embedding = keras.layers.Embedding(10, 8, mask_zero=True)
+        twin = tfopt.layers.MultiHeadAttention(2, 4, quantization_aware="int8")
+        x = embedding(ids)
+        twin(x, x, training=True)
+        carried = np.asarray(twin(x, x))
+        keep = ids != 0
+        explicit = np.asarray(twin(keras.ops.convert_to_tensor(np.asarray(x)), np.asarray(x),
+                                   attention_mask=keep[:, :, None] & keep[:, None, :]))
+        self.assertAllClose(carried, explicit, atol=1e-6)
+
     def test_attention_keeps_keras_weights_then_ranges(self):
         base, twin = _keras_twin_pair(keras.layers.MultiHeadAttention, tfopt.layers.MultiHeadAttention,
                                       {"num_heads": 2, "key_dim": 4}, self.x, self.x, quantization_aware="int8")

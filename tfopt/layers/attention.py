@@ -31,8 +31,7 @@ attention probabilities, `return_attention_scores=`; `use_gate=True`,
 `sliding_window`, other attention axes and a multi-axis `output_shape` are
 refused when the layer builds (`tfopt.quantize_model` leaves such layers
 float, with a warning). Keras masks carried by the inputs (an
-`Embedding(mask_zero=True)` before the layer) are not applied in the
-quantization-aware form: pass them as `attention_mask=`.
+`Embedding(mask_zero=True)` before the layer) apply as in Keras.
 """
 
 import math
@@ -148,7 +147,9 @@ class IntegerAttentionCall:
                               training, step, times)
         k, v = projected["key"], projected["value"]
         scores = self.intermediate("scores", ops.einsum("aecd,abcd->acbe", k, q), training, step, times)
-        mask = self._mask(query, value, attention_mask, use_causal_mask, (value_mask, key_mask))
+        # Keras reads the query's mask from the tensor (the argument is overwritten).
+        query_mask = _keras_internal.keras_mask(query)
+        mask = self._mask(query, value, attention_mask, use_causal_mask, (value_mask, key_mask), query_mask)
         if mask is not None:
             scores = ops.where(mask, scores, ops.cast(-1e9, scores.dtype))
         probabilities = ops.softmax(scores, axis=-1)
@@ -229,11 +230,14 @@ class IntegerAttentionCall:
         y = ops.einsum("...i,io->...o", flat, self._kernel(["output"], step, times))
         return y + self._bias("output") if self.use_bias else y
 
-    def _mask(self, query, value, attention_mask, use_causal_mask, step_masks):
-        """A boolean `(batch, heads, steps_q, steps_v)`-broadcastable mask, or None.
-        (As Keras's: `value_mask`/`key_mask` `(batch, steps_v)`; the `query_mask`
-        argument is replaced by the query's Keras mask, which this form does not read.)"""
+    def _mask(self, query, value, attention_mask, use_causal_mask, step_masks, query_mask=None):
+        """A boolean `(batch, heads, steps_q, steps_v)`-broadcastable mask, or None,
+        as Keras's: `value_mask`/`key_mask` `(batch, steps_v)`, the query's Keras
+        mask `(batch, steps_q)`, `attention_mask`, the causal mask."""
         mask = None if attention_mask is None else ops.cast(attention_mask, "bool")
+        if query_mask is not None:
+            query_mask = ops.expand_dims(ops.cast(query_mask, "bool"), -1)  # (batch, steps_q, 1)
+            mask = query_mask if mask is None else ops.logical_and(mask, query_mask)
         for step_mask in step_masks:
             if step_mask is not None:
                 step_mask = ops.expand_dims(ops.cast(step_mask, "bool"), 1)  # (batch, 1, steps_v)
