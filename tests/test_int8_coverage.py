@@ -113,8 +113,6 @@ _INT8_CASES = [
     ("multi_head_attention", "sequence", lambda: _attention, "int8", ()),
     # Layers QAT leaves in float (here attention with a gate): full integer once calibrated.
     ("gated_attention_calibrated", "sequence", lambda: _gated_attention, "int8+data", ()),
-    ("lstm_calibrated", "sequence", lambda: _chain(L.LSTM(32)), "int8+data", ()),
-    ("gru_calibrated", "sequence", lambda: _chain(L.GRU(32)), "int8+data", ()),
     ("lstm_int16x8", "sequence", lambda: _chain(L.LSTM(32)), "int16x8", ()),
     # Quantization-aware recurrences (tfopt/layers/recurrent.py): full integer without data.
     ("lstm", "sequence", lambda: _chain(L.LSTM(32)), "int8", ()),
@@ -125,7 +123,14 @@ _INT8_CASES = [
 # one sample of this test set is 0.28%). Agreement is with the QAT model the file came from
 # (its fake quantization on), which the GRU row matched on 96.7% (97.5% with the float model).
 # The gated attention (a small model, 84% accurate) agreed 95.8-99% by seed.
-_MIN_AGREEMENT = {"gated_attention_calibrated": 0.95, "lstm_calibrated": 0.97, "gru_calibrated": 0.96}
+# The int16x8 LSTM (calibrated, float LSTM in QAT) agreed 98.9% (4 of 359) in this process's order.
+_MIN_AGREEMENT = {"gated_attention_calibrated": 0.95, "lstm_int16x8": 0.98}
+# Recurrences on 8 rows of digits: 5 epochs leave margins (median logit margin 0.09 at 62%
+# accuracy) that one int8 rounding step flips; 10 epochs gave LSTM 99.7%, GRU 98.9-99.4%.
+_EPOCHS = {"lstm": 10, "gru": 10}
+# int16x8 is calibrated (no quantization-aware int16 path): the row keeps the LSTM float in QAT,
+# as an int16x8 user of a float recurrence would (stripped from int8 QAT it agreed 98.9%).
+_OVERRIDES = {"lstm_int16x8": {L.LSTM: None}}
 # Transformers on 8x8 digits need longer training for margins that a 1% test can see.
 _TRANSFORMER = dict(epochs=20, learning_rate=3e-3)
 _TRAINED = {}  # see Int8CoverageTest._transformer
@@ -180,9 +185,10 @@ class Int8CoverageTest(testing.TestCase, parameterized.TestCase):
                 model = tfopt.strip(model)
             report = self._export(model, kind, precision=export_precision, calibrate=calibrate)
         else:
-            model = tfopt.quantize_model(self._model(kind, body()), "int4" if precision == "int4" else "int8")
+            model = tfopt.quantize_model(self._model(kind, body()), "int4" if precision == "int4" else "int8",
+                                         overrides=_OVERRIDES.get(name))
             report = self._fit_and_export(model, kind, precision=export_precision, calibrate=calibrate,
-                                          epochs=10 if calibrate else 5)
+                                          epochs=_EPOCHS.get(name, 10 if calibrate else 5))
         self.assertEqual(sorted(set(report.float_ops)), sorted(float_ops))
         self.assertEqual(report.activation_ranges, "calibrated" if calibrate else "quantization-aware training")
         self.assertGreaterEqual(report.top1_agreement, _MIN_AGREEMENT.get(name, 0.99))

@@ -225,13 +225,14 @@ class QuantizeModelTest(testing.TestCase):
 
     def test_known_float_layers_stay_float_with_a_range_after_them(self):
         inputs = keras.Input((4, 8))
-        x = keras.layers.LayerNormalization(name="ln")(keras.layers.Dense(8)(inputs))
-        x = keras.layers.LSTM(4, name="lstm")(x)
-        qat = tfopt.quantize_model(keras.Model(inputs, keras.layers.Dense(2)(x)))
-        self.assertIs(type(qat.get_layer("ln")), keras.layers.LayerNormalization)
-        self.assertIsInstance(qat.get_layer("ln_quantize"), tfopt.layers.QuantizeActivation)
-        self.assertIsInstance(qat.get_layer("lstm_quantize"), tfopt.layers.QuantizeActivation)
-
+        x = keras.layers.Dense(8)(inputs)
+        x = keras.layers.MultiHeadAttention(2, 4, use_gate=True, name="gated")(x, x)  # its twin refuses a gate
+        x = keras.layers.SimpleRNN(4, name="rnn")(x)
+        with self.assertWarnsRegex(UserWarning, "use_gate"):
+            qat = tfopt.quantize_model(keras.Model(inputs, keras.layers.Dense(2)(x)))
+        self.assertIs(type(qat.get_layer("gated")), keras.layers.MultiHeadAttention)
+        self.assertIsInstance(qat.get_layer("gated_quantize"), tfopt.layers.QuantizeActivation)
+        self.assertIsInstance(qat.get_layer("rnn_quantize"), tfopt.layers.QuantizeActivation)
 
     def test_token_ids_in_a_float_input_reach_the_embedding_exact(self):
         # A float Input of token ids (as keras-io text models have) into an
