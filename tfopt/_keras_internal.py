@@ -199,6 +199,14 @@ def keras_mask(tensor):
     return masking.get_keras_mask(tensor)
 
 
+def causal_lm_cache(causal_lm, max_length):
+    """The key-value cache keras-hub's CausalLM builds for one sequence of
+    `max_length` tokens (`CausalLM._build_cache`, a private method of every
+    keras-hub causal LM, checked on keras-hub 0.32), run once on zeros."""
+    _, cache = causal_lm._build_cache(keras.ops.zeros((1, max_length), "int32"))
+    return cache
+
+
 def is_input_layer(layer):
     """True for the `InputLayer` behind a model input."""
     return isinstance(layer, keras.layers.InputLayer)

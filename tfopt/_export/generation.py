@@ -179,7 +179,9 @@ def cache_spec(causal_lm, max_length):
     """
     import keras
 
-    _, cache = causal_lm._build_cache(keras.ops.zeros((1, max_length), "int32"))
+    from tfopt import _keras_internal  # lazy: as this module's other imports
+
+    cache = _keras_internal.causal_lm_cache(causal_lm, max_length)
     return tuple(int(d) for d in cache.shape), keras.backend.standardize_dtype(cache.dtype)
 
 
