@@ -61,3 +61,32 @@ def pretrained_digits_cnn(seed, epochs):
     compile_classifier(base)
     base.fit(data[0], data[1], batch_size=32, epochs=epochs, verbose=0)
     return base.get_weights(), data
+
+
+def keras_source_files():
+    """(root, paths): the Python files of the installed Keras (`keras/src`), sorted, then shuffled
+    with seed 0: local text for the language-model benchmarks (nothing can be downloaded)."""
+    import keras
+    import numpy as np
+
+    root = os.path.join(os.path.dirname(keras.__file__), "src")
+    paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+                   if f.endswith(".py"))
+    order = np.random.default_rng(0).permutation(len(paths))
+    return root, [paths[i] for i in order]
+
+
+def byte_windows(root, paths, seq, limit):
+    """Non-overlapping (seq + 1)-byte windows of the files' bytes, concatenated, up to `limit` windows."""
+    import numpy as np
+
+    chunks, total = [], 0
+    for path in paths:
+        with open(os.path.join(root, path), "rb") as f:
+            chunks.append(f.read())
+        total += len(chunks[-1])
+        if total >= limit * (seq + 1):
+            break
+    data = np.frombuffer(b"".join(chunks), np.uint8).astype("int32")
+    n = min(len(data) // (seq + 1), limit)
+    return data[: n * (seq + 1)].reshape(n, seq + 1)

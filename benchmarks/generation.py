@@ -31,40 +31,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import byte_windows, keras_source_files  # noqa: E402 (after the path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 VOCABULARY = 256  # bytes
 MAX_LENGTH = 256
 PROMPT_LENGTH = 64
 PRECISIONS = ("float32", "int4_block32")
-
-
-def _files():
-    """The Python files of the installed Keras, sorted, then shuffled with seed 0."""
-    import keras
-    import numpy as np
-
-    root = os.path.join(os.path.dirname(keras.__file__), "src")
-    paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
-                   if f.endswith(".py"))
-    order = np.random.default_rng(0).permutation(len(paths))
-    return root, [paths[i] for i in order]
-
-
-def _windows(root, paths, seq, limit):
-    """Non-overlapping (seq + 1)-byte windows of the files' bytes, up to `limit` windows."""
-    import numpy as np
-
-    chunks, total = [], 0
-    for path in paths:
-        with open(os.path.join(root, path), "rb") as f:
-            chunks.append(f.read())
-        total += len(chunks[-1])
-        if total >= limit * (seq + 1):
-            break
-    data = np.frombuffer(b"".join(chunks), np.uint8).astype("int32")
-    n = min(len(data) // (seq + 1), limit)
-    return data[: n * (seq + 1)].reshape(n, seq + 1)
 
 
 def _prompts(root, paths, count, length):
@@ -143,10 +116,10 @@ def main():
     from _common import table, write_section
 
     keras.utils.set_random_seed(0)
-    root, paths = _files()
+    root, paths = keras_source_files()
     lm = _lm()
     start = time.perf_counter()
-    loss = _train(lm, _windows(root, paths, 128, args.windows), args.epochs, args.batch)
+    loss = _train(lm, byte_windows(root, paths, 128, args.windows), args.epochs, args.batch)
     print(f"trained {lm.count_params():,} parameters on {args.windows} windows x {args.epochs} epochs in "
           f"{time.perf_counter() - start:.0f} s: last loss {loss:.3f} (uniform: {np.log(VOCABULARY):.3f})")
     prompts = _prompts(root, paths, args.prompts, 32)

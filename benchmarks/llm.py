@@ -59,37 +59,10 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import byte_windows, keras_source_files  # noqa: E402 (after the path)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 VOCABULARY = 256  # bytes
-
-
-def _files():
-    """The Python files of the installed Keras, sorted, then shuffled with seed 0."""
-    import keras
-    import numpy as np
-
-    root = os.path.join(os.path.dirname(keras.__file__), "src")
-    paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
-                   if f.endswith(".py"))
-    order = np.random.default_rng(0).permutation(len(paths))
-    return root, [paths[i] for i in order]
-
-
-def _sequences(root, paths, seq, limit):
-    """Non-overlapping (seq + 1)-byte windows of the files' bytes, concatenated, up to `limit` windows."""
-    import numpy as np
-
-    chunks, total = [], 0
-    for path in paths:
-        with open(os.path.join(root, path), "rb") as f:
-            chunks.append(f.read())
-        total += len(chunks[-1])
-        if total >= limit * (seq + 1):
-            break
-    data = np.frombuffer(b"".join(chunks), np.uint8).astype("int32")
-    n = min(len(data) // (seq + 1), limit)
-    return data[: n * (seq + 1)].reshape(n, seq + 1)
 
 
 def _split(windows):
@@ -242,10 +215,10 @@ def quantization(args):
         print(f"[{time.perf_counter() - started:6.0f} s]", *parts, flush=True)
 
     args.arch = "gpt2"
-    root, paths = _files()
+    root, paths = keras_source_files()
     cut = len(paths) // 10
-    validation = _sequences(root, paths[:cut], args.seq, args.validation)
-    train = _sequences(root, paths[cut:], args.seq, args.train)
+    validation = byte_windows(root, paths[:cut], args.seq, args.validation)
+    train = byte_windows(root, paths[cut:], args.seq, args.train)
     train = train[np.random.default_rng(0).permutation(len(train))]
     x_val, y_val = _split(validation)
     x_train, y_train = _split(train)
@@ -349,10 +322,10 @@ def main(args):
     def say(*parts):
         print(f"[{time.perf_counter() - started:6.0f} s]", *parts, flush=True)
 
-    root, paths = _files()
+    root, paths = keras_source_files()
     cut = len(paths) // 10
-    validation = _sequences(root, paths[:cut], args.seq, args.validation)
-    train = _sequences(root, paths[cut:], args.seq, args.train)
+    validation = byte_windows(root, paths[:cut], args.seq, args.validation)
+    train = byte_windows(root, paths[cut:], args.seq, args.train)
     train = train[np.random.default_rng(0).permutation(len(train))]  # windows of one file spread over the pass
     x_val, y_val = _split(validation)
     x_train, y_train = _split(train)
