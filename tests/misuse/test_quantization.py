@@ -50,8 +50,8 @@ TABLE = [
         raises=ValueError, match=r"numerical_precision.*'float16' quantizes nothing.*Fix"),
     Misuse(
         "quantization_aware on a layer type tfopt does not quantize yet",
-        lambda: tfopt.layers.LSTM(2, quantization_aware="int8", name="lstm"),
-        raises=ValueError, match=r"Layer 'lstm' \(LSTM\) got `quantization_aware`.*not quantize this layer type"),
+        lambda: tfopt.layers.SimpleRNN(2, quantization_aware="int8", name="rnn"),
+        raises=ValueError, match=r"Layer 'rnn' \(SimpleRNN\) got `quantization_aware`.*not quantize this layer type"),
     Misuse(
         "a LayerNormalization inside a custom layer that cannot be re-created from its config",
         _norm_in_a_fixed_layer,
