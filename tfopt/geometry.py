@@ -596,6 +596,12 @@ def outputs_probabilities(layer):
     return activation is keras.activations.softmax or getattr(activation, "__name__", None) == "softmax"
 
 
+def sums(layer):
+    """True for a `keras.layers.Add`: the converter writes an Add of n > 2 inputs as
+    n - 1 ADD ops, and `tfopt.quantize_model` gives each partial sum a range."""
+    return isinstance(layer, keras.layers.Add)
+
+
 def role(layer):
     """The layer's role (`WEIGHTS`, `PASS_THROUGH`, ...), or None if unknown."""
     entry = of(layer)

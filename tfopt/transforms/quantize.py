@@ -50,8 +50,10 @@ class QuantizationPlan:
 def _quantizable(layer):
     """A layer whose twin fake-quantizes its weights (in this configuration)."""
     entry = geometry.of(layer)
-    return (geometry.twin_of(layer) is not None and entry is not None and any(s.quantize for s in entry.weights)
-            and _unsupported_configuration(layer) is None)
+    # (A composite twin, keras-hub's TransformerEncoder's, quantizes the weights of its sublayers.)
+    weighted = entry is not None and (any(s.quantize for s in entry.weights) or getattr(
+        geometry.twin_of(layer), "quantization_composite", False))
+    return geometry.twin_of(layer) is not None and weighted and _unsupported_configuration(layer) is None
 
 
 def _unsupported_configuration(layer):
@@ -94,6 +96,10 @@ def plan(model, numerical_precision="int8", layers=None, unsupported="error", ov
     if unsupported not in ("error", "float"):
         raise ValueError(f"`unsupported` must be 'error' or 'float'. Received: unsupported={unsupported!r}")
     candidates = _graph.graph_layers(model)
+    if any(type(layer).__module__.split(".")[0] == "keras_hub" for layer in candidates):
+        from tfopt.adapters import keras_hub_quantization  # lazy: keras-hub is optional
+
+        keras_hub_quantization.register()  # its encoder layers' geometry and twins
     chosen, _ = pruning.select_layers(candidates, layers)
     precisions = _precision_overrides(candidates, overrides)
     # (Sublayers of a known layer, such as an LSTM's cell, go with it.)
@@ -153,6 +159,11 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
     a range after them: an int8 export without data runs them as float ops between
     QUANTIZE/DEQUANTIZE (listed in `float_ops`); with `representative_data`
     every range is calibrated and the file is full-integer.
+    keras-hub encoders (a `BertBackbone`, or a model on its outputs) are
+    quantized too: each TransformerEncoder becomes its quantization-aware form
+    (`tfopt.adapters.keras_hub_quantization`: twins inside, a range on each
+    residual sum), and token, position and segment embeddings fake-quantize
+    their tables, so an int8 export without data is full integer.
     Sequential models come back as Functional ones (a Sequential model cannot
     hold the inserted layers between its own). Activation ranges start at
     [-6, 6] and are set by the first training batch, so fit the copy (a few
@@ -266,6 +277,13 @@ def rewrite(the_plan):
                   for key, value in kwargs.items()}
         if id(layer) in folded_clones:
             return args[0]  # folded into the layer before it
+        if geometry.sums(layer) and len(args) == 1 and isinstance(args[0], (list, tuple)) and len(args[0]) > 2:
+            # n - 1 ADD ops: each partial sum needs a range of its own (keras-hub's embeddings
+            # add tokens, positions and segments).
+            total = args[0][0]
+            for i, term in enumerate(args[0][1:-1]):
+                total = fake_quantize(layer([total, term], **kwargs), f"{layer.name}_partial_{i}_quantize")
+            args = ([total, args[0][-1]],)
         outputs = layer(*args, **kwargs)
         if id(layer) in split_activations:
             outputs = keras.layers.Activation(split_activations[id(layer)], name=f"{layer.name}_activation")(outputs)
