@@ -43,7 +43,9 @@ def ops_matmul(x, w):
 
 class GeometryTest(testing.TestCase):
     def test_every_twin_is_public_and_every_public_twin_registered(self):
-        twins = set(geometry.twins().values())
+        # (tfopt.adapters registers keras-hub block twins when a model needs them: those are
+        # quantize_model's internal forms, not drop-in layers.)
+        twins = {cls for cls in geometry.twins().values() if not cls.__module__.startswith("tfopt.adapters")}
         public = {getattr(tfopt.layers, name) for name in tfopt.layers.__all__}
         self.assertLessEqual(twins, public)
         for cls in public:
