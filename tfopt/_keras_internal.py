@@ -423,18 +423,20 @@ def stepping_model():
 
 # --- weight-only quantization-aware forms (tfopt.quantize_weights) -------------------------
 def weight_quantizable_kind(layer):
-    """"dense", "einsum_dense" or "reversible_embedding" for a layer that is a Keras Dense,
-    EinsumDense or ReversibleEmbedding computing with its base class's `call` (keras-hub's
-    ReversibleEmbedding, a pass-through subclass, included); None for anything else. Which
-    base it is comes first in the tuple returned by `weight_quantizable_base`."""
+    """"dense", "einsum_dense", "reversible_embedding" or "embedding" for a layer that is a Keras
+    Dense, EinsumDense, ReversibleEmbedding or Embedding computing with that class's own `call`
+    (keras-hub's ReversibleEmbedding, a pass-through subclass, included); None for anything else."""
     base = weight_quantizable_base(layer)
     return None if base is None else {keras.layers.Dense: "dense", keras.layers.EinsumDense: "einsum_dense",
-                                      keras.layers.ReversibleEmbedding: "reversible_embedding"}[base]
+                                      keras.layers.ReversibleEmbedding: "reversible_embedding",
+                                      keras.layers.Embedding: "embedding"}[base]
 
 
 def weight_quantizable_base(layer):
-    """The Keras class among Dense, EinsumDense, ReversibleEmbedding whose `call` `layer` runs, or None."""
-    for base in (keras.layers.ReversibleEmbedding, keras.layers.EinsumDense, keras.layers.Dense):
+    """The Keras class among Dense, EinsumDense, ReversibleEmbedding, Embedding whose `call`
+    `layer` runs, or None. (ReversibleEmbedding is an Embedding: it is asked first.)"""
+    for base in (keras.layers.ReversibleEmbedding, keras.layers.Embedding, keras.layers.EinsumDense,
+                 keras.layers.Dense):
         if isinstance(layer, base):
             return base if type(layer).call is base.call else None
     return None

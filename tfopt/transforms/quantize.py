@@ -114,8 +114,9 @@ def plan(model, numerical_precision="int8", layers=None, unsupported="error", ov
             "them with supported layers."
         )
     functional = _graph.to_functional(model)
-    kept = [f"{layer.name} ({type(layer).__name__}: {_unsupported_configuration(layer)})" for layer in chosen
-            if _unsupported_configuration(layer) is not None and precisions.get(id(layer), numerical_precision)]
+    reasons = {id(layer): _unsupported_configuration(layer) for layer in chosen}
+    kept = [f"{layer.name} ({type(layer).__name__}: {reasons[id(layer)]})" for layer in chosen
+            if reasons[id(layer)] is not None and precisions.get(id(layer), numerical_precision)]
     if kept:
         warnings.warn(
             f"tfopt.quantize_model: layers {kept} stay float (a range after each): their quantization-aware "

@@ -188,12 +188,9 @@ def _weight_names(layer):
 
 
 def _kind(layer):
-    """`_keras_internal.weight_quantizable_kind`, and "embedding" for a plain Keras Embedding (one that
-    computes with `keras.layers.Embedding.call`, the lookup the file stores as EMBEDDING_LOOKUP)."""
-    kind = _keras_internal.weight_quantizable_kind(layer)
-    if kind is None and type(layer).call is keras.layers.Embedding.call and hasattr(layer, "output_dim"):
-        return "embedding"
-    return kind
+    """`_keras_internal.weight_quantizable_kind` ("embedding": a plain Keras Embedding, the lookup
+    the file stores as EMBEDDING_LOOKUP)."""
+    return _keras_internal.weight_quantizable_kind(layer)
 
 
 def _einsum_axes(layer):
