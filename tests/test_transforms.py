@@ -265,6 +265,34 @@ class QuantizeModelTest(testing.TestCase):
         self.assertIs(qat.get_layer("side").input, qat.get_layer("ids_quantize").output)
         self.assertIs(qat.get_layer("reshape").input, qat.get_layer("ids").output)
 
+    def test_a_layer_normalization_reads_values_whatever_its_weights(self):
+        # With gamma 5 and beta 0.1, Keras's LayerNormalization gave the same output for
+        # constant rows of 1.0 and 1.4 and (by one rounding step) another for 2.0: a
+        # constant probe took it for a lookup, and the Add before it lost its range, so
+        # a trained transformer's int8 file kept ADD, MEAN and SUB in float.
+        inputs = keras.Input((8, 64))
+        x = keras.layers.Add(name="add")([keras.layers.Dense(64)(inputs), inputs])
+        norm = keras.layers.LayerNormalization(epsilon=1e-6, name="norm")
+        model = keras.Model(inputs, keras.layers.Dense(3)(norm(x)))
+        norm.set_weights([np.full(64, 5.0, "float32"), np.full(64, 0.1, "float32")])
+        self.assertEqual(tfopt.transforms.quantize.plan(model).index_readers, set())
+        qat = tfopt.quantize_model(model)
+        self.assertIs(qat.get_layer("norm").input, qat.get_layer("add_quantize").output)
+
+    def test_an_unknown_layer_that_looks_up_its_input_is_probed(self):
+        @keras.saving.register_keras_serializable(package="tfopt_tests")
+        class Lookup(keras.layers.Layer):
+            def build(self, input_shape):
+                self.table = self.add_weight(shape=(10, 4), initializer="random_normal")
+
+            def call(self, x):
+                return keras.ops.take(self.table, keras.ops.cast(x, "int32"), axis=0)
+
+        inputs = keras.Input((3,), name="ids")
+        x = keras.layers.Flatten()(Lookup(name="lookup")(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(2)(x))
+        self.assertEqual(tfopt.transforms.quantize.plan(model, unsupported="float").index_readers, {"lookup"})
+
     @pytest.mark.slow
     def test_keras_hub_backbone_keeps_its_dict_of_outputs(self):
         keras_hub = pytest.importorskip("keras_hub")

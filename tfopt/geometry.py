@@ -602,6 +602,16 @@ def sums(layer):
     return isinstance(layer, keras.layers.Add)
 
 
+def reads_indices(layer):
+    """True for a lookup (an `Embedding`, keras-hub's token embeddings): its
+    float input is indices. False for the other layers tfopt knows (they read
+    values); None for a layer tfopt does not know (`tfopt.quantize_model`
+    probes those)."""
+    if isinstance(layer, keras.layers.Embedding):
+        return True
+    return None if of(layer) is None else False
+
+
 def role(layer):
     """The layer's role (`WEIGHTS`, `PASS_THROUGH`, ...), or None if unknown."""
     entry = of(layer)

@@ -365,20 +365,24 @@ def _reads_indices(layer, node):
     inputs = _keras_internal.node_inputs(node)
     if (len(inputs) != 1 or "float" not in keras.backend.standardize_dtype(inputs[0].dtype)
             or not isinstance(layer, keras.layers.Layer) or _keras_internal.is_input_layer(layer)
-            or isinstance(layer, QuantizingLayer) or geometry.role(layer) in (
-                geometry.PASS_THROUGH, geometry.NEEDS_RANGE, geometry.BATCH_NORM)
-            or (geometry.of(layer) is not None and geometry.fold_weight(layer) is not None)
-            or not layer.weights):
+            or isinstance(layer, QuantizingLayer) or not layer.weights):
         return False
+    known = geometry.reads_indices(layer)
+    if known is not None:
+        # (A probe cannot tell a normalization from a lookup: LayerNormalization is blind
+        # to a shift of its input, and rounding once made it look like a lookup.)
+        return known
+    # Ids 1, 2, 1, 2, ... along the last axis; the same ids plus a fraction; the other ids.
     shape = tuple(1 if size is None else size for size in inputs[0].shape)
+    ids = 1.0 + np.indices(shape)[-1] % 2
     try:
-        one, fraction, two = (
-            [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(layer(np.full(shape, value, "float32")))]
-            for value in (1.0, 1.4, 2.0))
+        one, fraction, other = (
+            [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(layer(probe.astype("float32")))]
+            for probe in (ids, ids + 0.4, 3.0 - ids))
     except Exception:  # a layer that takes no such probe reads values as far as tfopt can tell
         return False
     return (all(np.array_equal(a, b) for a, b in zip(one, fraction))
-            and not all(np.array_equal(a, c) for a, c in zip(one, two)))
+            and not all(np.array_equal(a, c) for a, c in zip(one, other)))
 
 
 def _index_readers(model):
