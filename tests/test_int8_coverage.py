@@ -15,6 +15,7 @@ import tempfile
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import tfopt
@@ -209,3 +210,73 @@ class Int8CoverageTest(testing.TestCase, parameterized.TestCase):
         self.assertEqual(report.float_ops, [])
         self.assertGreaterEqual(report.top1_agreement, 0.99)
         self.assertGreaterEqual(report.sparsity, 0.45)
+
+
+def _bert_classifier():
+    """A one-block BERT (keras-hub, from a config) with a Dense(10) on the mean of its sequence output."""
+    import keras_hub  # lazy: keras-hub is optional
+
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=17, num_layers=1, num_heads=2, hidden_dim=16,
+                                             intermediate_dim=32, max_sequence_length=64, dropout=0.0)
+    pooled = L.GlobalAveragePooling1D()(backbone.output["sequence_output"])
+    return keras.Model(backbone.input, L.Dense(10)(pooled))
+
+
+def _gpt2_lm():
+    """A one-block GPT-2 language model (keras-hub's GPT2CausalLM, from a config)."""
+    import keras_hub  # lazy: keras-hub is optional
+
+    return keras_hub.models.GPT2CausalLM(keras_hub.models.GPT2Backbone(
+        vocabulary_size=17, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        max_sequence_length=32, dropout=0.0))
+
+
+def _token_classes(count, rng):
+    """64 token ids in [0, 17); in a sequence of class c each is c + 1 with probability 1/4,
+    else uniform. (The digits' pixels as tokens take a one-block BERT tens of epochs.)"""
+    labels = rng.integers(0, 10, count)
+    tokens = rng.integers(0, 17, (count, 64))
+    tokens = np.where(rng.random((count, 64)) < 0.25, labels[:, None] + 1, tokens).astype("int32")
+    features = {"token_ids": tokens, "segment_ids": np.zeros_like(tokens), "padding_mask": np.ones_like(tokens)}
+    features["padding_mask"][::2, -4:] = 0  # every other sequence padded
+    return features, labels.astype("int32")
+
+
+def _token_chains(count, rng, steps=32):
+    """Sequences of 32 tokens, each the image of the one before under one fixed permutation of
+    [0, 17), from a random first token, and the next tokens: a language model can predict every
+    step but the first (a task whose top-1 answers are not near-ties)."""
+    permutation = np.random.default_rng(1).permutation(17)
+    tokens = np.zeros((count, steps + 1), "int32")
+    tokens[:, 0] = rng.integers(0, 17, count)
+    for i in range(steps):
+        tokens[:, i + 1] = permutation[tokens[:, i]]
+    return {"token_ids": tokens[:, :-1], "padding_mask": np.ones((count, steps), "int32")}, tokens[:, 1:]
+
+
+# (name, model builder, data, epochs, learning rate): keras-hub models, from configs.
+_KERAS_HUB_CASES = [
+    ("keras_hub_bert_encoder", _bert_classifier, _token_classes, 6, 3e-3),
+    # Next-token logits: agreement counts every (sequence, step).
+    ("keras_hub_gpt2_decoder", _gpt2_lm, _token_chains, 4, 3e-3),
+]
+
+
+class KerasHubInt8CoverageTest(testing.TestCase, parameterized.TestCase):
+    """Rows of the same table for keras-hub models built from configs (nothing downloaded), on
+    generated token data: `quantize_model` -> `fit` -> int8 export without representative_data."""
+
+    @parameterized.named_parameters([(name, *rest) for name, *rest in _KERAS_HUB_CASES])
+    def test_exports_full_integer_with_parity(self, build, data, epochs, learning_rate):
+        pytest.importorskip("keras_hub")
+        rng = np.random.default_rng(0)
+        (x_train, y_train), (x_test, y_test) = data(1024, rng), data(128, rng)
+        model = tfopt.quantize_model(build(), "int8")
+        compile_classifier(model, learning_rate)
+        model.fit(x_train, y_train, batch_size=32, epochs=epochs, verbose=0)
+        self.assertGreater(model.evaluate(x_test, y_test, verbose=0)[1], 0.5)  # it learned
+        report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "int8.tflite"), inputs=x_test,
+                              precision="int8")
+        self.assertEqual(report.float_ops, [])
+        self.assertEqual(report.activation_ranges, "quantization-aware training")
+        self.assertGreaterEqual(report.top1_agreement, 0.99)

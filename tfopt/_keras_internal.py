@@ -446,3 +446,14 @@ def set_class(layer, cls):
     """Changes the class of a built `layer` to `cls`, a subclass of (or base of) its class that
     computes from the same state: tfopt's weight-quantizing forms, and back."""
     object.__setattr__(layer, "__class__", cls)
+
+
+def has_cross_attention(block):
+    """True for a built keras-hub TransformerDecoder with cross-attention (an encoder-decoder block)."""
+    return getattr(block, "_cross_attention_layer", None) is not None
+
+
+def set_no_cross_attention(block):
+    """Marks a keras-hub TransformerDecoder twin as built without cross-attention (what its
+    parent's other methods read)."""
+    block._cross_attention_layer = None

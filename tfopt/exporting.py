@@ -53,9 +53,11 @@ class ExportReport:
         num_check_samples: how many inputs were compared.
         sparsity: fraction of zeros in the exported kernels.
         top1_agreement: fraction of check inputs whose arg-max output agrees
-            between LiteRT and the Keras model; an input whose output holds
-            NaN/Inf in either counts as disagreeing (None if not checked, or
-            if the first output is not (samples, classes)).
+            between LiteRT and the Keras model (of all their steps, for a
+            (samples, steps, classes) output such as next-token logits); an
+            input whose output holds NaN/Inf in either counts as disagreeing
+            (None if not checked, or if the first output is neither
+            (samples, classes) nor (samples, steps, classes)).
         precision: "float32", "float16", "int8", "int16x8", or one of the
             weight-quantized precisions (see `tfopt.export`).
         float_ops: the file's ops that still compute in float, other than the

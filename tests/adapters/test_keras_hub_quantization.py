@@ -1,4 +1,5 @@
-"""tfopt.quantize_model of keras-hub BERT-style encoders (built from configs, nothing downloaded):
+"""tfopt.quantize_model of keras-hub BERT-style encoders and GPT-2-style decoders (built from
+configs, nothing downloaded):
 the same output structure and, stripped, the same float model; an int8 export without
 representative_data is full integer and agrees with the Keras QAT model.
 
@@ -69,19 +70,7 @@ class KerasHubQuantizationTest(testing.TestCase):
         with self.assertRaisesRegex(ValueError, "needs `quantization_aware`"):
             keras_hub_quantization.QuantizedTransformerEncoder(intermediate_dim=8, num_heads=2)
 
-    def test_classifier_exports_full_integer_without_data(self):
-        rng = np.random.default_rng(0)
-        (x_train, y_train), (x_test, y_test) = _token_task(1500, rng), _token_task(400, rng)
-        model = tfopt.quantize_model(_classifier(keras_hub.models.BertBackbone(**_BERT)))
-        compile_classifier(model, 3e-3)
-        model.fit(_features(x_train), y_train, batch_size=64, epochs=6, verbose=0)
-        accuracy = model.evaluate(_features(x_test), y_test, verbose=0)[1]
-        self.assertGreater(accuracy, 0.5)  # it learned: the agreement below is not that of a constant
-        report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "bert.tflite"),
-                              inputs=_features(x_test, padded=4), precision="int8")
-        self.assertEqual(report.float_ops, [])
-        self.assertEqual(report.activation_ranges, "quantization-aware training")
-        self.assertGreaterEqual(report.top1_agreement, 0.99)
+    # The encoder classifier's int8 row (full integer, >= 99% agreement) is in tests/test_int8_coverage.py.
 
     def test_pooled_output_classifier_exports_full_integer(self):
         # The [CLS] slice and the tanh pooler are integer ops too (measured: 98.8% agreement
@@ -96,3 +85,56 @@ class KerasHubQuantizationTest(testing.TestCase):
         report = tfopt.export(model, os.path.join(tempfile.mkdtemp(), "bert.tflite"),
                               inputs=_features(x_test, padded=4), precision="int8")
         self.assertEqual(report.float_ops, [])
+
+
+_GPT2 = dict(vocabulary_size=17, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
+             max_sequence_length=16, dropout=0.0)
+
+
+def _lm_features(count, padded=0):
+    tokens = np.random.default_rng(0).integers(0, 17, (count, 16)).astype("int32")
+    mask = np.ones_like(tokens)
+    if padded:
+        mask[::2, -padded:] = 0
+    return {"token_ids": tokens, "padding_mask": mask}
+
+
+class KerasHubDecoderQuantizationTest(testing.TestCase):
+
+    def test_causal_lm_strips_to_the_float_model_and_round_trips_a_keras_file(self):
+        lm = keras_hub.models.GPT2CausalLM(keras_hub.models.GPT2Backbone(**_GPT2))
+        qat = tfopt.quantize_model(lm)
+        kinds = [type(layer).__name__ for layer in qat.layers]
+        self.assertIn("QuantizedTransformerDecoder", kinds)
+        # The backbone is inlined: its token embedding is the head too, and Keras cannot keep a
+        # layer shared between a nested model and its parent in a .keras file.
+        self.assertNotIn("Functional", kinds)
+        self.assertIn("logits_range_min", [w.name for w in qat.get_layer("token_embedding").weights])
+        batch = _lm_features(4, padded=3)
+        self.assertAllClose(tfopt.strip(qat)(batch), lm(batch), atol=1e-5)
+        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        qat.fit(batch, batch["token_ids"], epochs=2, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "qat.keras")
+        qat.save(path)
+        loaded = keras.saving.load_model(path)  # its optimizer too
+        self.assertAllClose(loaded(batch), qat(batch), atol=1e-6)
+        loaded.fit(batch, batch["token_ids"], epochs=1, verbose=0)
+
+    def test_decoder_refuses_a_cache_and_an_encoder_sequence(self):
+        tfopt.quantize_model(keras_hub.models.GPT2Backbone(**_GPT2))  # registers the twins
+        from tfopt.adapters import keras_hub_quantization
+
+        block = keras_hub_quantization.QuantizedTransformerDecoder(
+            intermediate_dim=8, num_heads=2, quantization_aware="int8")
+        x = np.zeros((1, 4, 8), "float32")
+        block(x)
+        with self.assertRaisesRegex(ValueError, "computes whole sequences.*Fix: generate"):
+            block(x, self_attention_cache=np.zeros((1, 2, 4, 2, 4), "float32"), self_attention_cache_update_index=0)
+
+    def test_encoder_decoder_block_stays_float_with_a_warning(self):
+        decoder_in, encoder_in = keras.Input((4, 8)), keras.Input((6, 8))
+        x = keras_hub.layers.TransformerDecoder(intermediate_dim=8, num_heads=2, name="cross")(decoder_in, encoder_in)
+        model = keras.Model([decoder_in, encoder_in], keras.layers.Dense(3)(x))
+        with self.assertWarnsRegex(UserWarning, "cross-attention"):
+            qat = tfopt.quantize_model(model, unsupported="float")
+        self.assertEqual(type(qat.get_layer("cross")).__name__, "TransformerDecoder")

@@ -48,8 +48,10 @@ class Parity:
         max_abs_diff: the largest absolute difference over every output
             (NaN when an output holds NaN).
         top1_agreement: the fraction of inputs whose first output has the same
-            arg-max in both, an input with a NaN/Inf output counting as
-            disagreeing; None unless that output is (samples, classes > 1).
+            arg-max in both (of input steps, for a (samples, steps, classes)
+            output such as a language model's next-token logits), an input
+            with a NaN/Inf output counting as disagreeing; None unless that
+            output is (samples, classes > 1) or (samples, steps, classes > 1).
         non_finite_file: inputs whose outputs hold NaN/Inf in the file.
         non_finite_reference: the same in the reference.
     """
@@ -77,9 +79,10 @@ def compare(got, expected, num_samples):
                    for g, e in zip(got, expected))
     bad_file, bad_reference = _non_finite_rows(got, num_samples), _non_finite_rows(expected, num_samples)
     top1 = None
-    if expected[0].ndim == 2 and expected[0].shape[-1] > 1:
-        same = np.argmax(got[0], -1) == np.argmax(expected[0], -1)
-        top1 = float(np.mean(same & ~bad_file & ~bad_reference))
+    if expected[0].ndim in (2, 3) and expected[0].shape[-1] > 1:
+        same = np.argmax(got[0], -1) == np.argmax(expected[0], -1)  # (samples,) or (samples, steps)
+        ok = (~bad_file & ~bad_reference).reshape((-1,) + (1,) * (same.ndim - 1))
+        top1 = float(np.mean(same & ok))
     return Parity(max_diff, top1, int(bad_file.sum()), int(bad_reference.sum()))
 
 

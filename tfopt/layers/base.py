@@ -221,13 +221,20 @@ class Prunable(QuantizingLayer):
             self._folding.update_statistics(outputs, folded_bias, None if stop is None else ops.logical_not(stop))
         return track_and_quantize(
             outputs,
-            (self.output_range_min, self.output_range_max, self.output_range_updates),
+            self.output_range(kwargs),
             self.output_quant_spec,
             momentum=0.99,
             update=bool(training),
             times=times,
             step=step,
         )
+
+    def output_range(self, call_kwargs):
+        """The tracked range `(min, max, updates)` of the output of a call with
+        keyword arguments `call_kwargs`: `output_range_*`. (A twin whose calls
+        make outputs of different kinds, such as keras-hub's token embedding,
+        a lookup or, with `reverse=True`, logits, keeps a range for each.)"""
+        return self.output_range_min, self.output_range_max, self.output_range_updates
 
     def integer_call(self, inputs, *args, training=None, step=None, times=None, **kwargs):
         """The quantization-aware forward pass, with the fake-quantized weights

@@ -251,6 +251,7 @@ def rewrite(the_plan):
                 folded_clones.add(id(pairs[id(layer)][1]))
         return pairs[id(layer)][1]
 
+    inlined = _sharing_nested_models(functional)
     input_quantizers = {}
     unquantized = {}  # id(fake-quantized tensor) -> the tensor before (for index inputs and masks)
 
@@ -285,7 +286,11 @@ def rewrite(the_plan):
             for i, term in enumerate(args[0][1:-1]):
                 total = fake_quantize(layer([total, term], **kwargs), f"{layer.name}_partial_{i}_quantize")
             args = ([total, args[0][-1]],)
-        outputs = layer(*args, **kwargs)
+        if isinstance(layer, keras.Model) and layer.name in inlined:
+            # The nested model's layers join this graph (its own call runs them on these tensors).
+            outputs = layer.call(*args, **kwargs)
+        else:
+            outputs = layer(*args, **kwargs)
         if id(layer) in split_activations:
             outputs = keras.layers.Activation(split_activations[id(layer)], name=f"{layer.name}_activation")(outputs)
             outputs = fake_quantize(outputs, f"{layer.name}_activation_quantize")
@@ -333,6 +338,24 @@ class QuantizedModel(keras.Model):
         # (The signature is Functional.call's: Keras reads `training` from it.)
         with _backend.batched_statistics():
             return super().call(inputs, training=training, mask=mask, **kwargs)
+
+
+def _sharing_nested_models(model):
+    """Names of the graph models nested in `model` that share a layer with the rest of its
+    graph (a keras-hub CausalLM calls its backbone's token embedding again as its head).
+    `quantize_model` inlines their layers into the copy: in a `.keras` file Keras cannot
+    keep a layer shared between a nested model and its parent (on loading, the second use
+    is a new layer, without weights; measured on a float GPT2CausalLM too)."""
+    calls = [layer for layer, _ in _keras_internal.ordered_calls(model)]
+    nested = [layer for layer in calls if isinstance(layer, keras.Model) and _keras_internal.is_graph_network(layer)]
+    inside = {id(m): {id(layer) for layer in _keras_internal.all_layers(m)} for m in nested}
+    out = set()
+    for m in nested:
+        elsewhere = {id(layer) for layer in calls if layer is not m}
+        elsewhere |= {i for other in nested if other is not m for i in inside[id(other)]}
+        if inside[id(m)] & elsewhere:
+            out.add(m.name)
+    return out
 
 
 def _precision_overrides(candidates, overrides):
