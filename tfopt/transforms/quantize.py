@@ -160,11 +160,16 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
     a range after them: an int8 export without data runs them as float ops between
     QUANTIZE/DEQUANTIZE (listed in `float_ops`); with `representative_data`
     every range is calibrated and the file is full-integer.
-    keras-hub encoders (a `BertBackbone`, or a model on its outputs) are
-    quantized too: each TransformerEncoder becomes its quantization-aware form
+    keras-hub encoders and GPT-2-style decoders (a `BertBackbone`, a
+    `GPT2Backbone` or `GPT2CausalLM`, or a model on their outputs) are
+    quantized too: each TransformerEncoder or decoder-only TransformerDecoder
+    becomes its quantization-aware form
     (`tfopt.adapters.keras_hub_quantization`: twins inside, a range on each
     residual sum), and token, position and segment embeddings fake-quantize
-    their tables, so an int8 export without data is full integer.
+    their tables, so an int8 export without data is full integer. A nested
+    model that shares a layer with the rest of the graph (a CausalLM's
+    backbone, whose token embedding is also the head) is inlined in the copy,
+    so that its `.keras` file keeps the sharing.
     Sequential models come back as Functional ones (a Sequential model cannot
     hold the inserted layers between its own). Activation ranges start at
     [-6, 6] and are set by the first training batch, so fit the copy (a few
