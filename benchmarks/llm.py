@@ -238,6 +238,10 @@ def quantization(args):
     _train(qat, x_tune, y_tune, args, args.qat_lr)
     say("int4_block32 QAT fine-tuned")
     keras.utils.set_random_seed(5)
+    qat8 = tfopt.quantize_model(lm, "int8")  # a copy: weights and activations fake-quantized
+    _train(qat8, x_tune, y_tune, args, args.qat_lr)
+    say("int8 QAT fine-tuned")
+    keras.utils.set_random_seed(5)
     control = _lm(args)
     control.set_weights(weights)
     _train(control, x_tune, y_tune, args, args.qat_lr)
@@ -246,6 +250,7 @@ def quantization(args):
     rows_spec = [("float32", lm, "float32"), ("int8_weight_only (PTQ)", lm, "int8_weight_only"),
                  ("int4_weight_only (PTQ, per channel)", lm, "int4_weight_only"),
                  ("int4_block32 (PTQ)", lm, "int4_block32"), ("int4_block32 QAT", qat, "int4_block32"),
+                 ("int8 QAT (full integer)", qat8, "int8"),
                  ("float32, fine-tuned as long (control)", control, "float32"),
                  ("int4_block32 (PTQ of the control)", control, "int4_block32")]
     ids = validation[:4, :-1]
@@ -258,7 +263,8 @@ def quantization(args):
         if id(model) not in keras_perplexity:
             keras_perplexity[id(model)] = _perplexity(model, x_val, y_val)
         results[key] = {"bytes": len(content), "file": _file_perplexity(content, order, x_val, y_val),
-                        "keras": keras_perplexity[id(model)], "diff": report.max_abs_diff}
+                        "keras": keras_perplexity[id(model)], "diff": report.max_abs_diff,
+                        "float ops": ", ".join(sorted(set(report.float_ops))) if precision == "int8" else ""}
         say(key, results[key], f"(report on {len(ids)} windows: {report.perplexity:.4f} file, "
             f"{report.keras_perplexity:.4f} Keras)")
     latency = _interleaved_latency(files, ids, args.rounds)
@@ -277,7 +283,8 @@ def quantization(args):
                      "file perplexity": f"{r['file']:.4f}", "perplexity ratio": f"{ppl:.4f}",
                      "Keras perplexity": f"{r['keras']:.4f}", "max |file - Keras| (4 windows)": f"{r['diff']:.3g}",
                      "latency ms": f"{latency[key]:.2f}",
-                     "latency ratio": f"{latency[key] / latency['float32']:.2f}", "targets": target})
+                     "latency ratio": f"{latency[key] / latency['float32']:.2f}",
+                     "float ops": r["float ops"] or ("none" if precision == "int8" else ""), "targets": target})
         print(rows[-1], flush=True)
     body = (
         f"A keras-hub `GPT2CausalLM` (byte vocabulary {VOCABULARY}, hidden {args.hidden}, {args.layers} blocks, "
@@ -288,7 +295,10 @@ def quantization(args):
         f"'int4_block32')` on the trained weights (every attention and feed-forward kernel and the tied output "
         f"head fake-quantized on LiteRT's int4 grid, blocks of 32 inputs), then {y_tune.size:,} targets "
         f"({args.qat_fraction:.0%} of an epoch, windows drawn from the training set), peak learning rate "
-        f"{args.qat_lr}, and `tfopt.export(qat, path, precision='int4_block32')`; the control is the float "
+        f"{args.qat_lr}, and `tfopt.export(qat, path, precision='int4_block32')`. int8 QAT: "
+        "`tfopt.quantize_model(lm, 'int8')` (every block's attention, norms, feed-forward and residual sums, "
+        "the tables and the head with trained ranges), the same fine-tune, and an int8 export from those "
+        "ranges alone (no calibration data; its float ops column says what stayed float). The control is the float "
         "model fine-tuned on the same windows with the same schedule (the QAT row's extra training, without "
         "the quantizer). PTQ rows: `tfopt.export(lm, path, precision=...)` of the float model (LiteRT's "
         "quantizer on the float file; int4_block32 also quantizes activations to int8 at run time, "
