@@ -1,18 +1,64 @@
-"""The few TensorFlow facts the core needs, behind small functions.
+"""The few backend facts the core needs, behind small functions.
 
 The core (schedules, sparsity, layers, losses) speaks `keras.ops`; what only
 TensorFlow can tell (distribution contexts, init scopes) lives here, imported
-lazily, so that the core stays readable as backend-agnostic code.
+lazily (only under the TensorFlow backend), and so does what differs under
+JAX, whose train step is stateless (`stateless_steps`, `optimizer_variable`),
+so that the core stays readable as backend-agnostic code.
 """
 
 import contextlib
 import threading
 
+import keras
+
 from tfopt import _state
+
+
+def is_tensorflow():
+    """True under `KERAS_BACKEND=tensorflow`: the functions below that need
+    TensorFlow import it only then (`import tfopt` under JAX loads no TensorFlow)."""
+    return keras.backend.backend() == "tensorflow"
+
+
+def int_dtype():
+    """The widest integer dtype of the backend: int64 (TensorFlow's step counters,
+    `optimizer.iterations` included, are int64), but int32 under JAX unless
+    `jax_enable_x64` is set (JAX has no int64 then, and warns at each cast)."""
+    if keras.backend.backend() == "jax":
+        import jax  # lazy: the JAX backend only
+
+        return "int64" if jax.config.jax_enable_x64 else "int32"
+    return "int64"
+
+
+def stateless_steps():
+    """True where the train step is a pure function of the state it is passed
+    (JAX): a variable the optimizer writes (a mask, written by a weight
+    constraint) persists only if the optimizer carries it, and a write inside a
+    branch of `ops.cond` would leak out of the branch's trace."""
+    return keras.backend.backend() == "jax"
+
+
+def optimizer_variable(optimizer, value, name, dtype):
+    """A non-trainable variable holding `value` that `optimizer` owns (through the
+    public `optimizer.add_variable`, so it is in `optimizer.variables`): the
+    state a stateless train step (JAX's `stateless_apply`) reads and returns, for
+    what weight constraints write, since they run in `optimizer.apply`. Make it
+    before the step reads its state (before `fit`'s first step). Its buffer is
+    its own, even when `value` is another variable's (JAX donates the step's
+    state: two variables on one buffer would be donated twice)."""
+    from keras import ops
+
+    return optimizer.add_variable(
+        shape=tuple(getattr(value, "shape", ())), initializer=lambda shape, dtype=None: ops.copy(ops.cast(value, dtype)),
+        dtype=dtype, name=name)
 
 
 def in_replica_of_strategy():
     """True while tracing inside `strategy.run` of a non-default tf.distribute strategy."""
+    if not is_tensorflow():
+        return False
     import tensorflow as tf
 
     return tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False
@@ -20,6 +66,8 @@ def in_replica_of_strategy():
 
 def in_init_scope(fn):
     """Runs `fn` outside any function being traced (so variables are created eagerly)."""
+    if not is_tensorflow():
+        return fn()  # JAX and PyTorch build optimizers eagerly, outside the traced step
     import tensorflow as tf
 
     with tf.init_scope():
@@ -28,8 +76,8 @@ def in_init_scope(fn):
 
 def strategy_scope(model):
     """The scope of the strategy `model` was built under (a null scope if none)."""
-    import contextlib
-
+    if not is_tensorflow():
+        return contextlib.nullcontext()  # tf.distribute strategies are TensorFlow's
     import tensorflow as tf
 
     strategy = getattr(model, "distribute_strategy", None)
@@ -142,7 +190,12 @@ def _reduce_packed(pending):
 def bincount(ids, size):
     """Counts of each value of the int32 `ids` in `[0, size)` (a length-`size` int32
     vector). `keras.ops.bincount` sizes its output from the data, which XLA cannot
-    compile; TensorFlow's DenseBincount with a constant size compiles anywhere."""
+    compile; TensorFlow's DenseBincount with a constant size compiles anywhere
+    (elsewhere, a segment sum with a static number of segments, which JAX's jit takes)."""
+    if not is_tensorflow():
+        from keras import ops
+
+        return ops.segment_sum(ops.ones_like(ids), ids, num_segments=size)
     import tensorflow as tf
 
     return tf.raw_ops.DenseBincount(input=ids, size=tf.constant(size, tf.int32), weights=tf.constant([], tf.int32),

@@ -19,7 +19,7 @@ import logging
 import keras
 from keras import ops
 
-from tfopt import _keras_internal, _state, geometry
+from tfopt import _backend, _keras_internal, _state, geometry
 from tfopt._keras2 import reject_keras2
 from tfopt import schedules as schedules_lib
 from tfopt import sparsity as sparsity_lib
@@ -75,13 +75,26 @@ def prunable_weights(layer):
 
 
 # --- the pruning state of a variable ----------------------------------------------------
-def attach(variable, mask, schedule, structure, in_axis, out_axis, step_fn, owner, length_fn, after=None):
+def attach(variable, mask, schedule, structure, in_axis, out_axis, step_fn, owner, length_fn, after=None,
+           carried=False):
     """Prunes `variable` from now on: wraps its constraint (the user's own still
     runs first, see `make_constraint`) and records what prunes it, for strip,
     summary and export. `owner` is the tfopt layer or callback that attached it.
-    Returns the constraint."""
+    `carried` says that `mask` and the step are optimizer-owned variables (or
+    the optimizer's `iterations`), the state JAX's stateless optimizer update
+    reads and returns; a tfopt layer's own mask and step are layer weights,
+    which it cannot write (`tfopt.callbacks.Pruning` lends the layer
+    optimizer-owned copies during `fit`). Returns the constraint."""
+    uncarried = None
+    if not carried:
+        uncarried = (
+            f"Layer '{getattr(owner, 'name', owner)}' ({type(owner).__name__}) has its own pruning_schedule "
+            f"({schedule!r}); under the JAX backend its masks and step persist during `fit` only through "
+            "`tfopt.callbacks.Pruning()`, which carries them in the optimizer's state. Received: weight "
+            f"'{variable.name}' trained without it. Fix: model.fit(..., callbacks=[tfopt.callbacks.Pruning()]).")
     constraint = make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis,
-                                 inner=inner_constraint(variable), after=after, length_fn=length_fn)
+                                 inner=inner_constraint(variable), after=after, length_fn=length_fn,
+                                 uncarried_error=uncarried)
     variable.constraint = constraint
     _state.PRUNED.set(variable, _state.PruneRecord(mask, structure, schedule, in_axis, out_axis, owner=owner))
     return constraint
@@ -113,7 +126,7 @@ def bake(variable):
 
 
 def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner=None, after=None,
-                    length_fn=None, mask_fn=None):
+                    length_fn=None, mask_fn=None, uncarried_error=None):
     """Returns a weight constraint that updates `mask` on schedule and applies it.
 
     Args:
@@ -133,30 +146,44 @@ def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner
             in_axis, out_axis)`: for masks that come from more than this weight
             (`WidthPruning`'s channel groups, shared by every kernel that reads
             or writes a channel).
+        uncarried_error: raised (a ValueError) when the constraint runs in a
+            stateless train step (JAX), where `mask` and the step would not
+            persist: the message says which callback carries them.
     """
     if mask_fn is None:
         def mask_fn(masked, sparsity):
             return structure.mask(masked, sparsity, in_axis, out_axis)
 
     def apply(weight):
+        if uncarried_error is not None and _backend.stateless_steps():
+            raise ValueError(uncarried_error)
         if inner is not None:
             weight = inner(weight)
         total = ops.convert_to_tensor(length_fn()) if schedule.is_relative else None
         should_prune, sparsity = schedule(step_fn(), total)
         current = ops.convert_to_tensor(mask)
 
-        # Written on update steps only. Under a strategy the mask is replica-local (every
-        # replica computes the same mask from the same synchronized weights and writes its
-        # own copy): no merge_call, which TF would not allow inside the cond.
-        def update():
+        def compute():
             # Never from NaN/Inf magnitudes: keep the previous mask then.
             finite = ops.all(ops.isfinite(weight))
             masked = ops.multiply(weight, current)  # pruned weights stay pruned
-            new = ops.where(finite, mask_fn(masked, sparsity), current)
-            mask.assign(new)
-            return new
+            return ops.where(finite, mask_fn(masked, sparsity), current)
 
-        new_mask = ops.cond(should_prune, update, lambda: current)
+        if _backend.stateless_steps():
+            # JAX traces the branches of the cond as functions of their own: a write
+            # inside one would leak out of its trace, so the mask is written after.
+            new_mask = ops.cond(should_prune, compute, lambda: current)
+            mask.assign(new_mask)
+        else:
+            # Written on update steps only. Under a strategy the mask is replica-local (every
+            # replica computes the same mask from the same synchronized weights and writes its
+            # own copy): no merge_call, which TF would not allow inside the cond.
+            def update():
+                new = compute()
+                mask.assign(new)
+                return new
+
+            new_mask = ops.cond(should_prune, update, lambda: current)
         if after is not None:
             after()
         return ops.multiply(weight, new_mask)

@@ -18,6 +18,7 @@ import re
 import keras
 from keras import ops
 
+from tfopt import _backend
 from tfopt._keras2 import reject_keras2
 from tfopt._arguments import Configurable, python_number
 
@@ -37,14 +38,16 @@ _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 def _in_range_and_turn(step, begin_step, end_step, frequency):
     """tfmot's update rule: every `frequency` steps from `begin_step` through
     `end_step` (forever when `end_step` is -1), plus `end_step` itself so that
-    the final sparsity is always reached."""
-    step = ops.cast(step, "int64")
-    begin_step = ops.cast(begin_step, "int64")
+    the final sparsity is always reached. Steps are compared in the backend's
+    widest integer (int64, int32 under JAX without x64)."""
+    dtype = _backend.int_dtype()
+    step = ops.cast(step, dtype)
+    begin_step = ops.cast(begin_step, dtype)
     open_end = isinstance(end_step, int) and end_step < 0
     in_range = ops.greater_equal(step, begin_step)
     if not open_end:
         in_range = ops.logical_and(in_range, ops.less_equal(step, end_step))
-    turn = ops.equal(ops.mod(step - begin_step, ops.cast(frequency, "int64")), 0)
+    turn = ops.equal(ops.mod(step - begin_step, ops.cast(frequency, dtype)), 0)
     if not open_end:
         turn = ops.logical_or(turn, ops.equal(step, end_step))
     return ops.logical_and(in_range, turn)
@@ -122,7 +125,7 @@ def _resolve(value, total_steps):
     fraction = float(_PERCENT.match(value).group(1)) / 100.0
     if isinstance(total_steps, int):
         return int(round(fraction * total_steps))
-    return ops.cast(ops.round(fraction * ops.cast(total_steps, "float32")), "int64")
+    return ops.cast(ops.round(fraction * ops.cast(total_steps, "float32")), _backend.int_dtype())
 
 
 def _resolve_config(config, step_args, total_steps):
@@ -140,7 +143,7 @@ def _resolve_config(config, step_args, total_steps):
     if "frequency" in relative:
         config["frequency"] = ops.maximum(config["frequency"], 1)
     if "end_step" in relative:
-        config["end_step"] = ops.maximum(config["end_step"], ops.cast(config["begin_step"], "int64") + 1)
+        config["end_step"] = ops.maximum(config["end_step"], ops.cast(config["begin_step"], _backend.int_dtype()) + 1)
     return config
 
 

@@ -27,11 +27,13 @@ def retrace(model):
         model.make_train_function(force=True)
 
 
-def state_variable(model, value, name, dtype="int64"):
+def state_variable(model, value, name, dtype=None):
     """A non-trainable tfopt-owned variable (not tracked by any layer, not
     saved), created eagerly under the strategy `model` was built with. It is
     written from the host (between steps), so it is mirrored, not replica-local
-    like the state the replicas write (`_keras_internal.replica_local_variable`)."""
+    like the state the replicas write (`_keras_internal.replica_local_variable`).
+    `dtype` defaults to the backend's widest integer (`_backend.int_dtype()`)."""
+    dtype = dtype or _backend.int_dtype()
 
     def make():
         with _backend.strategy_scope(model):

@@ -52,6 +52,13 @@ class Pruning(keras.callbacks.Callback):
     a warning names them (and `sparsity` in the logs shows the shortfall).
     Only one Pruning callback per `fit`.
 
+    Under the JAX backend, whose train step is a pure function of the model's
+    and the optimizer's state, the masks this callback makes are optimizer
+    variables, and it lends tfopt layers with their own schedule optimizer
+    variables for their masks and steps during `fit`, copied back to the
+    layers at the end of each epoch (put it before a `ModelCheckpoint`):
+    tfopt layers with a schedule need this callback in `fit` there.
+
     Args:
         pruning_schedule: a `tfopt.schedules.SparsitySchedule` or preset name
             for the layers this callback prunes, or None to only serve
@@ -100,9 +107,14 @@ class Pruning(keras.callbacks.Callback):
         pruning.check_layers_arg(layers)
         self.layers = layers
         self.log_sparsity = log_sparsity
-        self._length = None  # int64 variable: steps of the running fit
+        self._length = None  # integer variable: steps of the running fit
         self._masks = {}  # id(variable) -> (variable, mask, constraint)
         self._attach_pending = False
+        # Under JAX, the optimizer-owned copies of the masks and steps of tfopt layers with their own
+        # schedule, for the running fit: id(weight) -> [weight, layer, own record, own constraint,
+        # copy of the mask]; id(layer) -> (layer, copy of its pruning step).
+        self._lent = {}
+        self._lent_steps = {}
 
     # --- attach ---------------------------------------------------------------------
     def set_model(self, model):
@@ -128,6 +140,7 @@ class Pruning(keras.callbacks.Callback):
                 "Fix: pass a schedule, e.g. Pruning('baseline')."
             )
         self._resolve_all(self.total_steps or _common.total_steps(self.params))
+        self._lend_layer_state()
         self._attach_pending = self.pruning_schedule is not None
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -151,6 +164,64 @@ class Pruning(keras.callbacks.Callback):
                 _backend.in_init_scope(self._attach)
 
             optimizer.build = build
+
+    def _lend_layer_state(self):
+        """Under JAX, gives each tfopt layer with its own pruning schedule optimizer-owned
+        copies of its masks and step for this `fit`: its weights' constraints write them in
+        the optimizer's update, and JAX's stateless step carries the optimizer's state there,
+        not the model's. `_return_layer_state` copies them back to the layer's own weights
+        (the ones saved). A no-op on TensorFlow, where the layer's own weights are written."""
+        if not _backend.stateless_steps():
+            return
+        optimizer = self.model.optimizer
+        by_layer = {}
+        for variable in self.model.trainable_variables:
+            lent = self._lent.get(id(variable))
+            record = lent[2] if lent is not None else pruning.record_of(variable)
+            if record is not None and isinstance(record.owner, Prunable):
+                by_layer.setdefault(id(record.owner), (record.owner, []))[1].append((variable, record))
+        for layer, weights in by_layer.values():
+            if id(layer) in self._lent_steps:
+                step = self._lent_steps[id(layer)][1]
+                step.assign(ops.copy(layer.pruning_step))  # a buffer of its own (JAX donates both)
+            else:
+                step = _backend.optimizer_variable(optimizer, layer.pruning_step,
+                                                   f"{layer.name}_pruning_step", _backend.int_dtype())
+                self._lent_steps[id(layer)] = (layer, step)
+            # As the layer does: the constraint of its last pruned weight counts the step.
+            order = {id(v): i for i, v in enumerate(layer.trainable_weights)}
+            last = max(weights, key=lambda pair: order.get(id(pair[0]), -1))[0]
+            for variable, record in weights:
+                lent = self._lent.get(id(variable))
+                if lent is None:
+                    copy = _backend.optimizer_variable(optimizer, record.mask,
+                                                       f"{layer.name}_{record.mask.name}", record.mask.dtype)
+                    self._lent[id(variable)] = [variable, layer, record, variable.constraint, copy]
+                else:
+                    copy = lent[4]
+                    copy.assign(ops.copy(record.mask))
+                pruning.attach(
+                    variable, copy, record.schedule, record.structure, record.in_axis, record.out_axis,
+                    step_fn=lambda step=step: step, owner=layer,
+                    length_fn=lambda layer=layer: _state.TRAINING_LENGTH.get(layer),
+                    after=(lambda step=step: step.assign_add(1)) if variable is last else None, carried=True,
+                )
+        if by_layer:
+            _common.retrace(self.model)  # a train step traced before has the layers' own constraints
+
+    def _return_layer_state(self, restore):
+        """Copies what `_lend_layer_state` lent back to the layers' own masks and steps
+        (after JAX's fit wrote the step's state back to the variables, at the end of each
+        epoch); with `restore`, the layers' own constraints prune their weights again."""
+        for variable, _, record, constraint, copy in self._lent.values():
+            record.mask.assign(ops.copy(copy))  # a buffer of its own: JAX donates both variables
+            if restore:
+                variable.constraint = constraint
+                _state.PRUNED.set(variable, record)
+        for layer, step in self._lent_steps.values():
+            layer.pruning_step.assign(ops.copy(step))
+        if restore and self._lent:
+            _common.retrace(self.model)  # the next fit's step has the layers' own constraints
 
     def _resolve_all(self, total):
         """Sets the length of this fit on every schedule in percentages (the
@@ -181,7 +252,11 @@ class Pruning(keras.callbacks.Callback):
         for owner, _ in relative:
             length = self._length if owner is self else _state.TRAINING_LENGTH.get(owner)
             if length is None:
-                length = _common.state_variable(self.model, total, f"{getattr(owner, 'name', 'pruning')}_training_length")
+                name = f"{getattr(owner, 'name', 'pruning')}_training_length"
+                if _backend.stateless_steps():  # read by constraints: optimizer state under JAX
+                    length = _backend.optimizer_variable(self.model.optimizer, total, name, _backend.int_dtype())
+                else:
+                    length = _common.state_variable(self.model, total, name)
                 created = True
                 if owner is self:
                     self._length = length
@@ -239,7 +314,7 @@ class Pruning(keras.callbacks.Callback):
             mask = self._variable(initial, f"{variable.name}_mask")
             constraint = pruning.attach(
                 variable, mask, self.pruning_schedule, self.structure, pw.in_axis, pw.out_axis,
-                step_fn=lambda: optimizer.iterations, owner=self, length_fn=lambda: self._length,
+                step_fn=lambda: optimizer.iterations, owner=self, length_fn=lambda: self._length, carried=True,
             )
             self._masks[id(variable)] = (variable, mask, constraint)
             attached = True
@@ -247,12 +322,17 @@ class Pruning(keras.callbacks.Callback):
 
     def _variable(self, value, name):
         """A replica-local state variable (a mask) under the model's strategy: every replica
-        computes the same value from the same synchronized weights and writes its own copy."""
+        computes the same value from the same synchronized weights and writes its own copy.
+        Under JAX, an optimizer-owned variable: the state the stateless step carries."""
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        if _backend.stateless_steps():
+            return _backend.optimizer_variable(self.model.optimizer, value, name, dtype)
         with _backend.strategy_scope(self.model):
-            return _keras_internal.replica_local_variable(value, name, dtype=keras.backend.standardize_dtype(value.dtype))
+            return _keras_internal.replica_local_variable(value, name, dtype=dtype)
 
     # --- report ---------------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
+        self._return_layer_state(restore=False)
         broken = [f"{layer.name}/{pw.variable.name}" for layer, pw, value in prunable_values(self.model, True)
                   if not np.all(np.isfinite(value))]
         if broken:
@@ -267,6 +347,7 @@ class Pruning(keras.callbacks.Callback):
                 logs["sparsity"] = value
 
     def on_train_end(self, logs=None):
+        self._return_layer_state(restore=True)
         schedule = self.pruning_schedule
         if schedule is None or not self._masks:
             return
