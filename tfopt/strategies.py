@@ -34,7 +34,7 @@ import socket
 import tempfile
 import time
 
-import tensorflow as tf
+import keras
 
 from tfopt import _keras_internal
 
@@ -52,6 +52,19 @@ __all__ = [
 ]
 
 log = logging.getLogger("tfopt")
+
+
+class _TensorFlow:
+    """`tensorflow`, imported when first used: under another Keras backend,
+    `import tfopt` (whose callbacks import this module) loads no TensorFlow."""
+
+    def __getattr__(self, name):
+        import tensorflow  # lazy: only what uses tf.distribute needs it
+
+        return getattr(tensorflow, name)
+
+
+tf = _TensorFlow()
 
 
 # --- helpers for any strategy ----------------------------------------------------------
@@ -212,24 +225,6 @@ class _Helpers:
 
 
 # --- the strategies ---------------------------------------------------------------------
-class Mirrored(_Helpers, tf.distribute.MirroredStrategy):
-    """`tf.distribute.MirroredStrategy` (synchronous replicas on one machine)
-    with tfopt's helpers.
-
-    Args:
-        devices: device names; None for all GPUs (or the CPU if there is none).
-        cross_device_ops: as in `tf.distribute.MirroredStrategy`.
-
-    Example:
-    >>> strategy = Mirrored(["/cpu:0"])
-    >>> strategy.num_replicas_in_sync, strategy.global_batch_size(16)
-    (1, 16)
-    """
-
-    def __init__(self, devices=None, cross_device_ops=None):
-        super().__init__(devices=devices, cross_device_ops=cross_device_ops)
-
-
 _TPU_SYSTEMS = {}
 
 
@@ -263,42 +258,80 @@ def _tpu_resolver(tpu=None):
     return _TPU_SYSTEMS[key]
 
 
-class TPU(_Helpers, tf.distribute.TPUStrategy):
-    """`tf.distribute.TPUStrategy` that resolves, connects to and initializes the TPU itself.
-
-    Args:
-        tpu: the TPU's name or address; None finds Colab's (or a TPU VM's
-            with "local").
-    """
-
-    def __init__(self, tpu=None):
-        super().__init__(_tpu_resolver(tpu))
-
-
 def _multi_worker_fix():
     """Makes Keras 3's `fit` work under MultiWorkerMirroredStrategy (see
     `tfopt._keras_internal.patch_multi_worker_trainer`)."""
     _keras_internal.patch_multi_worker_trainer()
 
 
-class MultiWorker(_Helpers, tf.distribute.MultiWorkerMirroredStrategy):
-    """`tf.distribute.MultiWorkerMirroredStrategy` (synchronous training over
-    several machines, configured by `TF_CONFIG`) with Keras 3's `fit` made to
-    work under it (see `_multi_worker_fix`) and tfopt's helpers.
+def _define_strategies():
+    """Defines `Mirrored`, `TPU` and `MultiWorker`, subclasses of `tf.distribute`'s
+    strategies (so TensorFlow is imported): at import under the TensorFlow
+    backend, else when one is first asked for (`__getattr__`)."""
+    if "Mirrored" in globals():
+        return
 
-    Write checkpoints and exports to `strategy.chief_path(path)`: every worker
-    runs the same code, only the chief's files land at `path`.
+    class Mirrored(_Helpers, tf.distribute.MirroredStrategy):
+        """`tf.distribute.MirroredStrategy` (synchronous replicas on one machine)
+        with tfopt's helpers.
 
-    Args:
-        cluster_resolver, communication_options: as in
-            `tf.distribute.MultiWorkerMirroredStrategy`.
-    """
+        Args:
+            devices: device names; None for all GPUs (or the CPU if there is none).
+            cross_device_ops: as in `tf.distribute.MirroredStrategy`.
 
-    def __init__(self, cluster_resolver=None, communication_options=None):
-        if cluster_resolver is None:
-            tf_config()  # a clear error for a malformed TF_CONFIG, before TF reads it
-        _multi_worker_fix()
-        super().__init__(cluster_resolver=cluster_resolver, communication_options=communication_options)
+        Example:
+        >>> strategy = Mirrored(["/cpu:0"])
+        >>> strategy.num_replicas_in_sync, strategy.global_batch_size(16)
+        (1, 16)
+        """
+
+        def __init__(self, devices=None, cross_device_ops=None):
+            super().__init__(devices=devices, cross_device_ops=cross_device_ops)
+
+    class TPU(_Helpers, tf.distribute.TPUStrategy):
+        """`tf.distribute.TPUStrategy` that resolves, connects to and initializes the TPU itself.
+
+        Args:
+            tpu: the TPU's name or address; None finds Colab's (or a TPU VM's
+                with "local").
+        """
+
+        def __init__(self, tpu=None):
+            super().__init__(_tpu_resolver(tpu))
+
+    class MultiWorker(_Helpers, tf.distribute.MultiWorkerMirroredStrategy):
+        """`tf.distribute.MultiWorkerMirroredStrategy` (synchronous training over
+        several machines, configured by `TF_CONFIG`) with Keras 3's `fit` made to
+        work under it (see `_multi_worker_fix`) and tfopt's helpers.
+
+        Write checkpoints and exports to `strategy.chief_path(path)`: every worker
+        runs the same code, only the chief's files land at `path`.
+
+        Args:
+            cluster_resolver, communication_options: as in
+                `tf.distribute.MultiWorkerMirroredStrategy`.
+        """
+
+        def __init__(self, cluster_resolver=None, communication_options=None):
+            if cluster_resolver is None:
+                tf_config()  # a clear error for a malformed TF_CONFIG, before TF reads it
+            _multi_worker_fix()
+            super().__init__(cluster_resolver=cluster_resolver, communication_options=communication_options)
+
+    for cls in (Mirrored, TPU, MultiWorker):
+        cls.__qualname__ = cls.__name__  # as if defined at module level (pickling, repr)
+        globals()[cls.__name__] = cls
+
+
+def __getattr__(name):
+    if name in ("Mirrored", "TPU", "MultiWorker"):
+        _define_strategies()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if keras.backend.backend() == "tensorflow":
+    _define_strategies()  # Keras has imported TensorFlow already: the classes exist at import, as always
 
 
 # --- auto -------------------------------------------------------------------------------
@@ -476,6 +509,7 @@ def auto(timeout=None):
             f">= 0, or None to wait as long as it takes. Received: timeout={timeout!r}"
         )
     kind, reason = _choose()
+    _define_strategies()
     if kind == "tpu":
         try:
             strategy = TPU()  # a name that does not resolve is already a clear RuntimeError
