@@ -74,6 +74,15 @@ def convert(model, optimizations=None, precision="float32", representative_data=
     except Exception as traced_error:  # noqa: BLE001 - the other path says whether it was the model
         if type(traced_error).__name__ == "ConverterError":  # (not public) the converter refused the model
             raise
+        if "should be recorded during calibration" in str(traced_error):
+            # (Measured, TF 2.21: int16x8 calibration keeps no range for an integer input.)
+            integer = [t.name for t in model.inputs if "int" in keras.backend.standardize_dtype(t.dtype)]
+            raise ValueError(
+                f"tfopt.export: the TensorFlow converter could not calibrate model '{model.name}' in "
+                f"precision={precision!r}: {str(traced_error).splitlines()[0]} (integer inputs: {integer}; "
+                "the converter's int16x8 calibration fails on integer inputs such as token ids). Fix: export "
+                "precision='int8' after tfopt.quantize_model (ranges from training, no calibration), or a "
+                "weight-only precision such as 'int8_weight_only'.") from traced_error
         if input_shapes is not None:  # (from_keras_model converts the model's own shapes only)
             raise
         log.debug("tfopt.export: the traced conversion failed (%s); converting with from_keras_model.",

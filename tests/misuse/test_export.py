@@ -36,6 +36,12 @@ def _keras_quantized(mode):
     return model
 
 
+def _token_model():
+    ids = keras.Input((8,), dtype="int32", name="ids")
+    x = keras.layers.Flatten()(keras.layers.Embedding(17, 4)(ids))
+    return keras.Model(ids, keras.layers.Dense(2)(x), name="tokens")
+
+
 def _mlp_48():
     return keras.Sequential([keras.Input((48,)), keras.layers.Dense(64, name="hidden"), keras.layers.Dense(2)],
                             name="mlp")
@@ -239,6 +245,12 @@ TABLE = [
            raises=ValueError,
            match=r"precision='int16x8' \(16-bit activations, 8-bit weights\) calibrates its activation ranges on "
                  r"data.*model 'tiny' got no `representative_data`\. Fix: pass representative_data="),
+    Misuse("int16x8 export of a model with integer inputs (token ids)",
+           lambda: tfopt.export(_token_model(), _path(), precision="int16x8",
+                                representative_data=np.arange(16, dtype="int32").reshape(2, 8) % 17),
+           raises=ValueError,
+           match=r"the TensorFlow converter could not calibrate model 'tokens' in precision='int16x8'.*integer "
+                 r"inputs: \['ids'\].*Fix: export precision='int8' after tfopt.quantize_model"),
     Misuse("export of an LSTM without a fixed sequence length", _export_open_length_lstm,
            raises=ValueError,
            match=r"layer 'lstm' \(LSTM\) is recurrent, which LiteRT runs unrolled .*needs a fixed sequence "

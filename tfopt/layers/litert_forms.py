@@ -90,8 +90,8 @@ def nested_forms(layer, calibrating):
     """`[(sublayer, form class)]` for the layers nested in `layer` (not a
     model) whose export form only changes their class to one computing the
     same values from the same state (IntegerLayerNormalization)."""
-    if isinstance(layer, keras.Model):
-        return []
+    if isinstance(layer, keras.Model) or not isinstance(layer, keras.layers.Layer):
+        return []  # (an op in the graph, such as keras-hub's `x[:, 0, :]`, holds no layer)
     out = []
     for sub in _keras_internal.all_layers(layer):
         form = geometry.export_form(sub, calibrating)
