@@ -231,6 +231,26 @@ def _gpt2_lm():
         max_sequence_length=32, dropout=0.0))
 
 
+def _llama_lm():
+    """A two-block Llama language model (keras-hub's LlamaCausalLM, from a config): RMS norms,
+    grouped-query attention (2 query heads, 1 key/value head) with rotary positions, SwiGLU."""
+    import keras_hub  # lazy: keras-hub is optional
+
+    return keras_hub.models.LlamaCausalLM(keras_hub.models.LlamaBackbone(
+        vocabulary_size=17, num_layers=2, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+        intermediate_dim=32, dropout=0.0))
+
+
+def _mistral_lm():
+    """A one-block Mistral language model (keras-hub's MistralCausalLM, from a config): Llama's
+    math with 2 key/value heads (Mistral's sliding window of 512 does not cut these sequences)."""
+    import keras_hub  # lazy: keras-hub is optional
+
+    return keras_hub.models.MistralCausalLM(keras_hub.models.MistralBackbone(
+        vocabulary_size=17, num_layers=1, num_query_heads=2, num_key_value_heads=2, hidden_dim=16,
+        intermediate_dim=32, dropout=0.0))
+
+
 def _token_classes(count, rng):
     """64 token ids in [0, 17); in a sequence of class c each is c + 1 with probability 1/4,
     else uniform. (The digits' pixels as tokens take a one-block BERT tens of epochs.)"""
@@ -259,6 +279,8 @@ _KERAS_HUB_CASES = [
     ("keras_hub_bert_encoder", _bert_classifier, _token_classes, 6, 3e-3),
     # Next-token logits: agreement counts every (sequence, step).
     ("keras_hub_gpt2_decoder", _gpt2_lm, _token_chains, 4, 3e-3),
+    ("keras_hub_llama_decoder", _llama_lm, _token_chains, 4, 3e-3),
+    ("keras_hub_mistral_decoder", _mistral_lm, _token_chains, 4, 3e-3),
 ]
 
 

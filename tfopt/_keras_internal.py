@@ -457,3 +457,25 @@ def set_no_cross_attention(block):
     """Marks a keras-hub TransformerDecoder twin as built without cross-attention (what its
     parent's other methods read)."""
     block._cross_attention_layer = None
+
+
+def rotary_cos_sin(rotary, length, dim):
+    """`(cos, sin)`, numpy arrays `(length, dim)`: the tables a keras-hub RotaryEmbedding
+    (`rotary`, Llama's subclass included) multiplies positions 0 .. length - 1 of a
+    `dim`-wide feature axis by, computed by its own `_compute_cos_sin_embedding` (its
+    frequency scaling and YaRN factor included)."""
+    compute = _get(rotary, "_compute_cos_sin_embedding", "keras-hub RotaryEmbedding's cos/sin tables")
+    cos, sin = compute(keras.ops.zeros((1, length, dim), "float32"), 0)
+    as_numpy = keras.ops.convert_to_numpy
+    return (as_numpy(keras.ops.reshape(keras.ops.cast(cos, "float32"), (length, dim))),
+            as_numpy(keras.ops.reshape(keras.ops.cast(sin, "float32"), (length, dim))))
+
+
+def grouped_query_attention(layer):
+    """`(key/value head groups, dropout rate)` of a keras-hub grouped-query attention layer:
+    Llama's `LlamaAttention` keeps them as attributes, Mistral's `CachedMistralAttention`
+    as private ones."""
+    for groups, dropout in (("num_key_value_groups", "dropout"), ("_num_key_value_groups", "_dropout")):
+        if hasattr(layer, groups):
+            return getattr(layer, groups), _get(layer, dropout)
+    raise _moved("`num_key_value_groups` (keras-hub's grouped-query attention)", layer)

@@ -138,3 +138,65 @@ class KerasHubDecoderQuantizationTest(testing.TestCase):
         with self.assertWarnsRegex(UserWarning, "cross-attention"):
             qat = tfopt.quantize_model(model, unsupported="float")
         self.assertEqual(type(qat.get_layer("cross")).__name__, "TransformerDecoder")
+
+
+_LLAMA = dict(vocabulary_size=17, num_layers=2, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+              intermediate_dim=32, dropout=0.0)
+
+
+class KerasHubLlamaQuantizationTest(testing.TestCase):
+    """keras-hub's Llama and Mistral decoders (RMS norms, grouped-query attention with rotary
+    position embeddings, SwiGLU feed-forward): their int8 rows are in tests/test_int8_coverage.py."""
+
+    def test_causal_lm_strips_to_the_float_model_and_round_trips_a_keras_file(self):
+        lm = keras_hub.models.LlamaCausalLM(keras_hub.models.LlamaBackbone(**_LLAMA))
+        qat = tfopt.quantize_model(lm)
+        kinds = [type(layer).__name__ for layer in qat.layers]
+        self.assertEqual(kinds.count("QuantizedLlamaDecoder"), 2)
+        self.assertIsInstance(qat.get_layer("sequence_output_layernorm"), QuantizingLayer)
+        batch = _lm_features(4, padded=3)
+        self.assertAllClose(tfopt.strip(qat)(batch), lm(batch), atol=1e-5)
+        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        qat.fit(batch, batch["token_ids"], epochs=2, verbose=0)
+        path = os.path.join(tempfile.mkdtemp(), "qat.keras")
+        qat.save(path)
+        loaded = keras.saving.load_model(path)
+        self.assertAllClose(loaded(batch), qat(batch), atol=1e-6)
+        loaded.fit(batch, batch["token_ids"], epochs=1, verbose=0)
+
+    def test_quantization_aware_block_computes_what_the_float_block_computes(self):
+        # Rotary embeddings, repeated key/value heads, the RMS norms and Mistral's sliding window
+        # as keras-hub computes them: once the first batch has set the ranges, the fake-quantized
+        # logits are close (a wrong rotation, head order or band is off by the logits' size).
+        small = {**_LLAMA, "num_layers": 1}
+        models = {
+            "llama, 1 key/value head": lambda: keras_hub.models.LlamaCausalLM(keras_hub.models.LlamaBackbone(**small)),
+            "llama, 2 key/value heads": lambda: keras_hub.models.LlamaCausalLM(
+                keras_hub.models.LlamaBackbone(**{**small, "num_key_value_heads": 2})),
+            "mistral, window 4": lambda: keras_hub.models.MistralCausalLM(
+                keras_hub.models.MistralBackbone(**small, sliding_window=4)),
+        }
+        for name, build in models.items():
+            lm = build()
+            qat = tfopt.quantize_model(lm)
+            self.assertEqual(type(qat.get_layer("transformer_layer_0")).__name__,
+                             f"Quantized{name.split(',')[0].title()}Decoder")
+            batch = _lm_features(8, padded=3)
+            self.assertAllClose(tfopt.strip(qat)(batch), lm(batch), atol=1e-5)
+            qat(batch, training=True)
+            expected = keras.ops.convert_to_numpy(lm(batch))
+            got = keras.ops.convert_to_numpy(qat(batch))
+            self.assertLess(np.abs(got - expected).max(), 0.05 * np.abs(expected).max(), name)
+            self.assertGreater((got.argmax(-1) == expected.argmax(-1)).mean(), 0.9, name)
+
+    def test_block_refuses_a_cache_and_positions_beyond_its_rotary_tables(self):
+        from tfopt.adapters import keras_hub_quantization
+
+        lm = keras_hub.models.LlamaCausalLM(keras_hub.models.LlamaBackbone(**_LLAMA))
+        block = tfopt.quantize_model(lm).get_layer("transformer_layer_0")
+        x = np.zeros((1, 4, 16), "float32")
+        with self.assertRaisesRegex(ValueError, "computes whole sequences.*Fix: generate"):
+            block(x, self_attention_cache=np.zeros((1, 2, 4, 1, 8), "float32"), self_attention_cache_update_index=0)
+        too_long = np.zeros((1, keras_hub_quantization.ROTARY_POSITIONS + 1, 16), "float32")
+        with self.assertRaisesRegex(ValueError, "rotary tables for 1024 positions.*ROTARY_POSITIONS"):
+            block(too_long)

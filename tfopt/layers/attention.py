@@ -23,6 +23,10 @@ ones), split after it. A fake-quant after the softmax with any range other
 than LiteRT's fixed output scale (1/256, zero point -128) adds a requantize
 op; the twin uses that range.
 
+The math is `IntegerAttention`'s, which the twins of keras-hub's Llama and
+Mistral attention layers share (`tfopt/adapters/keras_hub_quantization.py`:
+rotary position embeddings and grouped-query heads added to it).
+
 With quantization off the twin is exactly `keras.layers.MultiHeadAttention`.
 The quantization-aware form supports what transformer encoders use: inputs
 `(batch, steps, features)`, attention over the steps (default
@@ -44,7 +48,7 @@ from tfopt.layers import _weight_quantization
 from tfopt.layers.base import twin
 from tfopt.layers.quantize_activation import add_range_weights, track_and_quantize, when_started
 
-__all__ = ["MultiHeadAttention", "unsupported_reason"]
+__all__ = ["MultiHeadAttention", "IntegerAttention", "unsupported_reason"]
 
 # TFLite's int8 SOFTMAX writes scale 1/256, zero point -128: [0, 255/256] on 8 bits.
 _SOFTMAX_RANGE = (0.0, 255.0 / 256.0)
@@ -74,44 +78,31 @@ def unsupported_reason(layer):
     return None
 
 
-class IntegerAttentionCall:
-    """Mixin of the MultiHeadAttention twin: the quantization-aware forward
-    pass in the ops LiteRT runs in int8 (module docstring)."""
+class IntegerAttention:
+    """The attention math of the quantization-aware twins (module docstring), for
+    a layer whose projections are EinsumDense sublayers read through
+    `_keras_internal.attention_projection` (kernels `(in, heads, dim)` and
+    `(heads, dim, out)`): Keras's MultiHeadAttention (`IntegerAttentionCall`)
+    and keras-hub's Llama attention (`tfopt/adapters/keras_hub_quantization.py`).
+    The layer provides `use_bias`, `output_quant_spec`, the ranges named in
+    `INTERMEDIATE_RANGES` and its output range; it may override
+    `projection_kernel` (grouped-query attention repeats the key and value
+    heads there) and `project` (rotary position embeddings), and calls
+    `project` then `attend`."""
 
     INTERMEDIATE_RANGES = ("query", "key", "value", "scaled_query", "scores", "context")
 
-    @staticmethod
-    def quantization_unsupported(layer):
-        """Why this twin cannot quantize `layer`, or None (read by `tfopt.quantize_model`)."""
-        return unsupported_reason(layer)
-
-    def build(self, query_shape, value_shape, key_shape=None):
-        where = f"Layer '{self.name}' ({type(self).__name__})"
-        if self.pruning_schedule is not None:
-            raise ValueError(
-                f"{where} got pruning_schedule={self.pruning_schedule!r}, but MultiHeadAttention is pruned "
-                "through its projections (EinsumDense layers): `tfopt.prune` prunes them, and "
-                "`tfopt.shrink` removes whole heads. Fix: leave pruning_schedule off for this layer.")
-        if self.output_quant_spec is not None:
-            reason = unsupported_reason(self)
-            if reason is None and len(query_shape) != 3:
-                reason = f"inputs of shape {tuple(query_shape)} (only (batch, steps, features))"
-            if reason is not None:
-                raise ValueError(
-                    f"{where} got quantization_aware={self.quantization_aware!r}, but its quantization-aware "
-                    f"form does not compute {reason}. Fix: leave quantization_aware off for it (with "
-                    "`tfopt.quantize_model`, such a layer stays float with a range after it).")
-        keras.layers.MultiHeadAttention.build(self, query_shape, value_shape, key_shape)
-        if self.output_quant_spec is not None:
-            # Held by a sublayer made after the projections, so that `weights` lists
-            # Keras's own first, in Keras's order, then the ranges.
-            # (Attributes of this layer would be tracked as its own variables, listed first.)
-            holder = keras.layers.Layer(name="quantization_ranges")
-            holder.output_ranges = add_range_weights(holder, prefix="output_")
-            holder.intermediate_ranges = {name: add_range_weights(holder, prefix=f"{name}_")
-                                   for name in self.INTERMEDIATE_RANGES}
-            holder.built = True
-            self.quantization_ranges = holder
+    def add_quantization_ranges(self):
+        """Adds the output range and `INTERMEDIATE_RANGES`, held by a sublayer
+        `quantization_ranges`: call it after the projections are built, so that
+        `weights` lists the parent's own first, in its order, then the ranges.
+        (Attributes of this layer would be tracked as its own variables, listed first.)"""
+        holder = keras.layers.Layer(name="quantization_ranges")
+        holder.output_ranges = add_range_weights(holder, prefix="output_")
+        holder.intermediate_ranges = {name: add_range_weights(holder, prefix=f"{name}_")
+                                      for name in self.INTERMEDIATE_RANGES}
+        holder.built = True
+        self.quantization_ranges = holder
 
     # The ranges `tfopt.layers.Prunable` reads, held by `quantization_ranges`.
     output_range_min = property(lambda self: self.quantization_ranges.output_ranges[0])
@@ -119,19 +110,10 @@ class IntegerAttentionCall:
     output_range_updates = property(lambda self: self.quantization_ranges.output_ranges[2])
     _intermediate_ranges = property(lambda self: self.quantization_ranges.intermediate_ranges)
 
-    def call(self, query, value, key=None, query_mask=None, value_mask=None, key_mask=None, attention_mask=None,
-             return_attention_scores=False, training=None, use_causal_mask=False):
-        if self.output_quant_spec is None:
-            return keras.layers.MultiHeadAttention.call(
-                self, query, value, key=key, query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
-                attention_mask=attention_mask, return_attention_scores=return_attention_scores,
-                training=training, use_causal_mask=use_causal_mask)
-        step = ops.convert_to_tensor(self.output_range_updates)  # before this call's update
-        times = self.quantization_times()
-        key = value if key is None else key
-        inputs = {"query": query, "key": key, "value": value}
-        projected = {}
-        # Projections of one input tensor run as one product (module docstring).
+    def project(self, inputs, training, step, times):
+        """`{part: (batch, steps, heads, dim)}` for the "query", "key" and "value"
+        tensors of `inputs`. Projections of one input tensor run as one product
+        (module docstring). (Rotary position embeddings extend this.)"""
         groups = []
         for part in _PARTS:
             for group in groups:
@@ -140,40 +122,48 @@ class IntegerAttentionCall:
                     break
             else:
                 groups.append([part])
+        projected = {}
         for group in groups:
             projected.update(self._project(group, inputs[group[0]], training, step, times))
-        scale = 1.0 / math.sqrt(float(self.key_dim))
+        return projected
+
+    def attend(self, projected, mask, training, step, times, probabilities_dropout=None, context_dropout=None):
+        """`(output, probabilities)`: scaled dot-product attention over `projected`
+        (from `project`) with the boolean `mask` (None, or broadcastable to
+        `(batch, heads, steps_q, steps_v)`), then the output projection and the
+        layer's output range. The dropouts (layers or None) apply to the
+        probabilities, as Keras does, or to the context, as keras-hub's Llama does."""
+        head_dim = int(self.projection_kernel("query").shape[-1])
+        scale = 1.0 / math.sqrt(float(head_dim))
         q = self.intermediate("scaled_query", projected["query"] * ops.cast(scale, projected["query"].dtype),
                               training, step, times)
         k, v = projected["key"], projected["value"]
         scores = self.intermediate("scores", ops.einsum("aecd,abcd->acbe", k, q), training, step, times)
-        # Keras reads the query's mask from the tensor (the argument is overwritten).
-        query_mask = _keras_internal.keras_mask(query)
-        mask = self._mask(query, value, attention_mask, use_causal_mask, (value_mask, key_mask), query_mask)
         if mask is not None:
             scores = ops.where(mask, scores, ops.cast(-1e9, scores.dtype))
         probabilities = ops.softmax(scores, axis=-1)
         probabilities = when_started(step, times, lambda: quantizers.quantize_activation(
             probabilities, *_SOFTMAX_RANGE, quantizers.QuantSpec(8)), probabilities)
-        kept = probabilities
-        if self.dropout > 0.0:
-            dropout = next(sub for sub in _keras_internal.all_layers(self)
-                           if geometry.role(sub) == geometry.PASS_THROUGH)
-            kept = dropout(probabilities, training=training)
+        kept = probabilities if probabilities_dropout is None else probabilities_dropout(
+            probabilities, training=training)
         context = self.intermediate("context", ops.einsum("acbe,aecd->abcd", kept, v), training, step, times)
+        if context_dropout is not None:
+            context = context_dropout(context, training=training)
         output = self._output(context, step, times)
         output = track_and_quantize(
             output, (self.output_range_min, self.output_range_max, self.output_range_updates),
             self.output_quant_spec, momentum=0.99, update=bool(training), times=times, step=step)
-        if return_attention_scores:
-            return output, probabilities
-        return output
+        return output, probabilities
 
+    def projection_kernel(self, part):
+        """The kernel of projection `part`: `(in, heads, dim)`, or `(heads, dim, out)`
+        for "output"."""
+        return _keras_internal.attention_projection(self, part).kernel
     # --- the parts ------------------------------------------------------------------
     def _float_kernel(self, part):
         """The kernel of projection `part` as a 2-D float32 matrix: `(in, heads * dim)`,
         or `(heads * dim, out)` for the output projection."""
-        kernel = _keras_internal.attention_projection(self, part).kernel
+        kernel = self.projection_kernel(part)
         rows = kernel.shape[0] if part != "output" else kernel.shape[0] * kernel.shape[1]
         return ops.reshape(ops.cast(ops.convert_to_tensor(kernel), "float32"), (int(rows), -1))
 
@@ -193,7 +183,7 @@ class IntegerAttentionCall:
 
     def _project(self, parts, x, training, step, times):
         """`{part: (batch, steps, heads, dim)}` for projections `parts` of the one input `x`."""
-        heads_dims = [tuple(_keras_internal.attention_projection(self, p).kernel.shape)[1:] for p in parts]
+        heads_dims = [tuple(self.projection_kernel(p).shape)[1:] for p in parts]
         widths = [heads * dim for heads, dim in heads_dims]
         splits = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
         y = ops.einsum("...i,io->...o", x, self._kernel(parts, step, times))
@@ -249,6 +239,60 @@ class IntegerAttentionCall:
             causal = ops.expand_dims(ops.greater_equal(row, col), 0)
             mask = causal if mask is None else ops.logical_and(mask, causal)
         return None if mask is None else ops.expand_dims(mask, 1)  # the heads axis
+
+
+
+class IntegerAttentionCall(IntegerAttention):
+    """Mixin of the MultiHeadAttention twin: the quantization-aware forward
+    pass in the ops LiteRT runs in int8 (module docstring)."""
+
+    @staticmethod
+    def quantization_unsupported(layer):
+        """Why this twin cannot quantize `layer`, or None (read by `tfopt.quantize_model`)."""
+        return unsupported_reason(layer)
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        where = f"Layer '{self.name}' ({type(self).__name__})"
+        if self.pruning_schedule is not None:
+            raise ValueError(
+                f"{where} got pruning_schedule={self.pruning_schedule!r}, but MultiHeadAttention is pruned "
+                "through its projections (EinsumDense layers): `tfopt.prune` prunes them, and "
+                "`tfopt.shrink` removes whole heads. Fix: leave pruning_schedule off for this layer.")
+        if self.output_quant_spec is not None:
+            reason = unsupported_reason(self)
+            if reason is None and len(query_shape) != 3:
+                reason = f"inputs of shape {tuple(query_shape)} (only (batch, steps, features))"
+            if reason is not None:
+                raise ValueError(
+                    f"{where} got quantization_aware={self.quantization_aware!r}, but its quantization-aware "
+                    f"form does not compute {reason}. Fix: leave quantization_aware off for it (with "
+                    "`tfopt.quantize_model`, such a layer stays float with a range after it).")
+        keras.layers.MultiHeadAttention.build(self, query_shape, value_shape, key_shape)
+        if self.output_quant_spec is not None:
+            self.add_quantization_ranges()
+
+    def call(self, query, value, key=None, query_mask=None, value_mask=None, key_mask=None, attention_mask=None,
+             return_attention_scores=False, training=None, use_causal_mask=False):
+        if self.output_quant_spec is None:
+            return keras.layers.MultiHeadAttention.call(
+                self, query, value, key=key, query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
+                attention_mask=attention_mask, return_attention_scores=return_attention_scores,
+                training=training, use_causal_mask=use_causal_mask)
+        step = ops.convert_to_tensor(self.output_range_updates)  # before this call's update
+        times = self.quantization_times()
+        key = value if key is None else key
+        projected = self.project({"query": query, "key": key, "value": value}, training, step, times)
+        # Keras reads the query's mask from the tensor (the argument is overwritten).
+        query_mask = _keras_internal.keras_mask(query)
+        mask = self._mask(query, value, attention_mask, use_causal_mask, (value_mask, key_mask), query_mask)
+        dropout = None
+        if self.dropout > 0.0:
+            dropout = next(sub for sub in _keras_internal.all_layers(self)
+                           if geometry.role(sub) == geometry.PASS_THROUGH)
+        output, probabilities = self.attend(projected, mask, training, step, times, probabilities_dropout=dropout)
+        if return_attention_scores:
+            return output, probabilities
+        return output
 
 
 MultiHeadAttention = twin(keras.layers.MultiHeadAttention, doc="""Drop-in `keras.layers.MultiHeadAttention` that is quantization-aware.

@@ -30,10 +30,27 @@ from tfopt.layers import _weight_quantization
 from tfopt.layers.base import twin
 from tfopt.layers.quantize_activation import track_and_quantize
 
-__all__ = ["LayerNormalization"]
+__all__ = ["LayerNormalization", "inverse_deviation", "PARAMETER_SPEC"]
 
 #: gamma and beta: 8-bit, symmetric, per tensor (a per-channel MUL/ADD constant does not convert).
 PARAMETER_SPEC = quantizers.QuantSpec(8, per_channel=False, symmetric=True, narrow_range=True)
+
+
+def inverse_deviation(centered, axes, epsilon, ranged):
+    """`1 / sqrt(mean(centered ** 2) + epsilon)` over `axes`, in LiteRT's integer ops
+    (MUL, MEAN, ADD, RSQRT), each result through `ranged(name, tensor)` (ranges
+    "squared", "variance", "variance_epsilon", "inverse"). `centered` is `x - mean`
+    for a layer normalization, `x` itself for an RMS normalization (keras-hub's Llama).
+
+    Example:
+    >>> import numpy as np
+    >>> x = np.array([[3.0, -4.0]], "float32")
+    >>> round(float(inverse_deviation(x, [-1], 0.0, lambda name, t: t)[0, 0]) ** -2, 4)  # mean(9, 16)
+    12.5
+    """
+    squared = ranged("squared", centered * centered)
+    variance = ranged("variance", ops.mean(squared, axis=axes, keepdims=True))
+    return ranged("inverse", ops.rsqrt(ranged("variance_epsilon", variance + epsilon)))
 
 
 class IntegerLayerNormalizationCall:
@@ -63,8 +80,7 @@ class IntegerLayerNormalizationCall:
             shape[axis] = x.shape[axis]
         mean = ranged("mean", ops.mean(x, axis=axes, keepdims=True))
         centered = ranged("centered", x - mean)
-        variance = ranged("variance", ops.mean(ranged("squared", centered * centered), axis=axes, keepdims=True))
-        inverse = ranged("inverse", ops.rsqrt(ranged("variance_epsilon", variance + self.epsilon)))
+        inverse = inverse_deviation(centered, axes, self.epsilon, ranged)
         # Keras's rms_scaling divides x itself (not x - mean) by the standard deviation.
         outputs = (x if self.rms_scaling else centered) * inverse
         if self.gamma is not None or self.beta is not None:

@@ -225,7 +225,9 @@ def rewrite(the_plan):
     def make_layer(layer):
         twin = geometry.twin_of(layer)
         if id(layer) in the_plan.precisions:
-            config = layer.get_config()
+            # (A twin may read the float layer's config itself: keras-hub's Llama decoder's
+            # own `get_config` raises.)
+            config = getattr(twin, "source_config", type(layer).get_config)(layer)
             config["quantization_aware"] = the_plan.precisions[id(layer)]
             bn = folds.get(id(layer))
             if bn is not None:
