@@ -16,10 +16,26 @@ class IntegerDense:
     def integer_call(self, inputs, training=None, step=None, times=None):
         if len(inputs.shape) <= 2:
             return keras.layers.Dense.call(self, inputs)
-        x = ops.einsum("...i,io->...o", inputs, self.kernel)
+        x = times_kernel(inputs, self.kernel)
         if self.bias is not None:
             x = x + self.bias
         return x if self.activation is None else self.activation(x)
+
+def times_kernel(x, kernel):
+    """`x @ kernel` over the last axis of `x` (any rank), as an einsum with every
+    axis named. The converter writes it as one int8 FULLY_CONNECTED (IntegerDense);
+    TensorFlow differentiates an einsum written with `...` 100x slower (measured,
+    TF 2.21: 116 ms against 1.1 ms for (8, 64, 64) x (64, 256), forward and
+    backward), which made QAT steps of transformers 10-20x a float step.
+
+    Example:
+    >>> import numpy as np
+    >>> tuple(times_kernel(np.ones((2, 3, 4), "float32"), np.ones((4, 5), "float32")).shape)
+    (2, 3, 5)
+    """
+    axes = "abcdefgh"[:len(x.shape) - 1]
+    return ops.einsum(f"{axes}i,io->{axes}o", x, kernel)
+
 
 __all__ = ["Dense", "EinsumDense", "Embedding"]
 
