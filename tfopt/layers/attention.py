@@ -46,6 +46,7 @@ from keras import ops
 from tfopt import _keras_internal, geometry, quantizers
 from tfopt.layers import _weight_quantization
 from tfopt.layers.base import twin
+from tfopt.layers.core import times_kernel
 from tfopt.layers.quantize_activation import add_range_weights, track_and_quantize, when_started
 
 __all__ = ["MultiHeadAttention", "IntegerAttention", "unsupported_reason"]
@@ -186,7 +187,7 @@ class IntegerAttention:
         heads_dims = [tuple(self.projection_kernel(p).shape)[1:] for p in parts]
         widths = [heads * dim for heads, dim in heads_dims]
         splits = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
-        y = ops.einsum("...i,io->...o", x, self._kernel(parts, step, times))
+        y = times_kernel(x, self._kernel(parts, step, times))
         if self.use_bias:
             y = y + ops.concatenate([self._bias(part) for part in parts], axis=-1)
         if len(parts) == 1:
@@ -217,7 +218,7 @@ class IntegerAttention:
     def _output(self, context, step, times):
         steps = context.shape[1] if context.shape[1] is not None else ops.shape(context)[1]
         flat = ops.reshape(context, (-1, steps, int(context.shape[2]) * int(context.shape[3])))
-        y = ops.einsum("...i,io->...o", flat, self._kernel(["output"], step, times))
+        y = times_kernel(flat, self._kernel(["output"], step, times))
         return y + self._bias("output") if self.use_bias else y
 
     def _mask(self, query, value, attention_mask, use_causal_mask, step_masks, query_mask=None):
