@@ -99,6 +99,20 @@ def _lm_features(count, padded=0):
     return {"token_ids": tokens, "padding_mask": mask}
 
 
+def _check_strip_and_keras_file(test, lm, qat):
+    """`qat` strips to `lm`'s outputs; fitted, its .keras file (optimizer too) loads, computes the same
+    and trains on."""
+    batch = _lm_features(4, padded=3)
+    test.assertAllClose(tfopt.strip(qat)(batch), lm(batch), atol=1e-5)
+    qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(batch, batch["token_ids"], epochs=2, verbose=0)
+    path = os.path.join(tempfile.mkdtemp(), "qat.keras")
+    qat.save(path)
+    loaded = keras.saving.load_model(path)
+    test.assertAllClose(loaded(batch), qat(batch), atol=1e-6)
+    loaded.fit(batch, batch["token_ids"], epochs=1, verbose=0)
+
+
 class KerasHubDecoderQuantizationTest(testing.TestCase):
 
     def test_causal_lm_strips_to_the_float_model_and_round_trips_a_keras_file(self):
@@ -110,15 +124,7 @@ class KerasHubDecoderQuantizationTest(testing.TestCase):
         # layer shared between a nested model and its parent in a .keras file.
         self.assertNotIn("Functional", kinds)
         self.assertIn("logits_range_min", [w.name for w in qat.get_layer("token_embedding").weights])
-        batch = _lm_features(4, padded=3)
-        self.assertAllClose(tfopt.strip(qat)(batch), lm(batch), atol=1e-5)
-        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        qat.fit(batch, batch["token_ids"], epochs=2, verbose=0)
-        path = os.path.join(tempfile.mkdtemp(), "qat.keras")
-        qat.save(path)
-        loaded = keras.saving.load_model(path)  # its optimizer too
-        self.assertAllClose(loaded(batch), qat(batch), atol=1e-6)
-        loaded.fit(batch, batch["token_ids"], epochs=1, verbose=0)
+        _check_strip_and_keras_file(self, lm, qat)
 
     def test_decoder_refuses_a_cache_and_an_encoder_sequence(self):
         tfopt.quantize_model(keras_hub.models.GPT2Backbone(**_GPT2))  # registers the twins
@@ -154,15 +160,7 @@ class KerasHubLlamaQuantizationTest(testing.TestCase):
         kinds = [type(layer).__name__ for layer in qat.layers]
         self.assertEqual(kinds.count("QuantizedLlamaDecoder"), 2)
         self.assertIsInstance(qat.get_layer("sequence_output_layernorm"), QuantizingLayer)
-        batch = _lm_features(4, padded=3)
-        self.assertAllClose(tfopt.strip(qat)(batch), lm(batch), atol=1e-5)
-        qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        qat.fit(batch, batch["token_ids"], epochs=2, verbose=0)
-        path = os.path.join(tempfile.mkdtemp(), "qat.keras")
-        qat.save(path)
-        loaded = keras.saving.load_model(path)
-        self.assertAllClose(loaded(batch), qat(batch), atol=1e-6)
-        loaded.fit(batch, batch["token_ids"], epochs=1, verbose=0)
+        _check_strip_and_keras_file(self, lm, qat)
 
     def test_quantization_aware_block_computes_what_the_float_block_computes(self):
         # Rotary embeddings, repeated key/value heads, the RMS norms and Mistral's sliding window
