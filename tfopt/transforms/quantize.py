@@ -160,10 +160,10 @@ def quantize_model(model, numerical_precision="int8", layers=None, unsupported="
     a range after them: an int8 export without data runs them as float ops between
     QUANTIZE/DEQUANTIZE (listed in `float_ops`); with `representative_data`
     every range is calibrated and the file is full-integer.
-    keras-hub encoders and GPT-2-style decoders (a `BertBackbone`, a
-    `GPT2Backbone` or `GPT2CausalLM`, or a model on their outputs) are
-    quantized too: each TransformerEncoder or decoder-only TransformerDecoder
-    becomes its quantization-aware form
+    keras-hub encoders and GPT-2-, Llama- and Mistral-style decoders (a
+    `BertBackbone`, a `GPT2Backbone`, `LlamaBackbone`, `MistralBackbone`, their
+    CausalLMs, or a model on their outputs) are quantized too: each encoder or
+    decoder block becomes its quantization-aware form
     (`tfopt.adapters.keras_hub_quantization`: twins inside, a range on each
     residual sum), and token, position and segment embeddings fake-quantize
     their tables, so an int8 export without data is full integer. A nested
