@@ -173,14 +173,20 @@ class _LSTMSteps(QuantizedRecurrence):
             z = projected[:, t]
             if h is not None:
                 z = quantize("gates", z + quantize("recurrent_projection", ops.matmul(h, recurrent)))
-            z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
+            if c is None:
+                # The zero cell needs no forget gate. (A SPLIT with an unused output
+                # stayed float in some int8 files: slices, each used, convert to int8.)
+                units = z.shape[-1] // 4
+                z_i, z_c, z_o = z[:, :units], z[:, 2 * units:3 * units], z[:, 3 * units:]
+            else:
+                z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
             i = activation(cell.recurrent_activation, z_i)
-            f = activation(cell.recurrent_activation, z_f)
             g = activation(cell.activation, z_c)
             o = activation(cell.recurrent_activation, z_o)
             if c is None:
                 c = quantize("cell", i * g)
             else:
+                f = activation(cell.recurrent_activation, z_f)
                 c = quantize("cell", quantize("forget_cell", f * c) + quantize("input_cell", i * g))
             h = quantize("output", o * activation(cell.activation, c))
             outputs.append(h)
