@@ -2,59 +2,13 @@
 `Pruning` callback train in JAX's stateless step, with the masks the TensorFlow run of the same
 script finds. This process runs TensorFlow, so each script runs in a child process."""
 
-import functools
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-import textwrap
 import unittest
 
 import pytest
 
 from tfopt import testing
-
-_HAS_JAX = importlib.util.find_spec("jax") is not None
-
-# Weights set from numpy (each backend's initializers draw other numbers) and SGD, so both
-# backends train the same model; the script prints one JSON line after "RESULT ".
-_PRELUDE = """
-import json, warnings
-import numpy as np, keras, tfopt
-
-def set_weights(model):
-    rng = np.random.default_rng(0)
-    model.set_weights([(0.1 * rng.standard_normal(w.shape)).astype(w.dtype) if w.ndim > 1 or "bias" in w.path
-                       else np.asarray(w) for w in model.weights])
-
-def data():
-    rng = np.random.default_rng(1)
-    return rng.standard_normal((16, 8, 8, 1)).astype("float32"), rng.standard_normal((16, 4)).astype("float32")
-
-def report(model, masks, **extra):
-    out = {"backend": keras.backend.backend(), **extra}
-    for layer in model.layers:
-        if getattr(layer, "kernel", None) is not None:
-            kernel = keras.ops.convert_to_numpy(layer.kernel)
-            assert np.all(np.isfinite(kernel)), layer.name
-            out[layer.name] = {"sparsity": float((kernel == 0).mean()), "size": int(kernel.size),
-                               "mask": (kernel != 0).astype(int).ravel().tolist() if masks else None}
-    print("RESULT " + json.dumps(out))
-"""
-
-
-@functools.lru_cache(maxsize=None)  # a script's run serves its JAX test and its parity test
-def _run(script, backend, timeout=120):
-    """Runs `script` (after `_PRELUDE`) under `backend`; returns its RESULT, or the completed process
-    when it printed none."""
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
-    code = _PRELUDE + textwrap.dedent(script)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return done
+from tfopt.testing.backends import HAS_JAX as _HAS_JAX
+from tfopt.testing.backends import run_script as _run
 
 
 _TWINS = """
