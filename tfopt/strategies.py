@@ -9,6 +9,15 @@ script needs every time: `global_batch_size`, `recommended_steps_per_execution`,
 functions taking any strategy, so code written against `auto()` works when it
 returns the default strategy too.
 
+Under `KERAS_BACKEND=jax`, distribution is Keras's own (`keras.distribution`),
+not `tf.distribute`: `auto()` (or `auto_distribution()`) returns a
+`keras.distribution.DataParallel` over every device JAX sees (TPU cores
+included), to pass to `keras.distribution.set_distribution(...)` before the
+model is built. The helpers take it too. `Mirrored`, `TPU` and `MultiWorker`
+refuse to be made under JAX (they would train on one device). Nothing in
+tfopt changes under it: masks, ranges and folded statistics are computed on
+the global batch, and XLA inserts the collectives.
+
 Everything tfopt keeps during training (pruning masks and steps, activation
 ranges, folded BatchNorm statistics) is equal on every replica: the
 statistics are reduced over replicas in the train step, in one collective
@@ -40,6 +49,7 @@ from tfopt import _keras_internal
 
 __all__ = [
     "auto",
+    "auto_distribution",
     "Mirrored",
     "TPU",
     "MultiWorker",
@@ -68,6 +78,23 @@ tf = _TensorFlow()
 
 
 # --- helpers for any strategy ----------------------------------------------------------
+def _is_distribution(strategy):
+    """True for a `keras.distribution` (JAX's counterpart of a strategy; Keras exports no base class)."""
+    return isinstance(strategy, (keras.distribution.DataParallel, keras.distribution.ModelParallel))
+
+
+def _replicas(strategy):
+    if _is_distribution(strategy):
+        return strategy.num_model_replicas  # the mesh's size along the batch axis
+    return strategy.num_replicas_in_sync
+
+
+def _process_index():
+    import jax  # lazy: only a keras.distribution (JAX backend) asks
+
+    return jax.process_index()
+
+
 def global_batch_size(strategy, per_replica_batch_size):
     """The batch size to give `fit` so that each replica gets `per_replica_batch_size`.
 
@@ -81,20 +108,24 @@ def global_batch_size(strategy, per_replica_batch_size):
         raise ValueError(
             f"`per_replica_batch_size` must be an int >= 1. Received: {per_replica_batch_size!r}"
         )
-    return per_replica_batch_size * strategy.num_replicas_in_sync
+    return per_replica_batch_size * _replicas(strategy)
 
 
 def _is_tpu(strategy):
+    if _is_distribution(strategy):
+        return "tpu" in str(strategy.device_mesh.devices.flat[0]).lower()  # devices are "tpu:0"-like names
     return isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
 
 
 def _is_multi_worker(strategy):
+    if _is_distribution(strategy):
+        return False  # Keras's `fit` gives each JAX process its share of the batches itself
     return _keras_internal.is_multi_worker(strategy)
 
 
 def _cpu_mirrored(strategy):
     """True for a MirroredStrategy over several devices that are all CPUs."""
-    if not isinstance(strategy, tf.distribute.MirroredStrategy):
+    if keras.backend.backend() != "tensorflow" or not isinstance(strategy, tf.distribute.MirroredStrategy):
         return False
     devices = list(strategy.extended.worker_devices)
     return len(devices) > 1 and all("CPU" in d.upper() for d in devices)
@@ -102,6 +133,8 @@ def _cpu_mirrored(strategy):
 
 def recommended_steps_per_execution(strategy):
     """The `steps_per_execution` to compile with under `strategy`.
+
+    Takes a `keras.distribution.DataParallel` or `ModelParallel` (JAX) too.
 
     32 on TPUs (each execution is a host round trip; Keras and Google's TPU
     guides use 32 or more), 1 on several CPU devices (more fails upstream,
@@ -113,10 +146,11 @@ def recommended_steps_per_execution(strategy):
     >>> recommended_steps_per_execution(tf.distribute.get_strategy())
     1
     """
-    if not isinstance(strategy, tf.distribute.Strategy):
+    if not _is_distribution(strategy) and not isinstance(strategy, tf.distribute.Strategy):
         raise TypeError(
             "recommended_steps_per_execution takes a `tf.distribute.Strategy` (from "
-            "`tfopt.strategies.auto()`, or `tf.distribute.get_strategy()` for one device). "
+            "`tfopt.strategies.auto()`, or `tf.distribute.get_strategy()` for one device) or, under "
+            "JAX, a `keras.distribution.DataParallel` (`tfopt.strategies.auto_distribution()`). "
             f"Received: {strategy!r} of type {type(strategy).__name__}"
         )
     return 32 if _is_tpu(strategy) else 1
@@ -156,7 +190,10 @@ def prepare_dataset(strategy, dataset, per_replica_batch_size=None, shuffle_buff
 
 def is_chief(strategy):
     """True on the one worker that should write checkpoints, exports and logs
-    (always True outside multi-worker training)."""
+    (always True outside multi-worker training; for a `keras.distribution`,
+    JAX's process 0)."""
+    if _is_distribution(strategy):
+        return _process_index() == 0
     if not _is_multi_worker(strategy):
         return True
     resolver = strategy.cluster_resolver
@@ -179,8 +216,11 @@ def chief_path(strategy, path):
     """
     if is_chief(strategy):
         return path
-    task = strategy.cluster_resolver
-    directory = tempfile.mkdtemp(prefix=f"tfopt-{task.task_type}-{task.task_id}-")
+    if _is_distribution(strategy):
+        task = f"process-{_process_index()}"
+    else:
+        task = f"{strategy.cluster_resolver.task_type}-{strategy.cluster_resolver.task_id}"
+    directory = tempfile.mkdtemp(prefix=f"tfopt-{task}-")
     return os.path.join(directory, os.path.basename(os.path.normpath(str(path))))
 
 
@@ -226,6 +266,21 @@ class _Helpers:
 
 # --- the strategies ---------------------------------------------------------------------
 _TPU_SYSTEMS = {}
+
+
+def _require_tensorflow(name):
+    """Raises, under any backend but TensorFlow, for the tf.distribute strategy `name`."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    raise ValueError(
+        f"tfopt.strategies.{name}() is a tf.distribute strategy: it distributes Keras's TensorFlow backend "
+        f"only, and this process runs Keras on the {backend!r} backend (KERAS_BACKEND={backend}), where its scope "
+        "would leave training on one device. Fix: under JAX, distribute with Keras's own API, "
+        "`keras.distribution.set_distribution(tfopt.strategies.auto_distribution())` before building the "
+        "model (`tfopt.strategies.auto()` returns the same under JAX); or run with KERAS_BACKEND=tensorflow. "
+        f"Received: tfopt.strategies.{name}() under backend {backend!r}"
+    )
 
 
 def _tpu_resolver(tpu=None):
@@ -286,6 +341,7 @@ def _define_strategies():
         """
 
         def __init__(self, devices=None, cross_device_ops=None):
+            _require_tensorflow("Mirrored")
             super().__init__(devices=devices, cross_device_ops=cross_device_ops)
 
     class TPU(_Helpers, tf.distribute.TPUStrategy):
@@ -297,6 +353,7 @@ def _define_strategies():
         """
 
         def __init__(self, tpu=None):
+            _require_tensorflow("TPU")
             super().__init__(_tpu_resolver(tpu))
 
     class MultiWorker(_Helpers, tf.distribute.MultiWorkerMirroredStrategy):
@@ -313,6 +370,7 @@ def _define_strategies():
         """
 
         def __init__(self, cluster_resolver=None, communication_options=None):
+            _require_tensorflow("MultiWorker")
             if cluster_resolver is None:
                 tf_config()  # a clear error for a malformed TF_CONFIG, before TF reads it
             _multi_worker_fix()
@@ -482,6 +540,10 @@ def auto(timeout=None):
       device, no overhead). Use the module functions (`global_batch_size(strategy,
       32)`, ...) to write code that runs under any of them.
 
+    Under `KERAS_BACKEND=jax` it returns `auto_distribution()` instead: a
+    `keras.distribution.DataParallel` over every device (see there), whose
+    `scope()` works like a strategy's; the helpers take it too.
+
     If a TPU is announced but cannot be reached, the error says so instead of
     quietly training on the CPU. A malformed `TF_CONFIG` is a ValueError that
     quotes it. Under `TF_CONFIG`, it first waits for every other worker to
@@ -508,6 +570,8 @@ def auto(timeout=None):
             "`timeout` is the number of seconds `auto()` waits for the other workers of TF_CONFIG: a number "
             f">= 0, or None to wait as long as it takes. Received: timeout={timeout!r}"
         )
+    if keras.backend.backend() == "jax":
+        return auto_distribution()
     kind, reason = _choose()
     _define_strategies()
     if kind == "tpu":
@@ -529,3 +593,71 @@ def auto(timeout=None):
     log.info("tfopt.strategies.auto: %s with %d replica(s), because %s.", type(strategy).__name__,
              strategy.num_replicas_in_sync, reason)
     return strategy
+
+
+def auto_distribution():
+    """The `keras.distribution` for this machine under `KERAS_BACKEND=jax`: data
+    parallelism over every device JAX sees (all TPU cores, all GPUs, else the
+    CPU), logged with the device count (logger "tfopt").
+
+    The JAX counterpart of `auto()` (which returns it under JAX). Make it the
+    current distribution with `keras.distribution.set_distribution(...)` (or
+    use its `scope()` around building, compiling and `fit`) before the model
+    is built: its variables are then replicated on every device and each batch
+    is split along its first axis, so give `fit` the global batch size
+    (`global_batch_size(distribution, per_device_batch)`). tfopt's pruning,
+    quantization-aware training and distillation need nothing more: masks,
+    activation ranges and folded BatchNormalization statistics are computed on
+    the global batch inside the jitted step (XLA adds the collectives), the
+    same values on every device as on one.
+
+    Multi-host JAX (several processes) starts with
+    `keras.distribution.initialize()` on every host, before this call;
+    `TF_CONFIG` is TensorFlow's and is refused here. A TPU announced by the
+    environment (COLAB_TPU_ADDR, TPU_NAME, /dev/accel0) that JAX does not see
+    is an error, not a quiet fall back to the CPU.
+
+    Example (under `KERAS_BACKEND=jax`):
+    >>> import jax, keras, numpy as np, tfopt
+    >>> distribution = tfopt.strategies.auto_distribution()  # doctest: +SKIP
+    >>> keras.distribution.set_distribution(distribution)  # doctest: +SKIP
+    >>> batch = tfopt.strategies.global_batch_size(distribution, 4)  # doctest: +SKIP
+    >>> batch == 4 * len(jax.devices())  # doctest: +SKIP
+    True
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])  # doctest: +SKIP
+    >>> model.compile("sgd", "mse")  # doctest: +SKIP
+    >>> _ = model.fit(np.ones((2 * batch, 3)), np.ones((2 * batch, 2)), batch_size=batch,
+    ...               callbacks=[tfopt.callbacks.Pruning(tfopt.schedules.ConstantSparsity(0.5))],
+    ...               verbose=0)  # doctest: +SKIP
+    >>> keras.distribution.set_distribution(None)  # doctest: +SKIP
+    """
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise ValueError(
+            "tfopt.strategies.auto_distribution() returns a keras.distribution, which Keras implements for the "
+            f"JAX backend; this process runs Keras on {backend!r} (KERAS_BACKEND={backend}). Fix: use "
+            "`tfopt.strategies.auto()` (a tf.distribute strategy) under TensorFlow, or run with "
+            f"KERAS_BACKEND=jax. Received: backend {backend!r}"
+        )
+    import jax  # lazy: the JAX backend only
+
+    if os.environ.get("TF_CONFIG"):
+        raise ValueError(
+            "tfopt.strategies.auto_distribution: TF_CONFIG is set, but it configures TensorFlow's multi-worker "
+            "training, and Keras runs on JAX here, which does not read it. Fix: unset TF_CONFIG and start JAX's "
+            "processes with `keras.distribution.initialize(job_addresses, num_processes, process_id)` on every "
+            f"host before this call (or run with KERAS_BACKEND=tensorflow). Received: TF_CONFIG={os.environ['TF_CONFIG']!r}"
+        )
+    devices = jax.devices()  # the default platform's: TPU, else GPU, else CPU; every process's under multi-host
+    platform = devices[0].platform
+    if _tpu_available() and platform != "tpu":
+        announced = [k for k in ("COLAB_TPU_ADDR", "TPU_NAME") if os.environ.get(k)] or ["/dev/accel0"]
+        raise RuntimeError(
+            f"tfopt.strategies.auto_distribution: this machine announces a TPU ({', '.join(announced)}) but JAX "
+            f"sees only {platform} devices ({len(devices)}). Fix: install JAX for TPUs (`pip install "
+            "'jax[tpu]'`), or unset the variable to train on the CPU/GPU."
+        )
+    distribution = keras.distribution.DataParallel(devices=devices)
+    log.info("tfopt.strategies.auto_distribution: DataParallel over %d %s device(s) in %d process(es).",
+             len(devices), platform, jax.process_count())
+    return distribution
