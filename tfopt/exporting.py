@@ -16,8 +16,8 @@ import warnings
 import keras
 import numpy as np
 
-from tfopt import _keras_internal, _state, litert, strategies, transforms
-from tfopt._export import checks, weight_only
+from tfopt import _backend, _keras_internal, _state, litert, strategies, transforms
+from tfopt._export import checks, child, weight_only
 from tfopt._export.files import atomic_write_bytes, check_target
 from tfopt._export.forms import export_form
 from tfopt._export.inputs import (
@@ -164,6 +164,12 @@ class _Plan:
     measure_latency: bool
     sparse: object
     input_shapes: list | None = None  # fixed input shapes to convert at (see fixed_shapes), once needed
+    warn_disagreement: bool = True  # False in the child of an export from another backend (its parent warns)
+    # What _verify compared (kept for the parent process of an export from another backend):
+    outputs: list | None = None  # the model's outputs on `samples`
+    float_outputs: list | None = None  # its float counterpart's, for a quantization-aware model
+    file_outputs: list | None = None  # the file's
+    tokens: tuple | None = None  # (token ids, padding mask) the perplexities were computed on
 
 
 @dataclasses.dataclass
@@ -228,7 +234,7 @@ def _plan(model, path, inputs, check, num_check_samples, seed, optimizations, pr
             warnings.warn(
                 f"tfopt.export: `representative_data` calibrates int8 and int16x8 exports only; with "
                 f"precision={precision!r} it is ignored. Fix: pass precision='int8' (or 'int16x8'), or drop "
-                "representative_data (use inputs= for the arrays to check on).", UserWarning, stacklevel=3)
+                "representative_data (use inputs= for the arrays to check on).", UserWarning, stacklevel=4)
             representative_data = None
         else:
             representative_data = as_arrays(model, representative_data, "representative_data")
@@ -304,7 +310,7 @@ def _sparse_content(plan, dense, convert_args, stripped):
             f"({' '.join(str(error).split())[:200]}), so the dense file was written to {str(plan.path)!r}. "
             "LiteRT's sparse int8 kernels need 1x16 blocks along FULLY_CONNECTED inputs (structure "
             "'litert_1x16'); float files take any sparsity. Fix: prune with that structure, export in "
-            "float32, or drop sparse=.", UserWarning, stacklevel=4)
+            "float32, or drop sparse=.", UserWarning, stacklevel=5)
         return dense, False
     samples = plan.samples or litert.sample_inputs(dense, plan.num_check_samples, plan.seed)
     names = _input_names(stripped) if plan.samples else None
@@ -316,7 +322,7 @@ def _sparse_content(plan, dense, convert_args, stripped):
             f"file on the {len(samples[0])} check inputs ({difference}), so the dense file was written to "
             f"{str(plan.path)!r}. LiteRT's sparse kernels are exact for float32 files and for int8 in 1x16 "
             "blocks (structure 'litert_1x16'); others, such as int16x8, are not. Fix: export in float32 or "
-            "int8, or drop sparse=.", UserWarning, stacklevel=4)
+            "int8, or drop sparse=.", UserWarning, stacklevel=5)
         return dense, False
     if len(content) >= len(dense):
         if plan.sparse is True:
@@ -324,7 +330,7 @@ def _sparse_content(plan, dense, convert_args, stripped):
                 f"tfopt.export: sparse encoding did not make the file smaller ({len(content):,} vs "
                 f"{len(dense):,} bytes; the kernels are {sparsity or 0.0:.0%} zeros, and the converter "
                 f"encodes a weight only above about 30%), so the dense file was written to {str(plan.path)!r}.",
-                UserWarning, stacklevel=4)
+                UserWarning, stacklevel=5)
         return dense, False
     return content, True
 
@@ -349,7 +355,7 @@ def _outputs(model, arrays):
     """The model's outputs on `arrays`, in inference, with its fake quantization on (as in the file)."""
     with _state.export_scope():
         outputs = model(structured(model, arrays), training=False)
-    return [np.asarray(o) for o in flat_outputs(outputs)]
+    return [np.asarray(keras.ops.convert_to_numpy(o)) for o in flat_outputs(outputs)]
 
 
 def _verify(plan, encoded):
@@ -368,12 +374,15 @@ def _verify(plan, encoded):
     float_parity = None
     if plan.quantized:
         float_model = encoded.stripped if encoded.stripped is not plan.model else _stripped(plan.model)
-        float_parity = checks.compare(got, _outputs(float_model, samples), num)
-    checks.warn_if_disagreeing(parity, plan.precision, samples, plan.inputs is not None, stacklevel=4)
+        plan.float_outputs = _outputs(float_model, samples)
+        float_parity = checks.compare(got, plan.float_outputs, num)
+    if plan.warn_disagreement:
+        checks.warn_if_disagreeing(parity, plan.precision, samples, plan.inputs is not None, stacklevel=5)
     perplexities = None
     tokens = _token_data(plan, names or _input_names(plan.model), got[0])
     if tokens is not None:
         perplexities = (next_token_perplexity(got[0], *tokens), next_token_perplexity(expected[0], *tokens))
+    plan.outputs, plan.file_outputs, plan.tokens = expected, got, tokens
     return parity, float_parity, perplexities
 
 
@@ -473,6 +482,19 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     a float32 copy with the same weights (the global dtype policy is restored
     afterwards) and checked against the original model's outputs.
 
+    Under another Keras backend than TensorFlow (JAX), the LiteRT converter
+    cannot take the model's own graph (through jax2tf, fake quantization is
+    plain arithmetic and an int8 file stays float), so `export` saves it as
+    a `.keras` file in a temporary directory and runs this export under
+    TensorFlow in a child process (a few seconds to start; custom layers must
+    come from an importable module, tfopt's and keras-hub's load as they
+    are), with the same arguments, errors (same type and message) and
+    warnings. The file is then checked here: the TensorFlow rebuild must
+    compute what `model` computes on the check inputs (up to float rounding,
+    or a few quantization steps with fake quantization on; else a
+    RuntimeError and nothing written), and the report's parity is the
+    file's against `model`'s own outputs.
+
     For a causal language model checked on token data (`inputs` a dict
     with an integer "token_ids" (samples, length) array, and logits (samples,
     length, vocabulary) as first output, e.g. a keras-hub `CausalLM` given
@@ -566,17 +588,87 @@ def export(model, path, inputs=None, check=True, num_check_samples=8, seed=0, op
     >>> report.max_abs_diff < 1e-5
     True
     """
-    _warn_other_grid(model, precision)
+    arguments = dict(inputs=inputs, check=check, num_check_samples=num_check_samples, seed=seed,
+                     optimizations=optimizations, precision=precision, representative_data=representative_data,
+                     measure_latency=measure_latency, sparse=sparse)
+    if not _backend.is_tensorflow():
+        return _export_from_backend(model, path, arguments)
+    plan, encoded, report = _converted(model, path, **arguments)
+    atomic_write_bytes(plan.path, encoded.content)
+    return report
+
+
+def _converted(model, path, reference=False, **arguments):
+    """`export`'s steps before the write: (plan, encoded file, report). With `reference` (in the
+    TensorFlow child of an export under another backend), the parent warns about disagreement, and
+    the model's outputs are kept: on the check inputs, or without `check` on `inputs` or drawn ones."""
+    _warn_other_grid(model, arguments["precision"])
     # A model in tfopt.quantize_weights's form is exported with its quantized weights baked in (the
     # float file then holds them on the grid LiteRT's quantizer re-quantizes exactly); it is restored after.
     with weight_quantization.baked_for_export(model):
-        plan = _plan(model, path, inputs, check, num_check_samples, seed, optimizations, precision,
-                     representative_data, measure_latency, sparse)
+        plan = _plan(model, path, **arguments)
+        plan.warn_disagreement = not reference
         encoded = _encode(plan)
         parity, float_parity, perplexities = _verify(plan, encoded)
         report = _report(plan, encoded, parity, float_parity, perplexities)
-    atomic_write_bytes(plan.path, encoded.content)
-    return report
+        if reference and plan.outputs is None:
+            _reference_outputs(plan)
+    return plan, encoded, report
+
+
+def _reference_outputs(plan):
+    """Without `check`: the model's outputs (and its float counterpart's) on `inputs`, or on
+    drawn inputs, kept in `plan` for the parent's rebuild check (none for a subclassed model without `inputs`)."""
+    samples = plan.inputs
+    if samples is None and symbolic_inputs(plan.model) is not None:
+        num = plan.num_check_samples if isinstance(plan.num_check_samples, int) and plan.num_check_samples > 0 else 8
+        samples = draw_samples(plan.model, num, plan.seed)
+    if samples is None:
+        return
+    plan.samples, plan.outputs = samples, _outputs(plan.model, samples)
+    if plan.quantized:
+        plan.float_outputs = _outputs(_stripped(plan.model), samples)
+
+
+def _export_in_child(model, path, arguments):
+    """The TensorFlow child's side of `_export_from_backend`: `export`'s steps on the model
+    rebuilt from its `.keras` file, but the write; what the parent needs, as plain values."""
+    plan, encoded, report = _converted(model, path, reference=True, **arguments)
+    return {"report": dataclasses.asdict(report), "content": encoded.content,
+            "samples": plan.samples if plan.outputs is not None else None, "outputs": plan.outputs,
+            "float_outputs": plan.float_outputs, "file_outputs": plan.file_outputs, "tokens": plan.tokens,
+            "inputs_given": plan.inputs is not None}
+
+
+def _export_from_backend(model, path, arguments):
+    """`export` under another Keras backend than TensorFlow (JAX): the LiteRT converter takes only
+    TensorFlow graphs (through jax2tf, fake quantization would reach it as plain arithmetic, and an
+    int8 file would stay float), so the model is rebuilt under TensorFlow in a child process from a
+    `.keras` file and exported there (`tfopt/_export/child.py`). Here, the rebuild is checked
+    against `model` (its outputs on the check inputs), the file's parity is measured against
+    `model`'s own outputs, and the file is written."""
+    result = child.run(model, path, arguments, entry=(__name__, "_export_in_child"))
+    fields, samples = result["report"], result["samples"]
+    if samples is not None:
+        with weight_quantization.baked_for_export(model):
+            own = _outputs(model, samples)
+            own_float = None if result["float_outputs"] is None else _outputs(_stripped(model), samples)
+        child.check_rebuild(model, result["outputs"], own, quantized=own_float is not None)
+        if own_float is not None:
+            child.check_rebuild(model, result["float_outputs"], own_float, quantized=False, counterpart=True)
+        got = result["file_outputs"]
+        if got is not None:
+            parity = checks.compare(got, own, len(samples[0]))
+            fields.update(max_abs_diff=parity.max_abs_diff, top1_agreement=parity.top1_agreement)
+            if own_float is not None:
+                float_parity = checks.compare(got, own_float, len(samples[0]))
+                fields.update(float_max_abs_diff=float_parity.max_abs_diff,
+                              float_top1_agreement=float_parity.top1_agreement)
+            checks.warn_if_disagreeing(parity, fields["precision"], samples, result["inputs_given"], stacklevel=4)
+            if result["tokens"] is not None:
+                fields["keras_perplexity"] = next_token_perplexity(own[0], *result["tokens"])
+    atomic_write_bytes(fields["path"], result["content"])
+    return ExportReport(**fields)
 
 
 def _warn_other_grid(model, precision):
@@ -588,7 +680,7 @@ def _warn_other_grid(model, precision):
             f"tfopt.export: model '{model.name}' was trained with tfopt.quantize_weights for precision "
             f"{trained[0]!r}, and precision={precision!r} quantizes its weights on another grid, so the file "
             f"will not compute what the trained model computes. Fix: export with precision={trained[0]!r}.",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=4)
 
 
 def _stripped(model):

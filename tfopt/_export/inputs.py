@@ -219,5 +219,5 @@ def fixed_shapes(model, arrays, error):
         f"tfopt.export: model '{model.name}' converts only at fixed input shapes (with free dimensions, inputs "
         f"{names}, the converter needs TF Select ops: {ops}), so the file takes the shapes of `inputs`: {fixed}. "
         "Fix: to run the file at another length, export again with inputs= of that length.", UserWarning,
-        stacklevel=4)
+        stacklevel=5)
     return shapes

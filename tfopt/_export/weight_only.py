@@ -208,7 +208,7 @@ def quantize(content, precision, path):
             f"tfopt.export: LiteRT's quantizer left {len(left)} embedding lookup table(s) in float32 for "
             f"precision={precision!r} (first: '{left[0]}'); the file computes them in float, and "
             "tfopt.quantize_weights assumes they are integer. Fix: report the model to tfopt.",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=5)
     return quantized, float_size
 
 
