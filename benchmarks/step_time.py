@@ -18,10 +18,19 @@ change costs nothing per step.
 (the default) uses a GPU when TensorFlow sees one. The device is written with
 the figures (a separate RESULTS.md section for GPU runs).
 
+`--backend jax` measures tfopt on Keras's JAX backend instead (workers with
+KERAS_BACKEND=jax, every variant jit-compiled, as Keras does by default under
+JAX): plain, pruning (tfopt layers and the callback, mask update every
+`--frequency` steps) and int8 QAT interleaved in one worker; and a second
+worker on 2 devices (2 forced host devices on a CPU,
+XLA_FLAGS=--xla_force_host_platform_device_count=2) under
+`keras.distribution.DataParallel` from `tfopt.strategies.auto_distribution()`,
+plain against the pruning callback. tfmot has no JAX counterpart.
+
 Usage:
     python benchmarks/step_time.py [--mode prune|qat] [--rounds 5] [--steps 60] [--no-write]
                                    [--baseline DIR] [--device auto|cpu|gpu] [--frequency 100] [--jit]
-                                   [--schedule constant|polynomial]
+                                   [--schedule constant|polynomial] [--backend tensorflow|jax]
 """
 
 import argparse
@@ -49,6 +58,8 @@ def _schedule(schedules):
 
 
 def _timer_callback(keras_module, warmup):
+    # A callback that is not async-safe gets Python numbers as logs, so under JAX (whose
+    # dispatch is asynchronous) `on_train_batch_end` runs after the step has finished.
     class StepTimer(keras_module.callbacks.Callback):
         def __init__(self):
             super().__init__()
@@ -121,6 +132,45 @@ def worker_keras3(model_name, rounds, steps, mode="prune"):
     return _run_rounds(variants, x, y, rounds, keras)
 
 
+def worker_jax(model_name, rounds, steps, devices=1):
+    """Plain, pruning and QAT variants under KERAS_BACKEND=jax (set by the driver); with
+    `devices` > 1, plain and the pruning callback under DataParallel over that many devices."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import jax
+    import keras
+    import numpy as np
+
+    import tfopt
+
+    assert keras.backend.backend() == "jax", keras.backend.backend()
+    x, y = _data(model_name, steps, np)
+    schedule = _schedule(tfopt.schedules)
+    if devices > 1:
+        distribution = tfopt.strategies.auto_distribution()
+        if distribution.num_model_replicas != devices:
+            raise SystemExit(f"--backend jax: asked for {devices} devices, JAX sees {len(jax.devices())}")
+        keras.distribution.set_distribution(distribution)
+
+    def compiled(model):
+        model.compile(keras.optimizers.Adam(1e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+        return model
+
+    keras.utils.set_random_seed(0)
+    variants = {
+        "plain": (compiled(_build(keras.layers, model_name, keras)), []),
+        "tfopt callback": (compiled(_build(keras.layers, model_name, keras)), [tfopt.callbacks.Pruning(schedule)]),
+    }
+    if devices == 1:
+        # Under JAX, layers with their own schedule train with a bare Pruning() (it carries their masks).
+        variants["tfopt layers"] = (compiled(tfopt.prune(_build(keras.layers, model_name, keras), schedule)),
+                                    [tfopt.callbacks.Pruning()])
+        variants["tfopt QAT int8"] = (compiled(tfopt.quantize_model(_build(keras.layers, model_name, keras))), [])
+    results = _run_rounds(variants, x, y, rounds, keras)
+    results["_device"] = [f"{len(jax.devices()[:devices])} {jax.devices()[0].platform.upper()}"]
+    return results
+
+
 def worker_tfmot(model_name, rounds, steps, mode="prune"):
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
@@ -177,7 +227,9 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--baseline", help="another tfopt checkout to compare this one with (same run)")
-    parser.add_argument("--worker", choices=["keras3", "tfmot"])
+    parser.add_argument("--worker", choices=["keras3", "tfmot", "jax", "jax2"])
+    parser.add_argument("--backend", choices=["tensorflow", "jax"], default="tensorflow",
+                        help="the Keras backend of tfopt's runs (jax: pruning, QAT and a 2-device DataParallel row)")
     parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
     parser.add_argument("--mode", choices=["prune", "qat"], default="prune",
                         help="compare pruning (default) or quantization-aware training with plain training")
@@ -192,6 +244,10 @@ def main():
     os.environ["TFOPT_BENCH_JIT"] = "1" if args.jit else "0"
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # (inherited by the workers)
+        if args.backend == "jax":
+            os.environ["JAX_PLATFORMS"] = "cpu"
+    elif args.backend == "jax":
+        pass  # JAX picks its default platform itself (the workers report it)
     elif not args.worker:
         probe = "import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='3'; import tensorflow as tf; " \
                 "print(len(tf.config.list_physical_devices('GPU')))"
@@ -201,12 +257,18 @@ def main():
             raise SystemExit("--device gpu: TensorFlow sees no GPU here.")
         args.device = "gpu" if gpus else "cpu"
 
+    if args.worker in ("jax", "jax2"):
+        print("RESULT " + json.dumps(worker_jax(args.model, args.rounds, args.steps, 2 if args.worker == "jax2" else 1)))
+        return
     if args.worker:
         fn = worker_keras3 if args.worker == "keras3" else worker_tfmot
         print("RESULT " + json.dumps(fn(args.model, args.rounds, args.steps, args.mode)))
         return
 
     from _common import median, table, write_section
+
+    if args.backend == "jax":
+        return main_jax(args, median, table, write_section)
 
     rows, versus = [], []
     workers = ["keras3", "tfmot"] + (["baseline"] if args.baseline else [])
@@ -288,6 +350,67 @@ def main():
                       + (" --jit" if args.jit else "")
                       + (" --schedule polynomial" if args.mode == "prune" and args.schedule == "polynomial" else ""),
                       body)
+
+
+def main_jax(args, median, table, write_section):
+    """The driver of `--backend jax`: the 1-device and 2-device workers alternate, `--repeats` times each."""
+    rows = []
+    for model_name in ("cnn", "mlp"):
+        merged = {"jax": {}, "jax2": {}}
+        for _ in range(args.repeats):
+            for worker in merged:
+                env = {**os.environ, "KERAS_BACKEND": "jax"}
+                if worker == "jax2" and env.get("JAX_PLATFORMS", "cpu") == "cpu":
+                    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+                out = subprocess.run(
+                    [sys.executable, __file__, "--worker", worker, "--model", model_name, "--frequency",
+                     str(args.frequency), "--rounds", str(args.rounds), "--steps", str(args.steps)],
+                    capture_output=True, text=True, env=env,
+                )
+                if out.returncode:
+                    raise SystemExit(f"worker {worker} ({model_name}) failed:\n{out.stderr[-4000:]}")
+                line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+                for name, times in json.loads(line[7:]).items():
+                    merged[worker].setdefault(name, []).extend(times)
+        for worker, variants in (("jax", ("tfopt layers", "tfopt callback", "tfopt QAT int8")),
+                                 ("jax2", ("tfopt callback",))):
+            runs = merged[worker]
+            base = median(runs["plain"])
+            for variant in variants:
+                ratios = [p / b for p, b in zip(runs[variant], runs["plain"])]
+                rows.append({
+                    "model": model_name,
+                    "devices": runs["_device"][0] + (" DataParallel" if worker == "jax2" else ""),
+                    "variant": variant,
+                    "plain ms/step": f"{1000 * base:.2f}",
+                    "optimized ms/step": f"{1000 * median(runs[variant]):.2f}",
+                    "ratio (median of per-round ratios)": f"{median(ratios):.3f}x",
+                })
+    body = table(rows, ["model", "devices", "variant", "plain ms/step", "optimized ms/step",
+                        "ratio (median of per-round ratios)"])
+    pruning = (f"`ConstantSparsity({SPARSITY}, frequency={args.frequency})`" if args.schedule == "constant" else
+               f"`PolynomialDecay` from 0 towards {SPARSITY} to step 100000, frequency {args.frequency}")
+    body += (
+        f"\n\nKERAS_BACKEND=jax, every variant jit-compiled (Keras's default under JAX), Adam, batch {BATCH} "
+        f"(global: 32 a device on 2 devices). Pruning: {pruning}; QAT: `tfopt.quantize_model` (int8). "
+        f"{args.steps} steps per round (the first 3 not timed), {args.rounds} rounds x {args.repeats} worker "
+        "starts, plain and optimized variants interleaved within each worker; the 1-device and 2-device "
+        "workers alternate. 2 devices on a CPU are 2 forced host devices "
+        "(XLA_FLAGS=--xla_force_host_platform_device_count=2) sharing its cores, under "
+        "`keras.distribution.DataParallel` from `tfopt.strategies.auto_distribution()`. CNN: Conv2D 32, pool, "
+        "Conv2D 64, pool, Dense 128, Dense 10 on 28x28x1; MLP: 784-512-512-10. For reference, TensorFlow on this "
+        "machine: pruning at frequency 10 1.01-1.07x, QAT 1.14-1.26x (sections above)."
+    )
+    from importlib.metadata import version
+
+    body = f"JAX {version('jax')}.\n\n" + body
+    print(body)
+    if not args.no_write:
+        write_section("step_time_jax", "Step time on JAX: pruned and QAT / plain, 1 and 2 devices",
+                      f"python benchmarks/step_time.py --backend jax --rounds {args.rounds} --repeats {args.repeats} "
+                      f"--steps {args.steps} --frequency {args.frequency}"
+                      + (" --schedule polynomial" if args.schedule == "polynomial" else "")
+                      + (" --device cpu" if args.device == "cpu" else ""), body)
 
 
 if __name__ == "__main__":
