@@ -15,7 +15,8 @@ from tfopt.testing.backends import HAS_JAX as _HAS_JAX
 from tfopt.testing.backends import run_script as _run
 
 # A CNN with BatchNormalization, quantize_model'd (trained a few steps under JAX), then exported in
-# int8 (QAT ranges), float32 and int8_weight_only; then a failing export over the float file.
+# int8 (QAT ranges), float32 and int8_weight_only; then a failing export over the float file, and
+# export_generator (refused under JAX).
 # Under TensorFlow the same script (untrained) gives the error to compare with.
 _EXPORTS = """
 import hashlib, os, tempfile
@@ -48,6 +49,13 @@ if out["backend"] == "jax":
                           "own_diff": float(np.abs(got - own).max()),
                           "warnings": [str(w.message)[:200] for w in caught if "tfopt" in str(w.message)]}
     before = hashlib.sha256(open("float32.tflite", "rb").read()).hexdigest()
+    import keras_hub
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=8, num_layers=1, num_heads=1, hidden_dim=4,
+                                             intermediate_dim=4, max_sequence_length=4)
+    try:
+        tfopt.export_generator(keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None), "lm.tflite")
+    except Exception as error:
+        out["generator"] = [type(error).__name__, str(error)]
 else:
     before = None
 try:  # 288 inputs to the Dense layer: int4 in blocks of 64 is refused after converting
@@ -98,6 +106,13 @@ class JaxExportTest(testing.TestCase):
         self.assertIn("int4_block64", message)
         self.assertIn("KERAS_BACKEND=jax", " ".join(notes))
         self.assertTrue(jax_run["kept"])  # the float file written before is still there, unchanged
+
+
+    def test_export_generator_says_it_needs_tensorflow(self):
+        kind, message = self._result()["generator"]
+        self.assertEqual(kind, "NotImplementedError")
+        self.assertIn("under KERAS_BACKEND=jax", message)
+        self.assertIn("in a process with KERAS_BACKEND=tensorflow", message)
 
 
 class RebuildCheckTest(testing.TestCase):

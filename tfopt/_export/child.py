@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -217,9 +218,21 @@ def _load(directory, job):
         raise RuntimeError(
             f"tfopt.export: under KERAS_BACKEND={job['backend']}, export rebuilds the model under TensorFlow "
             f"from a .keras file (written by this export, so loaded with safe_mode=False), and loading it failed: "
-            f"{type(error).__name__}: {' '.join(str(error).split())[:600]}. A custom layer defined in the "
+            f"{_load_failure(error)}. A custom layer defined in the "
             "script itself (__main__) cannot be loaded there. Fix: define custom layers in an importable module "
             "with @keras.saving.register_keras_serializable, or export under KERAS_BACKEND=tensorflow.") from error
+
+
+def _load_failure(error):
+    """What failed to load: Keras's "Could not locate class ..." (of the innermost error that says it)
+    when one does, else the start of the error's message."""
+    seen = error
+    while seen is not None:
+        found = re.search(r"Could not locate class '[^']+'", str(seen))
+        if found:
+            return found.group(0)
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
 def check_rebuild(model, rebuilt, own, quantized, counterpart=False):

@@ -55,9 +55,10 @@ import os
 import shutil
 import tempfile
 
+import keras
 import numpy as np
 
-from tfopt import litert
+from tfopt import _backend, litert
 from tfopt._export import weight_only
 from tfopt._export.files import atomic_write_bytes, check_target
 
@@ -321,6 +322,14 @@ def export_generator(causal_lm, path, max_length=256, prompt_length=None, precis
     >>> len(tokens)
     8
     """
+    if not _backend.is_tensorflow():
+        backend = keras.backend.backend()
+        raise NotImplementedError(
+            f"tfopt.export_generator: under KERAS_BACKEND={backend}, the LiteRT converter cannot "
+            f"take the prefill and decode functions of model '{getattr(causal_lm, 'name', causal_lm)}' (it converts "
+            "TensorFlow graphs only), and export_generator has no TensorFlow child process as tfopt.export has. "
+            f"Received: KERAS_BACKEND={backend}. Fix: save it (causal_lm.save('lm.keras')) and run export_generator "
+            "on keras.saving.load_model('lm.keras') in a process with KERAS_BACKEND=tensorflow.")
     max_length, prompt_length = _plan(causal_lm, path, max_length, prompt_length, precision)
     cache_shape, cache_dtype = cache_spec(causal_lm, max_length)
     content = _convert(causal_lm, max_length, prompt_length, cache_shape, cache_dtype, precision)
