@@ -618,7 +618,7 @@ def auto_distribution():
     is an error, not a quiet fall back to the CPU.
 
     Example (under `KERAS_BACKEND=jax`):
-    >>> import jax, keras, numpy as np, tfopt
+    >>> import jax, keras, numpy as np, tfopt  # doctest: +SKIP
     >>> distribution = tfopt.strategies.auto_distribution()  # doctest: +SKIP
     >>> keras.distribution.set_distribution(distribution)  # doctest: +SKIP
     >>> batch = tfopt.strategies.global_batch_size(distribution, 4)  # doctest: +SKIP
