@@ -33,9 +33,38 @@ __all__ = [
     "record_of",
     "masked_value",
     "bake",
+    "PRUNING_BACKENDS",
+    "check_backend",
 ]
 
 log = logging.getLogger("tfopt")
+
+#: The Keras backends on which tfopt prunes during `fit` (each is tested): TensorFlow, whose
+#: train step writes variables, and JAX, whose stateless step carries tfopt's state in the optimizer.
+PRUNING_BACKENDS = ("tensorflow", "jax")
+
+
+def check_backend(where, backend=None):
+    """Raises a ValueError naming `where`, the Keras backend (`backend`, default the
+    running one) and the supported ones, when tfopt cannot prune during `fit` there
+    (`PRUNING_BACKENDS`). Schedules, and the forward pass of tfopt layers, run on
+    any backend; only the mask update in the train step is backend-specific.
+
+    Example:
+    >>> check_backend("tfopt.callbacks.Pruning", backend="jax")
+    >>> check_backend("tfopt.callbacks.Pruning", backend="torch")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: tfopt.callbacks.Pruning prunes during `fit` under the Keras backends ('tensorflow', 'jax'), ...
+    """
+    backend = backend or keras.backend.backend()
+    if backend not in PRUNING_BACKENDS:
+        raise ValueError(
+            f"{where} prunes during `fit` under the Keras backends {PRUNING_BACKENDS}, and Keras runs on "
+            f"backend {backend!r} here: tfopt's mask updates are not implemented (nor tested) in its train "
+            f"step. Received: KERAS_BACKEND={backend!r}. Fix: set KERAS_BACKEND=tensorflow or "
+            "KERAS_BACKEND=jax before importing keras (tfopt's schedules, and the forward pass of tfopt "
+            "layers, run on any backend).")
 
 
 class PrunableWeight:
@@ -85,6 +114,9 @@ def attach(variable, mask, schedule, structure, in_axis, out_axis, step_fn, owne
     reads and returns; a tfopt layer's own mask and step are layer weights,
     which it cannot write (`tfopt.callbacks.Pruning` lends the layer
     optimizer-owned copies during `fit`). Returns the constraint."""
+    name = getattr(owner, "name", None)  # a layer's (callbacks have none)
+    where = (f"Layer '{name}' ({type(owner).__name__}) with a pruning_schedule" if isinstance(name, str)
+             else f"tfopt.callbacks.{type(owner).__name__}")
     uncarried = None
     if not carried:
         uncarried = (
@@ -94,7 +126,7 @@ def attach(variable, mask, schedule, structure, in_axis, out_axis, step_fn, owne
             f"'{variable.name}' trained without it. Fix: model.fit(..., callbacks=[tfopt.callbacks.Pruning()]).")
     constraint = make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis,
                                  inner=inner_constraint(variable), after=after, length_fn=length_fn,
-                                 uncarried_error=uncarried)
+                                 uncarried_error=uncarried, where=where)
     variable.constraint = constraint
     _state.PRUNED.set(variable, _state.PruneRecord(mask, structure, schedule, in_axis, out_axis, owner=owner))
     return constraint
@@ -126,7 +158,7 @@ def bake(variable):
 
 
 def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner=None, after=None,
-                    length_fn=None, mask_fn=None, uncarried_error=None):
+                    length_fn=None, mask_fn=None, uncarried_error=None, before=None, where=None):
     """Returns a weight constraint that updates `mask` on schedule and applies it.
 
     Args:
@@ -149,18 +181,29 @@ def make_constraint(mask, step_fn, schedule, structure, in_axis, out_axis, inner
         uncarried_error: raised (a ValueError) when the constraint runs in a
             stateless train step (JAX), where `mask` and the step would not
             persist: the message says which callback carries them.
+        before: called as `before(should_prune, sparsity)` in the train step,
+            after the schedule and before the mask, outside the branches of
+            the update's `ops.cond`: for state besides `mask` that the step
+            writes (`WidthPruning`'s keep vectors under JAX, where a write
+            inside a branch would leak out of the branch's trace).
+        where: who prunes (a layer, a callback), named in the error that the
+            first train step raises on a backend tfopt cannot prune on
+            (`check_backend`; the callbacks check when they are attached).
     """
     if mask_fn is None:
         def mask_fn(masked, sparsity):
             return structure.mask(masked, sparsity, in_axis, out_axis)
 
     def apply(weight):
+        check_backend(where or "tfopt pruning")
         if uncarried_error is not None and _backend.stateless_steps():
             raise ValueError(uncarried_error)
         if inner is not None:
             weight = inner(weight)
         total = ops.convert_to_tensor(length_fn()) if schedule.is_relative else None
         should_prune, sparsity = schedule(step_fn(), total)
+        if before is not None:
+            before(should_prune, sparsity)
         current = ops.convert_to_tensor(mask)
 
         def compute():

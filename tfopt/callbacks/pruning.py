@@ -57,7 +57,11 @@ class Pruning(keras.callbacks.Callback):
     variables, and it lends tfopt layers with their own schedule optimizer
     variables for their masks and steps during `fit`, copied back to the
     layers at the end of each epoch (put it before a `ModelCheckpoint`):
-    tfopt layers with a schedule need this callback in `fit` there.
+    tfopt layers with a schedule need this callback in `fit` there. The
+    optimizer saves only its own variables (as under TensorFlow), so a
+    `.keras` file loads with its `iterations` and slots, and training goes on
+    with masks re-derived from the saved zeros. Other Keras backends (torch,
+    numpy): attaching the callback raises a ValueError naming the backend.
 
     Args:
         pruning_schedule: a `tfopt.schedules.SparsitySchedule` or preset name
@@ -118,6 +122,7 @@ class Pruning(keras.callbacks.Callback):
 
     # --- attach ---------------------------------------------------------------------
     def set_model(self, model):
+        pruning.check_backend(f"tfopt.callbacks.{type(self).__name__}")
         pruning.check_keras3(model)
         super().set_model(model)
 
@@ -185,7 +190,7 @@ class Pruning(keras.callbacks.Callback):
                 step = self._lent_steps[id(layer)][1]
                 step.assign(ops.copy(layer.pruning_step))  # a buffer of its own (JAX donates both)
             else:
-                step = _backend.optimizer_variable(optimizer, layer.pruning_step,
+                step = _common.carried_variable(optimizer, layer.pruning_step,
                                                    f"{layer.name}_pruning_step", _backend.int_dtype())
                 self._lent_steps[id(layer)] = (layer, step)
             # As the layer does: the constraint of its last pruned weight counts the step.
@@ -194,7 +199,7 @@ class Pruning(keras.callbacks.Callback):
             for variable, record in weights:
                 lent = self._lent.get(id(variable))
                 if lent is None:
-                    copy = _backend.optimizer_variable(optimizer, record.mask,
+                    copy = _common.carried_variable(optimizer, record.mask,
                                                        f"{layer.name}_{record.mask.name}", record.mask.dtype)
                     self._lent[id(variable)] = [variable, layer, record, variable.constraint, copy]
                 else:
@@ -254,7 +259,7 @@ class Pruning(keras.callbacks.Callback):
             if length is None:
                 name = f"{getattr(owner, 'name', 'pruning')}_training_length"
                 if _backend.stateless_steps():  # read by constraints: optimizer state under JAX
-                    length = _backend.optimizer_variable(self.model.optimizer, total, name, _backend.int_dtype())
+                    length = _common.carried_variable(self.model.optimizer, total, name, _backend.int_dtype())
                 else:
                     length = _common.state_variable(self.model, total, name)
                 created = True
@@ -326,7 +331,7 @@ class Pruning(keras.callbacks.Callback):
         Under JAX, an optimizer-owned variable: the state the stateless step carries."""
         dtype = keras.backend.standardize_dtype(value.dtype)
         if _backend.stateless_steps():
-            return _backend.optimizer_variable(self.model.optimizer, value, name, dtype)
+            return _common.carried_variable(self.model.optimizer, value, name, dtype)
         with _backend.strategy_scope(self.model):
             return _keras_internal.replica_local_variable(value, name, dtype=dtype)
 

@@ -63,6 +63,10 @@ class WidthPruning(Pruning):
     own, so every block loses as many as the config can say
     (`tfopt.shrink(model, fraction, heads=...)` then removes them exactly).
 
+    Under the JAX backend the keep vectors and masks are optimizer variables
+    (as `Pruning`'s are), which JAX's stateless train step carries; the same
+    weights, data and optimizer prune the same units as under TensorFlow.
+
     Args:
         pruning_schedule: a `tfopt.schedules.SparsitySchedule` or preset name;
             its sparsity is the share of each group's units pruned.
@@ -232,23 +236,40 @@ class WidthPruning(Pruning):
         """`make_constraint`'s, with the mask made from the groups: the leader (the first pruned
         variable the optimizer constrains) updates every group's keep vector, then each
         variable's mask is its slices' keep vectors. Written on update steps only: under a
-        strategy each replica holds its own copy (replica-local, see `Pruning._variable`)."""
+        strategy each replica holds its own copy (replica-local, see `Pruning._variable`).
+        Under JAX the leader writes the keep vectors before the mask's `ops.cond`, every
+        step (the old ones between updates): a write inside a branch would leak from its trace."""
+
+        def updated_keeps(sparsity):
+            """The keep vectors after pruning each group's lowest units at `sparsity`."""
+            updated = []
+            for scores, group in zip(self._scores(), self._groups):
+                keep = ops.convert_to_tensor(group.keep)
+                pruned = ops.cast(sparsity_lib.prune_lowest(scores, self._count(sparsity, group)),
+                                  "float32") * keep  # (pruned units stay pruned)
+                # Never from NaN/Inf weights: the group keeps its units then, as `Pruning` does.
+                updated.append(ops.where(ops.all(ops.isfinite(scores)), pruned, keep))
+            return updated
+
+        stateless = _backend.stateless_steps()
+
+        def before(should_prune, sparsity):
+            current = [ops.convert_to_tensor(group.keep) for group in self._groups]
+            keeps = ops.cond(should_prune, lambda: updated_keeps(sparsity), lambda: current)
+            for group, keep in zip(self._groups, keeps):
+                group.keep.assign(keep)
 
         def mask_fn(masked, sparsity):
-            keeps = [ops.convert_to_tensor(group.keep) for group in self._groups]
-            if leader:
-                updated = []
-                for scores, group, keep in zip(self._scores(), self._groups, keeps):
-                    pruned = ops.cast(sparsity_lib.prune_lowest(scores, self._count(sparsity, group)),
-                                      "float32") * keep  # (pruned units stay pruned)
-                    # Never from NaN/Inf weights: the group keeps its units then, as `Pruning` does.
-                    keep = ops.where(ops.all(ops.isfinite(scores)), pruned, keep)
+            if leader and not stateless:
+                keeps = updated_keeps(sparsity)
+                for group, keep in zip(self._groups, keeps):
                     group.keep.assign(keep)
-                    updated.append(keep)
-                keeps = updated
+            else:
+                keeps = [ops.convert_to_tensor(group.keep) for group in self._groups]
             return self._full_mask(variable, entries, keeps)
 
         optimizer = self.model.optimizer
         return pruning.make_constraint(
             mask, lambda: optimizer.iterations, self.pruning_schedule, self.structure, None, None,
-            inner=pruning.inner_constraint(variable), length_fn=lambda: self._length, mask_fn=mask_fn)
+            inner=pruning.inner_constraint(variable), length_fn=lambda: self._length, mask_fn=mask_fn,
+            before=before if leader and stateless else None)

@@ -12,7 +12,7 @@ import inspect
 import keras
 from keras import ops
 
-from tfopt import _keras_internal, _state, geometry, pruning, quantizers
+from tfopt import _backend, _keras_internal, _state, geometry, pruning, quantizers
 from tfopt.layers import _weight_quantization
 from tfopt.layers._folding import BatchNormFolding
 from tfopt.layers.quantize_activation import QuantizingLayer, add_range_weights, frozen, track_and_quantize
@@ -28,12 +28,18 @@ class Prunable(QuantizingLayer):
     layer type's `tfopt.geometry` entry. It adds four keyword arguments and,
     when they ask for it, non-trainable weights after the parent's:
     `<weight>_mask` per pruned weight (the 0/1 mask, in the weight's variable
-    dtype) and `pruning_step` (int64, the number of optimizer updates this
-    layer has seen); `output_range_min`/`_max`/`_updates` for QAT; `bn_*` for a
-    folded BatchNormalization. The mask is updated in-graph by the weight's
-    constraint (see `tfopt.pruning`), so no callback is needed unless the
-    schedule is given in percentages of training. tfopt's weights are saved
-    by name, after the Keras layer's own.
+    dtype) and `pruning_step` (the number of optimizer updates this layer has
+    seen: int64, int32 under JAX without `jax_enable_x64`);
+    `output_range_min`/`_max`/`_updates` for QAT; `bn_*` for a folded
+    BatchNormalization. The mask is updated in-graph by the weight's
+    constraint (see `tfopt.pruning`), so under TensorFlow no callback is
+    needed unless the schedule is given in percentages of training. Under
+    the JAX backend a layer with a `pruning_schedule` needs
+    `tfopt.callbacks.Pruning()` in `fit` (JAX's train step keeps only the
+    state the optimizer carries, and the callback lends the layer's masks and
+    step to the optimizer); without it the first train step raises a
+    ValueError that says so. tfopt's weights are saved by name, after the
+    Keras layer's own.
 
     Args:
         pruning_schedule: a `tfopt.schedules.SparsitySchedule`, a preset name
@@ -133,7 +139,8 @@ class Prunable(QuantizingLayer):
             _keras_internal.add_replica_local_weight(self, f"{spec.name}_mask", weight.shape, weight.dtype)
             for spec, weight in targets
         ]
-        self.pruning_step = _keras_internal.add_replica_local_weight(self, "pruning_step", (), "int64", "zeros")
+        self.pruning_step = _keras_internal.add_replica_local_weight(self, "pruning_step", (), _backend.int_dtype(),
+                                                                     "zeros")
         # Optimizers apply constraints in the order of the trainable variables;
         # the last pruned weight's constraint counts the step.
         order = {id(v): i for i, v in enumerate(self.trainable_weights)}
