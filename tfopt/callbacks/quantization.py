@@ -4,8 +4,10 @@ folded BatchNormalization statistics stop moving."""
 import numbers
 
 import keras
+import numpy as np
+from keras import ops
 
-from tfopt import _keras_internal, _state, strategies
+from tfopt import _backend, _keras_internal, _state, strategies
 from tfopt._arguments import python_number
 from tfopt.callbacks import _common
 from tfopt.layers.quantize_activation import QuantizingLayer
@@ -50,9 +52,11 @@ class QuantizationSchedule(keras.callbacks.Callback):
     and scales that the int8 file will use. Without this callback,
     quantization is on from the first step and nothing freezes.
 
-    The points are int64 variables kept by tfopt for each layer and compared
+    The points are integer variables kept by tfopt for each layer and compared
     in-graph, so a new schedule in a later `fit` needs no retrace (the first
-    one does, once, since it adds the comparisons to the graph). A
+    one does, once, since it adds the comparisons to the graph; under JAX,
+    whose train step reads only the model's and the optimizer's variables,
+    a schedule with other points does too). A
     `tfopt.export` ignores the schedule (the converter needs every fake-quant
     op), so export after `start`.
 
@@ -106,8 +110,10 @@ class QuantizationSchedule(keras.callbacks.Callback):
                 "so there is nothing to schedule. Make it quantization-aware first, with "
                 "`tfopt.quantize_model(model)` or `quantization_aware=` on tfopt layers."
             )
-        values = [_state.QuantizationTimes.NEVER if p is None else p for p in points]
-        created = False
+        # NEVER fits the step counters' integer type (int32 under JAX without x64).
+        never = min(_state.QuantizationTimes.NEVER, int(np.iinfo(_backend.int_dtype()).max))
+        values = [never if p is None else p for p in points]
+        retrace = False
         for layer in quantizing:
             times = _state.QUANTIZATION_TIMES.get(layer)
             if times is None:
@@ -115,8 +121,13 @@ class QuantizationSchedule(keras.callbacks.Callback):
                     _common.state_variable(self.model, v, f"{layer.name}_{n}")
                     for v, n in zip(values, ("quantization_start", "freeze_ranges", "freeze_batch_norm"))))
                 _state.QUANTIZATION_TIMES.set(layer, times)
-                created = True
-            for variable, value in zip((times.start, times.freeze_ranges, times.freeze_batch_norm), values):
+                retrace = True  # the comparisons are new to the graph
+            variables = (times.start, times.freeze_ranges, times.freeze_batch_norm)
+            if _backend.stateless_steps() and [int(ops.convert_to_numpy(v)) for v in variables] != values:
+                # JAX's step carries the model's and the optimizer's variables only: these are
+                # read as constants when it is traced, so new values need a new trace.
+                retrace = True
+            for variable, value in zip(variables, values):
                 variable.assign(value)
-        if created:
-            _common.retrace(self.model)  # the comparisons are new to the graph
+        if retrace:
+            _common.retrace(self.model)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _keras_internal, strategies
+from tfopt import _backend, _keras_internal, strategies
 from tfopt.distillation import sequence
 from tfopt.distillation._models import _ends_in_softmax
 from tfopt.distillation.features import FeatureHint, _FeatureLoss
@@ -15,6 +15,10 @@ from tfopt.distillation.losses import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, _as_l
                                        _check_temperature, _distillation_term, _label_loss, _unpack, _value,
                                        _width_mismatch)
 from tfopt.distillation.teacher import _probabilities_warning
+
+
+#: Under JAX, the optimizer's step of the train step being traced (innermost last; None in a test step).
+_TRACED_STEPS = []
 
 
 def _layer_output(model, name, role):
@@ -225,8 +229,40 @@ class Distiller(keras.Model):
         return super().compute_metrics(x, y, self._split(y_pred)[0], sample_weight)
 
     def _step(self):
+        """The optimizer's step, read by temperature and alpha schedules: under JAX, the
+        value the running train step carries (`compute_loss_and_updates`); else (and in
+        JAX's test step, which carries no optimizer state) the variable itself."""
+        if _TRACED_STEPS and _TRACED_STEPS[-1] is not None:
+            return _TRACED_STEPS[-1]
         optimizer = getattr(self, "optimizer", None)
         return None if optimizer is None else optimizer.iterations
+
+    def evaluate(self, *args, **kwargs):
+        """`keras.Model.evaluate`. Under JAX, with a temperature or alpha schedule, the test
+        step is traced again at each call: it carries no optimizer state, so it reads the
+        step as it is when traced (on other backends it reads the variable at every step)."""
+        schedules = any(isinstance(v, keras.optimizers.schedules.LearningRateSchedule)
+                        for v in (self.temperature, self.alpha))
+        if schedules and _backend.stateless_steps():
+            self.test_function = None
+        return super().evaluate(*args, **kwargs)
+
+    def compute_loss_and_updates(self, *args, optimizer_variables=None, **kwargs):
+        """JAX's stateless loss (Keras's JAX trainer calls it from its train and test
+        steps; other backends never do). The forward pass and `compute_loss` see the
+        model's variables only, so the optimizer's step, which a temperature or alpha
+        schedule reads, is taken from `optimizer_variables` here and read by `_step`
+        while the loss is traced (held for this call only: nothing outlives the trace)."""
+        step = None
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer_variables is not None and optimizer is not None:
+            step = next((value for variable, value in zip(optimizer.variables, optimizer_variables)
+                         if variable is optimizer.iterations), None)
+        _TRACED_STEPS.append(step)
+        try:
+            return super().compute_loss_and_updates(*args, optimizer_variables=optimizer_variables, **kwargs)
+        finally:
+            _TRACED_STEPS.pop()
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if y_pred is None:

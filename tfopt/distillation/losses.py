@@ -177,6 +177,21 @@ def _unpack(y_true, classes, who):
     )
 
 
+def _check_schedules_readable(temperature, alpha):
+    """Refuses a `DistillationLoss` schedule where a loss cannot read the step: JAX's
+    stateless train step passes the optimizer's state (its step) to the optimizer alone."""
+    if not _backend.stateless_steps():
+        return
+    for name, value in (("temperature", temperature), ("alpha", alpha)):
+        if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+            raise ValueError(
+                f"DistillationLoss: `{name}` is a schedule of the training step, and under the JAX backend a "
+                "loss cannot read the step: JAX's stateless train step gives the optimizer's state (its step) "
+                f"to the optimizer alone. Received: {name}={value!r} with KERAS_BACKEND='jax'. Fix: distill "
+                f"with `tfopt.distillation.Distiller(teacher, student, {name}=...)`, which reads its "
+                f"optimizer's step under JAX too; or pass a constant {name}; or use KERAS_BACKEND=tensorflow.")
+
+
 def _value(v, step):
     if isinstance(v, keras.optimizers.schedules.LearningRateSchedule):
         if step is None:
@@ -255,10 +270,27 @@ def _metric_names(metrics):
     return [] if metrics is None else [type(metrics).__name__]
 
 
+def _compile_config(model):
+    """`model.get_compile_config()` (or {}), read while a step is traced. It serializes the
+    optimizer, so it runs eagerly; under JAX, whose `fit` empties the optimizer's variables
+    (the train step carries their values apart), it reads stand-in zeros for them (only
+    the metrics are used)."""
+    optimizer = getattr(model, "optimizer", None)
+    if not _backend.stateless_steps() or optimizer is None:
+        return _backend.in_init_scope(model.get_compile_config) or {}
+    import jax  # the JAX backend only (stateless_steps)
+
+    # (Eagerly: inside a jit trace, even constants are traced, and serializing reads values.)
+    with jax.ensure_compile_time_eval():
+        stand_ins = [(v, np.zeros(v.shape, v.dtype)) for v in optimizer.variables]
+        with keras.StatelessScope(state_mapping=stand_ins):
+            return model.get_compile_config() or {}
+
+
 def _accuracy_metrics(model):
     """`(argument, names)`: `model`'s compiled accuracy metrics, which cannot read packed targets, and the
     `compile` argument they came in ("metrics", or "weighted_metrics" when only there)."""
-    config = _backend.in_init_scope(model.get_compile_config) or {}  # serializes the optimizer: eagerly
+    config = _compile_config(model)
     plain = [name for name in _metric_names(config.get("metrics")) if name in _ACCURACIES]
     weighted = [name for name in _metric_names(config.get("weighted_metrics")) if name in _ACCURACIES]
     return ("metrics", plain + weighted) if plain else ("weighted_metrics", weighted)
@@ -282,7 +314,9 @@ class DistillationLoss(keras.losses.Loss):
     Args:
         temperature: softening of both softmaxes (> 0), or a
             `keras.optimizers.schedules.LearningRateSchedule` of the step
-            (with `DistillationSchedule()` among the callbacks).
+            (with `DistillationSchedule()` among the callbacks; not under
+            the JAX backend, where a loss cannot read the step: use
+            `Distiller` there).
         alpha: weight of the label loss in [0, 1] (or a schedule).
         method: "kd" (Hinton: `T**2`-scaled KL(teacher || student) of
             softened softmaxes), "reverse_kl" (`T**2`-scaled KL(student ||
@@ -339,6 +373,7 @@ class DistillationLoss(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.temperature = _check_temperature(temperature, "DistillationLoss")
         self.alpha = _check_alpha(alpha, "DistillationLoss")
+        _check_schedules_readable(self.temperature, self.alpha)
         self.method = _check_method(method, "DistillationLoss")
         self.from_logits = bool(from_logits)
         self.step = None  # the optimizer's step, bound by DistillationSchedule

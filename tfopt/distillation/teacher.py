@@ -10,6 +10,7 @@ top-k logits]` (see `tfopt.distillation.sequence`).
 
 import numbers
 import re
+import sys
 import warnings
 
 import keras
@@ -206,13 +207,30 @@ def _slice(x, start, stop):
     return x[start:stop]
 
 
+def _loaded_tensorflow():
+    """TensorFlow if this process has imported it, else None: `attach_teacher` takes a
+    `tf.data.Dataset` (whose caller imported TensorFlow) on any backend, and imports nothing
+    itself, so under JAX it loads no TensorFlow."""
+    return sys.modules.get("tensorflow")
+
+
+def _is_dataset(data):
+    tf = _loaded_tensorflow()
+    return tf is not None and isinstance(data, tf.data.Dataset)
+
+
+def _to_dataset(x, packed, batch_size):
+    """`(x, packed)` as the `tf.data.Dataset` of batches `attach_teacher` returns for a dataset."""
+    return _loaded_tensorflow().data.Dataset.from_tensor_slices((x, packed)).batch(batch_size)
+
+
 def _run_teacher(teacher, x, run):
     """`run()`'s outputs; a teacher that cannot run on `x` is a ValueError naming it and the data's shapes."""
-    import tensorflow as tf
-
+    tf = _loaded_tensorflow()
+    errors = (ValueError, TypeError) + ((tf.errors.InvalidArgumentError,) if tf is not None else ())
     try:
         outputs = run()
-    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+    except errors as error:
         shapes = [tuple(np.shape(part)) for part in _parts(x)[1]]
         first = _first_line(error)
         raise ValueError(
@@ -390,8 +408,6 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
     >>> y_fit.shape, y_fit[3, 0].tolist()  # sample 3 has no label
     ((4, 2, 3), [0.0, 0.0, 0.0])
     """
-    import tensorflow as tf
-
     teacher_outputs = _check_teacher_outputs(teacher_outputs, "attach_teacher")
     top_k = sequence.check_top_k(top_k)
     teacher_shape = _output_shape(teacher) if isinstance(teacher, keras.Model) else np.shape(teacher)
@@ -406,7 +422,7 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
         classes = _student_classes(student)
     if classes is not None and _model_classes(teacher) not in (None, classes):
         raise _width_mismatch("attach_teacher", _model_classes(teacher), classes, f"teacher '{teacher.name}'")
-    as_dataset = isinstance(data, tf.data.Dataset)
+    as_dataset = _is_dataset(data)
     if as_dataset:
         x, y, batch_size = _dataset_to_arrays(data)
     elif isinstance(data, tuple) and len(data) == 2:
@@ -451,7 +467,7 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
             )
         packed = _sequence_targets(x, y, n, teacher, top_k, batch_size, teacher_outputs, student_vocab)
         if as_dataset:
-            return tf.data.Dataset.from_tensor_slices((x, packed)).batch(batch_size)
+            return _to_dataset(x, packed, batch_size)
         return x, packed
     if isinstance(teacher, keras.Model):
         outputs = _run_teacher(teacher, x, lambda: teacher.predict(x, batch_size=batch_size, verbose=0))
@@ -459,7 +475,7 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
             packed = _sequence_targets(x, y, n, np.asarray(outputs), None, n, teacher_outputs,
                                        _model_vocab(student) if isinstance(student, keras.Model) else classes)
             if as_dataset:
-                return tf.data.Dataset.from_tensor_slices((x, packed)).batch(batch_size)
+                return _to_dataset(x, packed, batch_size)
             return x, packed
     else:
         outputs = np.asarray(teacher)
@@ -480,5 +496,5 @@ def attach_teacher(data, teacher, unlabelled=None, batch_size=256, teacher_outpu
                               f"teacher outputs of shape {tuple(np.shape(outputs))}")
     packed = _pack(y, logits)
     if as_dataset:
-        return tf.data.Dataset.from_tensor_slices((x, packed)).batch(batch_size)
+        return _to_dataset(x, packed, batch_size)
     return x, packed

@@ -14,7 +14,7 @@ __all__ = ["QuantizeActivation", "QuantizedRescaling", "QuantizingLayer", "add_r
 class QuantizingLayer:
     """Marks tfopt layers that fake-quantize (what
     `tfopt.callbacks.QuantizationSchedule` schedules). The schedule itself is
-    tfopt state (`tfopt._state.QUANTIZATION_TIMES`): int64 variables compared
+    tfopt state (`tfopt._state.QUANTIZATION_TIMES`): integer variables compared
     in-graph with the layer's own step count, so changing it needs no retrace."""
 
     def is_quantizing(self):
@@ -40,14 +40,15 @@ def frozen(count, freeze):
 
 
 def add_range_weights(layer, prefix=""):
-    """Adds the float32 `range_min`/`range_max` and int64 `range_updates`
-    weights of a tracked activation range to `layer` and returns them. The
-    range starts at [-6, 6] (as tfmot's), replaced by the first training batch."""
+    """Adds the float32 `range_min`/`range_max` and integer `range_updates`
+    (`_backend.int_dtype()`: int64, int32 under JAX without x64) weights of a
+    tracked activation range to `layer` and returns them. The range starts at
+    [-6, 6] (as tfmot's), replaced by the first training batch."""
     # Replica-local: every replica writes the same reduced values to its own copy.
     local = _keras_internal.add_replica_local_weight
     lo = local(layer, f"{prefix}range_min", (), "float32", keras.initializers.Constant(-6.0), autocast=False)
     hi = local(layer, f"{prefix}range_max", (), "float32", keras.initializers.Constant(6.0), autocast=False)
-    updates = local(layer, f"{prefix}range_updates", (), "int64", "zeros")
+    updates = local(layer, f"{prefix}range_updates", (), _backend.int_dtype(), "zeros")
     return lo, hi, updates
 
 

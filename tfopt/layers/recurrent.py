@@ -38,7 +38,7 @@ weights.
 import keras
 from keras import ops
 
-from tfopt import quantizers
+from tfopt import _state, quantizers
 from tfopt.layers.base import twin
 from tfopt.layers.quantize_activation import track_and_quantize, when_started
 
@@ -257,9 +257,16 @@ class _GRUSteps(QuantizedRecurrence):
 
     def _constant(self, value):
         """`value` behind a symmetric 8-bit fake quant of its own range (a
-        constant gets quantization parameters only so), exact at its ends."""
+        constant gets quantization parameters only so), exact at its ends.
+        In training the gradient is the identity (straight through): the
+        range holds every value, and the fake quant's own gradient at the
+        range's end (the largest value, a trained bias) is 0 or 1 as the
+        float rounding of the range falls, TensorFlow and JAX differently."""
         m = ops.maximum(ops.max(ops.abs(value)), 1e-8)
-        return quantizers.fake_quant(value, -m, m, quantizers.QuantSpec(8, symmetric=True, narrow_range=True))
+        q = quantizers.fake_quant(value, -m, m, quantizers.QuantSpec(8, symmetric=True, narrow_range=True))
+        if _state.exporting():
+            return q  # the converter reads the FakeQuant op itself
+        return ops.stop_gradient(q) + (value - ops.stop_gradient(value))
 
 
 def _with_quantization(cls):

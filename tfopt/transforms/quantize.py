@@ -83,7 +83,7 @@ def _known(layer):
 def plan(model, numerical_precision="int8", layers=None, unsupported="error", overrides=None):
     """Decides what `quantize_model` does to each layer of `model`; returns a `QuantizationPlan`."""
     _graph.check_graph_model(model, "quantize_model")
-    quantizers.get_training_precision(numerical_precision, "tfopt.quantize_model: `numerical_precision`")
+    _training_precision(numerical_precision, "tfopt.quantize_model: `numerical_precision`")
     already = [layer.name for layer in _graph.graph_layers(model)
                if isinstance(layer, QuantizingLayer) and layer.is_quantizing()]
     if already:
@@ -365,6 +365,22 @@ def _sharing_nested_models(model):
     return out
 
 
+def _training_precision(precision, where):
+    """`quantizers.get_training_precision`, refusing a weight-only precision (an activation spec
+    of None): the twins fake-quantize weights and activations together, and without an
+    activation spec they would train in float, quantizing nothing."""
+    weights, activations = quantizers.get_training_precision(precision, where)
+    if activations is None:
+        raise ValueError(
+            f"{where}: {precision!r} quantizes weights only (its activation spec is None), and "
+            "quantize_model's twins fake-quantize weights together with activations: the model "
+            "would train in float, quantizing nothing. Fix: for weight-only quantization-aware "
+            "training use `tfopt.quantize_weights(model, 'int4_weight_only')` (or 'int8_weight_only', "
+            "'int4_block32'); for a full-integer model give an activation spec too, e.g. "
+            "(QuantSpec(4, per_channel=True, symmetric=True, narrow_range=True), QuantSpec(8)).")
+    return weights, activations
+
+
 def _precision_overrides(candidates, overrides):
     """id(layer) -> precision from `quantize_model`'s `overrides` (first match wins)."""
     if overrides is None:
@@ -377,7 +393,7 @@ def _precision_overrides(candidates, overrides):
     out = {}
     for selector, precision in overrides.items():
         if precision is not None:
-            quantizers.get_training_precision(precision, f"tfopt.quantize_model: `overrides[{selector!r}]`")
+            _training_precision(precision, f"tfopt.quantize_model: `overrides[{selector!r}]`")
         matched, _ = pruning.select_layers(candidates, selector)
         for layer in matched:
             out.setdefault(id(layer), precision)
