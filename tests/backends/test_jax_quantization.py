@@ -68,6 +68,7 @@ def cnn():
 x, y = data()
 out = {"backend": backend}
 for jit in modes:
+    keras.utils.clear_session()  # the same layer names in each run (and under each backend)
     qat = tfopt.quantize_model(cnn(), "int8")
     qat.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=jit)
     epochs = EpochStates()
@@ -83,6 +84,7 @@ for jit in modes:
     if jit:
         out["layers"] = [type(layer).__name__ for layer in qat.layers]
         qat.save(os.path.join(DIR, f"cnn_{backend}.keras"))
+keras.utils.clear_session()
 qat = tfopt.quantize_model(cnn(), "int4")
 qat.compile(keras.optimizers.SGD(0.01), "mse")
 history = qat.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
@@ -110,6 +112,7 @@ xs = rng.standard_normal((16, 6, 8)).astype("float32")
 ys = data()[1]
 out = {"backend": backend}
 for precision, jit in [("int8", m) for m in modes] + [("int4", "auto")]:
+    keras.utils.clear_session()  # the same layer names in each run (and under each backend)
     qat = tfopt.quantize_model(sequence_model(), precision)
     qat.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=jit)
     history = qat.fit(xs, ys, batch_size=4, epochs=2, shuffle=False, verbose=0)
@@ -120,6 +123,7 @@ for precision, jit in [("int8", m) for m in modes] + [("int4", "auto")]:
         qat.save(os.path.join(DIR, f"sequence_{backend}.keras"))
 # Weight-only QAT (`quantize_weights`, the LiteRT weight-only precisions), in place.
 for precision in ("int4_weight_only", "int4_block32"):
+    keras.utils.clear_session()
     inputs = keras.Input((6, 32))
     x = keras.layers.Dense(32, name="dense")(inputs)
     x = keras.layers.EinsumDense("abc,cd->abd", output_shape=(6, 16), name="einsum")(x)
