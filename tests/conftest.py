@@ -9,12 +9,13 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import tensorflow as tf  # noqa: E402
+if os.environ["KERAS_BACKEND"] == "tensorflow":
+    import tensorflow as tf  # noqa: E402
 
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 4
-)
+    _cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 4
+    )
 
 # A script run by the multi-worker tests in child processes, not a test module.
 collect_ignore = ["multi_worker_job.py"]
@@ -31,3 +32,15 @@ def pytest_collection_finish(session):
 
     gc.collect()
     gc.freeze()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under another backend (`KERAS_BACKEND=jax pytest`, run by
+    tests/backends/test_backend_neutral.py) only the tests marked `backend_neutral` (and not
+    `tensorflow_only`) run: the others use TensorFlow itself (tf.data, tf.distribute, the LiteRT converter)."""
+    if os.environ["KERAS_BACKEND"] == "tensorflow":
+        return
+    kept = [item for item in items
+            if item.get_closest_marker("backend_neutral") and not item.get_closest_marker("tensorflow_only")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept

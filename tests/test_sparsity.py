@@ -4,6 +4,10 @@ import numpy as np
 from absl.testing import parameterized
 
 from tfopt import sparsity, testing
+from tfopt.testing import backends
+import pytest
+
+pytestmark = pytest.mark.backend_neutral
 
 
 def _mask(structure, w, s, in_axis=0, out_axis=-1):
@@ -45,9 +49,7 @@ class SparsityTest(testing.TestCase, parameterized.TestCase):
         expected[np.argsort(scores, kind="stable")[:num_pruned]] = False
         self.assertAllEqual(np.asarray(sparsity.prune_lowest(scores, num_pruned)), expected)
         # The same under XLA (the radix select's counts have a static size).
-        import tensorflow as tf
-
-        jitted = tf.function(lambda s: sparsity.prune_lowest(s, num_pruned), jit_compile=True)
+        jitted = backends.jit(lambda s: sparsity.prune_lowest(s, num_pruned))
         self.assertAllEqual(np.asarray(jitted(scores)), expected)
 
     def test_large_tensors_of_any_magnitude(self):

@@ -62,3 +62,42 @@ def run_script(script, backend, timeout=120, env=()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     return done
+
+
+def jit(fn):
+    """`fn` compiled by XLA the way the current Keras backend compiles a train step
+    (`tf.function(jit_compile=True)`, `jax.jit`); as it is under other backends."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # lazy: the TensorFlow backend only
+
+        return tf.function(fn, jit_compile=True)
+    if keras.backend.backend() == "jax":
+        import jax  # lazy: the JAX backend only
+
+        return jax.jit(fn)
+    return fn
+
+
+def layer_callbacks(model):
+    """The callbacks that `model.fit` needs for `model`'s tfopt layers with their own
+    `pruning_schedule` under the current backend: none under TensorFlow; under JAX a bare
+    `tfopt.callbacks.Pruning()`, which carries the layers' masks and steps through the
+    stateless train step (the layers say so when it is missing)."""
+    import keras
+
+    import tfopt  # lazy: tfopt.testing is imported by tfopt
+
+    own = any(getattr(layer, "pruning_schedule", None) is not None for layer in model.layers)
+    return [tfopt.callbacks.Pruning()] if own and keras.backend.backend() != "tensorflow" else []
+
+
+def synced(model, variable):
+    """`variable`'s value now, as numpy, from a callback during `model.fit`: JAX's
+    trainer holds the training state apart from the variables until it is synced."""
+    import keras
+
+    if hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+    return keras.ops.convert_to_numpy(variable)

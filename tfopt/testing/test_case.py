@@ -25,6 +25,8 @@ import unittest
 import keras
 import numpy as np
 
+from tfopt.testing import backends
+
 
 class TestCase(unittest.TestCase):
     """`unittest.TestCase` with `run_layer_test` and numeric assertions."""
@@ -95,7 +97,7 @@ class TestCase(unittest.TestCase):
             model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
             before = [keras.ops.convert_to_numpy(w).copy() for w in fresh.trainable_weights]
             y = np.ones((input_shape[0], 1), "float32")
-            model.fit(x, y, batch_size=input_shape[0], epochs=1, verbose=0)
+            model.fit(x, y, batch_size=input_shape[0], epochs=1, verbose=0, callbacks=backends.layer_callbacks(model))
             after = [keras.ops.convert_to_numpy(w) for w in fresh.trainable_weights]
             self.assertTrue(
                 any(not np.array_equal(b, a) for b, a in zip(before, after)),
