@@ -13,7 +13,8 @@ from tfopt import testing
 _DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 _NOTEBOOKS = sorted(glob.glob(os.path.join(_DIR, "*.ipynb")))
 # A line each notebook prints only when its last steps ran.
-_EXPECTED = {"colab_tpu.ipynb": "float ops left: none", "quickstart.ipynb": "top-1 agreement",
+_EXPECTED = {"colab_tpu.ipynb": "float ops left: none", "colab_tpu_jax.ipynb": "float ops left: none",
+             "quickstart.ipynb": "top-1 agreement",
              "distillation.ipynb": "online-distilled small CNN:", "large_models.ipynb": "loaded, same outputs: True"}
 
 
