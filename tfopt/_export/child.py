@@ -131,15 +131,20 @@ def _spawn(directory):
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
 
 
-def _category(name):
+def _named_class(name, base):
+    """The class `name` ("module.Qualified") if it imports and subclasses `base`, else None."""
     module, _, qualname = name.rpartition(".")
     with contextlib.suppress(Exception):
         found = importlib.import_module(module)
         for part in qualname.split("."):
             found = getattr(found, part)
-        if isinstance(found, type) and issubclass(found, Warning):
+        if isinstance(found, type) and issubclass(found, base):
             return found
-    return UserWarning
+    return None
+
+
+def _category(name):
+    return _named_class(name, Warning) or UserWarning
 
 
 def _error(record, backend):
@@ -156,15 +161,11 @@ def _error(record, backend):
 
 
 def _category_of_error(name):
-    module, _, qualname = name.rpartition(".")
+    """The exception class `name` if it is made from a message alone, else None."""
+    found = _named_class(name, BaseException)
     with contextlib.suppress(Exception):
-        found = importlib.import_module(module)
-        for part in qualname.split("."):
-            found = getattr(found, part)
-        if isinstance(found, type) and issubclass(found, BaseException):
-            probe = found("probe")
-            if str(probe) == "probe":
-                return found
+        if found is not None and str(found("probe")) == "probe":
+            return found
     return None
 
 
