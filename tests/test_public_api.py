@@ -22,7 +22,7 @@ _PUBLIC = {
     "tfopt.reporting": ["summary", "overall_sparsity", "prunable_values", "zero_fraction", "macs", "total_macs"],
     "tfopt.schedules": ["SparsitySchedule", "ConstantSparsity", "PolynomialDecay", "constant_sparsity",
                         "polynomial_decay", "PRESETS", "get"],
-    "tfopt.strategies": ["auto", "Mirrored", "TPU", "MultiWorker", "global_batch_size",
+    "tfopt.strategies": ["auto", "auto_distribution", "Mirrored", "TPU", "MultiWorker", "global_batch_size",
                          "recommended_steps_per_execution", "prepare_dataset", "is_chief", "chief_path", "check"],
     "tfopt.distillation": ["DistillationLoss", "Distiller", "attach_teacher", "FeatureHint", "AttentionTransfer",
                            "LabelAccuracy", "DistillationSchedule", "kd_loss", "logit_mse", "DEFAULT_TEMPERATURE",

@@ -64,6 +64,7 @@ class LayersTest(testing.TestCase, parameterized.TestCase):
                             expected_weight_names=[w.name for w in base.weights])
 
     @parameterized.parameters(_LAYERS_UNDER_TEST)
+    @pytest.mark.tensorflow_only  # the JAX run skips the harness for time; test_prunes_to_target_in_fit trains each twin
     def test_basics_with_pruning(self, cls, base_cls, kwargs, shape, weights, dtype):
         base = base_cls(**kwargs)
         base.build(shape)
