@@ -89,22 +89,48 @@ def strategy_scope(model):
 def mean_gradients(model, loss_fn, batches):
     """`{id(variable): numpy mean gradient}` of `loss_fn(y, model(x))` (averaged
     over each batch, then over `batches` of `(x, y)`) for every trainable
-    weight; raises if `batches` is empty."""
+    weight, under TensorFlow (a gradient tape) or JAX (`jax.grad` of the forward
+    pass in a `keras.StatelessScope`); raises if `batches` is empty."""
     import numpy as np
-    import tensorflow as tf
 
-    sums = {id(v): np.zeros(v.shape, "float32") for v in model.trainable_weights}
+    variables = model.trainable_weights
+    gradients = _gradient_function(model, loss_fn, variables)
+    sums = {id(v): np.zeros(v.shape, "float32") for v in variables}
     count = 0
     for x, y in batches:
-        with tf.GradientTape() as tape:
-            value = tf.reduce_mean(loss_fn(y, model(x, training=False)))
-        for v, g in zip(model.trainable_weights, tape.gradient(value, model.trainable_weights)):
+        for v, g in zip(variables, gradients(x, y)):
             if g is not None:
-                sums[id(v)] += g.numpy()
+                sums[id(v)] += np.asarray(g)
         count += 1
     if not count:
         raise ValueError("tfopt.shrink(importance='taylor') got `data` with no batches.")
     return {k: v / count for k, v in sums.items()}
+
+
+def _gradient_function(model, loss_fn, variables):
+    """`(x, y) -> gradients of mean(loss_fn(y, model(x)))` for `variables`, by backend."""
+    if is_tensorflow():
+        import tensorflow as tf  # lazy: the TensorFlow backend only
+
+        def gradients(x, y):
+            with tf.GradientTape() as tape:
+                value = tf.reduce_mean(loss_fn(y, model(x, training=False)))
+            return tape.gradient(value, variables)
+
+        return gradients
+    if keras.backend.backend() == "jax":
+        import jax  # lazy: the JAX backend only
+
+        def value(values, x, y):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return keras.ops.mean(loss_fn(y, model(x, training=False)))
+
+        grad = jax.grad(value)
+        return lambda x, y: grad([v.value for v in variables], x, y)
+    raise ValueError(
+        f"`tfopt.shrink(importance='taylor')` differentiates the loss with TensorFlow or JAX, and the Keras "
+        f"backend is {keras.backend.backend()!r}. Received: importance='taylor'. Fix: importance='l2', or "
+        "KERAS_BACKEND=tensorflow or jax.")
 
 
 _BATCHED = threading.local()  # per replica thread: statistics waiting for the one collective

@@ -221,39 +221,7 @@ def _taylor_batches(data):
 def _taylor_gradients(model, walker, loss, data):
     """`{id(variable): mean dL/dw}` of every weight the scores read."""
     variables = list({id(s.variable): s.variable for s in walker.slices if s.score}.values())
-    scored, loss_fn, batches = _Scored(model, variables), keras.losses.get(loss), _taylor_batches(data)
-    if _backend.is_tensorflow():
-        return _backend.mean_gradients(scored, loss_fn, batches)
-    if keras.backend.backend() == "jax":
-        return _jax_mean_gradients(scored, loss_fn, batches)
-    raise ValueError(
-        f"`tfopt.shrink(importance='taylor')` differentiates the loss with TensorFlow or JAX, and the Keras "
-        f"backend is {keras.backend.backend()!r}. Received: importance='taylor'. Fix: importance='l2', or "
-        "KERAS_BACKEND=tensorflow or jax.")
-
-
-def _jax_mean_gradients(scored, loss_fn, batches):
-    """`_backend.mean_gradients` under JAX: the same mean gradients, from `jax.grad`
-    of the forward pass run in a `keras.StatelessScope` over the scored weights.
-    (It belongs in `tfopt._backend.mean_gradients`, beside TensorFlow's.)"""
-    import jax  # lazy: the JAX backend only (`import tfopt` loads no backend module of its own)
-
-    variables = scored.trainable_weights
-
-    def value(values, x, y):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return ops.mean(loss_fn(y, scored(x, training=False)))
-
-    grad = jax.grad(value)
-    sums = {id(v): np.zeros(v.shape, "float32") for v in variables}
-    count = 0
-    for x, y in batches:
-        for v, g in zip(variables, grad([v.value for v in variables], x, y)):
-            sums[id(v)] += np.asarray(g)
-        count += 1
-    if not count:
-        raise ValueError("tfopt.shrink(importance='taylor') got `data` with no batches.")
-    return {k: v / count for k, v in sums.items()}
+    return _backend.mean_gradients(_Scored(model, variables), keras.losses.get(loss), _taylor_batches(data))
 
 
 def plan_shrink(model, fraction=None, scope="layer", importance="l2", min_channels=1, data=None, loss=None,
